@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each builds .venv itself when missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+# torch first (the constraints file pins the local CPU build; an unpinned torch pulls GBs of CUDA wheels),
+# then the pinned requirements, then this package in editable mode.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -c constraints.txt torch 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch, deepspeed, transformers, allo; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python recipes/tiny/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,374 @@
+"""Recipes: one YAML file per run, validated into dataclasses.
+
+Every knob is declared once, here, with its default, its help text and its allowed range. Loading checks
+unknown keys, types and ranges and reports errors as ``file:line: key: problem (allowed: ...)``. Command-line
+overrides (``--set train.lr=5e-7``) are parsed as YAML scalars and validated the same way.
+
+Stage sections (``warmup``, ``forget``, ...) carry the spec's per-stage defaults in their ``train`` dict;
+a stage's training config is the shared ``train`` section with the stage's ``train`` keys laid over it
+(``Recipe.stage_train``). Secrets never live here: a config names the environment variable holding a key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import re
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem, already phrased for the user (file, line, key, what is allowed)."""
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
+         ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with help text and an optional numeric range (the single place a knob is documented)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    path: Optional[str] = knob(None, "Hugging Face hub id or local directory of the starting checkpoint. "
+                                     "None with `init` set builds a randomly initialised model.")
+    tokenizer: Optional[str] = knob(None, "Tokenizer hub id or directory; None uses `path`.")
+    init: Optional[dict] = knob(None, "LlamaConfig keyword arguments for a random-init model (tiny recipe, tests).")
+    dtype: Literal["fp32", "bf16"] = knob("bf16", "Training precision: bf16 mixed precision or plain fp32.")
+    trust_remote_code: bool = knob(False, "Run model code shipped with a checkpoint. Off unless you trust it.")
+    attn_implementation: str = knob("sdpa", "transformers attention backend (sdpa, eager, flash_attention_2).")
+    gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = knob(None, "Training records: a .jsonl/.json/.parquet file or a `datasets` hub name.")
+    split: str = knob("train", "Split to read when `train` is a hub name.")
+    columns: dict = knob(factory=dict, help="Column renames {our_name: their_name}, e.g. {prompt: question}.")
+    template: Literal["alpaca", "alpaca_cot", "chat", "raw"] = knob(
+        "alpaca_cot", "Prompt format: Alpaca (spec §6, `alpaca_cot` adds \"Let's think step by step.\"), the "
+        "tokenizer's chat template, or the prompt text as is.")
+    max_length: int = knob(1024, "Longest prompt+response in tokens; longer records are truncated.", ge=8)
+    max_prompt_length: int = knob(512, "Prompts longer than this lose their start (`truncation: keep_end`).", ge=1)
+    truncation: Literal["keep_end", "keep_start"] = knob("keep_end", "Which end of a long prompt to keep.")
+    on_bad_record: Literal["error", "skip"] = knob(
+        "error", "A malformed record (bad JSON, missing or non-string field) stops the run, or is skipped and "
+        "counted. Empty responses and chosen == rejected are always skipped and counted.")
+    limit: Optional[int] = knob(None, "Read only the first N records (debugging).", ge=1)
+    eval: Optional[str] = knob(None, "Held-out problems for `allo eval` and the demo table.")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = knob(1e-6, "Peak learning rate (AdamW).", gt=0)
+    epochs: float = knob(1.0, "Passes over the data (fractions allowed).", gt=0)
+    max_steps: Optional[int] = knob(None, "Stop after this many optimizer steps (overrides `epochs`).", ge=1)
+    global_batch_size: int = knob(32, "Records per optimizer step over all ranks (micro × accumulation × world).",
+                                  ge=1)
+    micro_batch_size: int = knob(1, "Records per rank per forward pass.", ge=1)
+    scheduler: Literal["cosine", "linear", "constant"] = knob("cosine", "Learning-rate decay after warm-up.")
+    warmup_ratio: float = knob(0.1, "Fraction of steps with linear learning-rate warm-up.", ge=0, lt=1)
+    weight_decay: float = knob(0.0, "Decoupled AdamW weight decay (never applied to frozen elements).", ge=0)
+    adam_beta1: float = knob(0.9, "AdamW β1.", ge=0, lt=1)
+    adam_beta2: float = knob(0.999, "AdamW β2.", ge=0, lt=1)
+    adam_eps: float = knob(1e-8, "AdamW ε.", gt=0)
+    grad_clip: float = knob(1.0, "Clip the global gradient norm (after masking); 0 disables.", ge=0)
+    sparse_optimizer_state: bool = knob(False, "Keep Adam moments only for masked-in elements (needs a mask).")
+    save_every: int = knob(0, "Checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1).",
+                           ge=0)
+    keep_last: int = knob(2, "Checkpoints kept on disk; older ones are deleted after a new one completes.", ge=1)
+    log_every: int = knob(1, "Write metrics every N optimizer steps.", ge=1)
+    ds_config: str = knob("ds_configs/zero3.json", "DeepSpeed JSON; its \"auto\" fields are filled from here.")
+
+
+def _train(**overrides: Any) -> Any:
+    return knob(factory=lambda: dict(overrides),
+                help="Keys of `train` that this stage overrides (stage value wins over the shared section).")
+
+
+@dataclass
+class SFTConfig:
+    train: dict = _train(lr=1e-4, warmup_ratio=0.03, global_batch_size=32)
+
+
+@dataclass
+class DPOConfig:
+    beta: float = knob(0.1, "DPO β (KL strength); for SimPO the reward scale.", gt=0)
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = knob("sigmoid", "DPO (sigmoid), IPO or SimPO.")
+    label_smoothing: float = knob(0.0, "Conservative DPO: assumed fraction of flipped labels.", ge=0, lt=0.5)
+    simpo_gamma: float = knob(0.5, "SimPO target margin γ.", ge=0)
+    train: dict = _train(lr=1e-6, warmup_ratio=0.1, global_batch_size=32)
+
+
+@dataclass
+class NPOConfig:
+    beta: float = knob(0.1, "NPO β.", gt=0)
+    train: dict = _train(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
+
+
+@dataclass
+class LocateConfig:
+    forget_ratio: float = knob(5.0, "N1: percent of elements the forget stage may update.", gt=0, le=100)
+    improve_ratio: float = knob(10.0, "N2: percent of elements the improve stage may update.", gt=0, le=100)
+    scope: Literal["global", "per_tensor", "per_layer"] = knob("global", "Where the top-k threshold is taken.")
+    band_start: float = knob(0.0, "Skip the top `band_start` percent (keep ranks in (l%, r%]).", ge=0, lt=100)
+    bottom: bool = knob(False, "Select the least important elements instead (the paper's control).")
+
+
+@dataclass
+class ForgetConfig:
+    beta: float = knob(0.1, "Token-NPO β.", gt=0)
+    token_weight: Literal["indicator", "soft", "raw"] = knob(
+        "indicator", "w = 1[p<0.5] (default), 1-p, or p (the reference code's stored value).")
+    train: dict = _train(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
+
+
+@dataclass
+class ImproveConfig:
+    beta: float = knob(0.1, "DPO β.", gt=0)
+    epsilon: float = knob(0.1, "Fraction of rejected tokens kept as key errors (K = ⌊ε·L⌋).", gt=0, le=1)
+    k_basis: Literal["response", "padded"] = knob("response", "L = response length, or the padded batch length "
+                                                              "(reference code).")
+    noise_side: Literal["rejected", "both"] = knob("rejected", "Apply noise masking to rejected only, or both.")
+    train: dict = _train(lr=5e-6, warmup_ratio=0.1, global_batch_size=128)
+
+
+@dataclass
+class Recipe:
+    output_dir: str = knob("runs/default", "Where every stage writes its outputs (relative to the working dir).")
+    seed: int = knob(0, "Seed for data order, sampling and init.", ge=0)
+    model: ModelConfig = knob(factory=ModelConfig)
+    data: DataConfig = knob(factory=DataConfig)
+    train: TrainConfig = knob(factory=TrainConfig)
+    sft: SFTConfig = knob(factory=SFTConfig)
+    warmup: DPOConfig = knob(factory=DPOConfig)
+    dpo: DPOConfig = knob(factory=DPOConfig)
+    npo: NPOConfig = knob(factory=NPOConfig)
+    locate: LocateConfig = knob(factory=LocateConfig)
+    forget: ForgetConfig = knob(factory=ForgetConfig)
+    improve: ImproveConfig = knob(factory=ImproveConfig)
+
+    def stage_train(self, stage: str) -> TrainConfig:
+        """The shared `train` section with `<stage>.train` laid over it."""
+        section = getattr(self, stage, None)
+        overrides = getattr(section, "train", {}) if section is not None else {}
+        return dataclasses.replace(self.train, **overrides)
+
+
+# --------------------------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-6` as a float (PyYAML follows YAML 1.1, which wants `1.0e-6`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+
+    root = yaml.compose(text, Loader=_Loader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Return `value` as type `tp` or raise TypeError; ints are accepted for floats, nothing else is coerced."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value)
+            except TypeError:
+                continue
+        raise TypeError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool, dict, list) and isinstance(value, tp):
+        return value
+    if origin in (dict, list) and isinstance(value, origin):
+        return value
+    raise TypeError
+
+
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_range(value: Any, meta: dict) -> Optional[str]:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    for key, (sym, ok) in _BOUNDS.items():
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            return f"{value} is out of range (must be {sym} {bound})"
+    return None
+
+
+def _build(cls: type, data: Any, path: tuple, where: "_Where") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(where.at(path, f"expected a mapping of {cls.__name__} keys, got {type(data).__name__}"))
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(where.at(path + (k,), f"unknown key (allowed: {', '.join(fields)})"))
+    kwargs = {}
+    defaults = cls()
+    for name, value in data.items():
+        tp, f, p = hints[name], fields[name], path + (name,)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, p, where)
+            continue
+        try:
+            value = _coerce(tp, value)
+        except TypeError:
+            raise ConfigError(where.at(p, f"{value!r} is not {_describe(tp)}")) from None
+        problem = _check_range(value, f.metadata)
+        if problem:
+            raise ConfigError(where.at(p, problem))
+        if name == "train" and tp is dict:  # stage overrides: validate keys and types against TrainConfig
+            value = {**getattr(defaults, name), **_check_train_overrides(value, p, where)}
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_train_overrides(overrides: dict, path: tuple, where: "_Where") -> dict:
+    built = _build(TrainConfig, overrides, path, where)
+    return {k: getattr(built, k) for k in overrides}
+
+
+@dataclass
+class _Where:
+    source: str
+    lines: dict
+    overridden: set = field(default_factory=set)
+
+    def at(self, path: tuple, msg: str) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.overridden:
+                return f"--set {'.'.join(path[:n])}: {'.'.join(path)}: {msg}"
+        line = None
+        for n in range(len(path), 0, -1):
+            line = self.lines.get(path[:n])
+            if line:
+                break
+        loc = f"{self.source}:{line}" if line else self.source
+        return f"{loc}: {'.'.join(path) or '<root>'}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=5e-7` -> (['train', 'lr'], 5e-07); the value is parsed as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=5e-7")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = _safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe; `path` None gives the defaults. Raises ConfigError with file:line."""
+    data: dict = {}
+    where = _Where("<defaults>", {})
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read recipe ({e.strerror})") from None
+        try:
+            data = _safe_load(text) or {}
+            where = _Where(str(path), _yaml_lines(text))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{loc}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: {k} is not a section")
+        node[keys[-1]] = value
+        where.overridden.add(tuple(keys))
+    return _build(Recipe, data, (), where)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def save_resolved(recipe: Recipe, path: str | Path) -> None:
+    """Write the fully resolved recipe next to a run's outputs (atomically)."""
+    from allo.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+
+def describe(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Lines documenting every knob: `key (type, default): help`. Used by `allo config --doc`."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp, name = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            out += describe(tp, name + ".")
+            continue
+        out.append(f"{name} ({_describe(tp)}, default {getattr(inst, f.name)!r}): {f.metadata.get('help', '')}")
+    return out

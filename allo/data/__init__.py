@@ -1,0 +1,1 @@
+"""Records -> templates -> tokens -> batches. No DeepSpeed, no torch.distributed here."""

@@ -1,0 +1,141 @@
+"""Reading and validating records: preference pairs, SFT examples and forget examples.
+
+A record is a dict of named text fields plus ``source`` ("file:line") so every later problem can be traced
+to its origin. Fields are plain strings or chat messages (``[{role, content}]``). Sources: JSONL, JSON (an
+array, or an object with a ``data`` array), Parquet, or a `datasets` hub name with a split.
+
+Problems fall in two classes. Malformed records (bad JSON, missing or non-string field) raise
+``DataError`` naming file, line and field, or are skipped and counted when ``on_bad_record: skip``.
+Degenerate records (empty response, chosen == rejected) are always skipped and counted. The counts are
+returned and logged, so nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+PREFERENCE = ("prompt", "chosen", "rejected")
+SFT = ("prompt", "response")
+
+
+class DataError(ValueError):
+    """A bad record, phrased as `file:line: field: problem`."""
+
+
+@dataclass
+class ReadStats:
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self, name: str) -> str:
+        detail = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+        return f"{name}: read {self.read}, kept {self.kept}, skipped {sum(self.skipped.values())}" + (
+            f" ({detail})" if detail else "")
+
+
+def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    """Yield (source, raw record) pairs; a raw record is a dict, or a str for an unparsable JSONL line."""
+    p = Path(path)
+    if p.suffix == ".jsonl" or (p.exists() and p.suffix not in (".json", ".parquet")):
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{p}:{n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{p}:{n}", f"invalid JSON ({e.msg} at column {e.colno})"
+    elif p.suffix == ".json":
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        items = obj.get("data") if isinstance(obj, dict) else obj
+        if not isinstance(items, list):
+            raise DataError(f"{p}: expected a JSON array of records or an object with a 'data' array")
+        for i, rec in enumerate(items):
+            yield f"{p}[{i}]", rec
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(p).to_pylist()):
+            yield f"{p}[row {i}]", rec
+    else:
+        if p.suffix or "/" not in path:
+            raise DataError(f"{path}: no such file (and not a hub dataset name 'owner/name')")
+        import datasets
+
+        for i, rec in enumerate(datasets.load_dataset(path, split=split)):
+            yield f"{path}[{split}][{i}]", rec
+
+
+def _is_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    return (isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value))
+
+
+def _text_of(value: Any) -> str:
+    return value if isinstance(value, str) else "".join(m["content"] for m in value)
+
+
+def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = "train",
+                 columns: dict | None = None, on_bad_record: str = "error", limit: int | None = None,
+                 optional: Sequence[str] = ()) -> tuple[list[dict], ReadStats]:
+    """Read, rename and validate records. Returns (records, stats); see the module docstring for policy."""
+    rename = {theirs: ours for ours, theirs in (columns or {}).items()}
+    stats = ReadStats()
+    out: list[dict] = []
+    responses = [f for f in fields if f != "prompt"]
+
+    def bad(source: str, msg: str) -> None:
+        if on_bad_record == "error":
+            raise DataError(f"{source}: {msg}")
+        stats.skipped["malformed"] += 1
+        log.warning("skipping %s: %s", source, msg)
+
+    for source, raw in _iter_raw(path, split):
+        if limit is not None and stats.read >= limit:
+            break
+        stats.read += 1
+        if isinstance(raw, str):
+            bad(source, raw)
+            continue
+        if not isinstance(raw, dict):
+            bad(source, f"expected a JSON object, got {type(raw).__name__}")
+            continue
+        rec = {rename.get(k, k): v for k, v in raw.items()}
+        missing = [f for f in fields if f not in rec]
+        if missing:
+            bad(source, f"missing field '{missing[0]}' (have: {', '.join(sorted(rec)) or 'none'})")
+            continue
+        wrong = [f for f in fields if not _is_text(rec[f])]
+        if wrong:
+            f = wrong[0]
+            bad(source, f"field '{f}' must be a string or a list of {{role, content}} messages, "
+                        f"got {type(rec[f]).__name__}")
+            continue
+        if any(not _text_of(rec[f]).strip() for f in responses):
+            stats.skipped["empty response"] += 1
+            log.warning("skipping %s: empty response", source)
+            continue
+        if "chosen" in fields and "rejected" in fields and rec["chosen"] == rec["rejected"]:
+            stats.skipped["chosen == rejected"] += 1
+            log.warning("skipping %s: chosen == rejected", source)
+            continue
+        kept = {f: rec[f] for f in fields}
+        kept.update({f: rec[f] for f in optional if f in rec})
+        kept["source"] = source
+        out.append(kept)
+        stats.kept += 1
+    log.info(stats.summary(path))
+    return out, stats

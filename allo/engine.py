@@ -1,0 +1,228 @@
+"""The only owner of DeepSpeed: process group, config resolution, initialize, backward/step, checkpoints, export.
+
+Follows the strategy object of OpenRLHF (``openrlhf/utils/deepspeed/deepspeed.py``): the training loop calls
+``prepare``, ``backward``, ``step``, ``save_checkpoint``, ``load_checkpoint``, ``export_hf``, ``all_reduce``
+and never imports deepspeed itself. ``ds_configs/*.json`` stay the source of truth for ZeRO settings; the
+strategy fills only the fields marked "auto" (batch sizes, clipping, precision) from the recipe and refuses
+explicit values that disagree with it.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from allo.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(ValueError):
+    """A batch/world combination that cannot run, phrased with the numbers involved."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def init_distributed() -> None:
+    """Join (or, for a plain `python` run, create) the process group: gloo on CPU, NCCL on GPUs."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # single process without a launcher: avoid DeepSpeed's MPI discovery
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if on_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Workaround: DeepSpeed JIT-builds its shared-memory comm op (~27 s) on every CPU init although gloo
+        # suffices. Remove when deepspeed skips the build for gloo-only runs.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+    if not on_cpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def batch_arithmetic(global_batch: int, micro_batch: int, world: int) -> int:
+    """Gradient accumulation steps so that micro × accumulation × world = global batch, or a LaunchError."""
+    per_step = micro_batch * world
+    if global_batch % per_step:
+        raise LaunchError(
+            f"global_batch_size {global_batch} is not a multiple of micro_batch_size {micro_batch} × world size "
+            f"{world} = {per_step}; choose a global batch that is, e.g. {max(1, global_batch // per_step) * per_step}")
+    return global_batch // per_step
+
+
+def resolve_ds_config(path: str | Path, train: TrainConfig, world: int, precision: str) -> dict:
+    """Load a DeepSpeed JSON and fill its "auto" fields from the recipe; explicit values must agree."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LaunchError(f"{path}: cannot read DeepSpeed config ({e})") from None
+    gas = batch_arithmetic(train.global_batch_size, train.micro_batch_size, world)
+    wanted = {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": train.grad_clip,
+    }
+    for key, value in wanted.items():
+        have = cfg.get(key, "auto")
+        if have != "auto" and have != value:
+            raise LaunchError(f"{path}: {key} is {have} but the recipe gives {value}; set it to \"auto\"")
+        cfg[key] = value
+    for key in ("bf16", "fp16"):
+        section = cfg.setdefault(key, {"enabled": "auto"})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = key == "bf16" and precision == "bf16"
+    if cfg["fp16"]["enabled"]:
+        raise LaunchError(f"{path}: fp16 is not supported (use bf16 or fp32)")
+    if cfg["bf16"]["enabled"] != (precision == "bf16"):
+        raise LaunchError(f"{path}: bf16.enabled={cfg['bf16']['enabled']} disagrees with model.dtype={precision}")
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        cfg["zero_force_ds_cpu_optimizer"] = False  # our masked AdamW runs on the offloaded CPU tensors
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
+    """Linear warm-up to the peak, then cosine/linear decay to 0 or constant (as HF's schedulers)."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else max(0.0, 1 - progress)
+
+    return f
+
+
+class Strategy:
+    """Everything distributed. Create once per process; stages share it."""
+
+    def __init__(self, ds_config: str | Path, train: TrainConfig, precision: str):
+        init_distributed()
+        import deepspeed.comm as dist
+
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.train = train
+        self.precision = precision
+        self.config = resolve_ds_config(ds_config, train, self.world, precision)
+        self.config_path = str(ds_config)
+        self.zero_stage = int(self.config["zero_optimization"].get("stage", 0))
+        self.device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
+        self.engine = None
+        self._hf_ds = None
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum(self) -> int:
+        return self.config["gradient_accumulation_steps"]
+
+    def model_init_context(self):
+        """Context in which to load the model. Under ZeRO-3, transformers' from_pretrained sees the live
+        HfDeepSpeedConfig and partitions parameters while it loads them (rank 0 reads, others get slices), so
+        no rank ever holds the full model. transformers keeps only a weak reference: we hold it here."""
+        if self.zero_stage == 3 and self._hf_ds is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds = HfDeepSpeedConfig(self.config)
+        return nullcontext()
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Any:
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=self.config)
+        return self.engine
+
+    # --- the step --------------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def is_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # --- collectives (every rank must call these) -------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        """Collective: sum/mean/max over ranks, in place."""
+        reduce_op = self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM
+        self.dist.all_reduce(tensor, op=reduce_op)
+        if op == "mean":
+            tensor /= self.world
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list:
+        """Collective: every rank's object, in rank order."""
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: Path, tag: str, client_state: dict) -> None:
+        """Collective: DeepSpeed checkpoint (weights, optimizer, scheduler) plus our client state."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+        self.barrier()
+
+    def load_checkpoint(self, directory: Path, tag: str) -> dict:
+        """Collective: restore a checkpoint; returns the client state saved with it."""
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        if client_state is None:
+            raise RuntimeError(f"{directory}/{tag}: checkpoint could not be loaded")
+        return client_state
+
+    def export_hf(self, out_dir: Path, tokenizer: Any) -> None:
+        """Collective: gather full 16-bit (or fp32) weights and write a Hugging Face safetensors model on rank 0."""
+        module = self.engine.module
+        if self.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective all-gather
+        else:
+            state = module.state_dict() if self.is_rank0 else None
+        if self.is_rank0:
+            from allo.model import save_pretrained
+
+            save_pretrained(module, state, tokenizer, out_dir)
+        self.barrier()

@@ -1,0 +1,123 @@
+"""Mapping neuron masks onto DeepSpeed's partitions: the one module (with engine.py) that knows ZeRO internals.
+
+DeepSpeed hands the inner (client) optimizer flat fp32 tensors: under ZeRO-3 one flat partition per
+sub-group (``fp32_partitioned_groups_flat``, each parameter's slice at ``grad_position``), under ZeRO-1/2
+one flat partition per group (``single_partition_of_fp32_groups``, each parameter's fragment at
+``_hp_mapping``), under ZeRO-0 the parameters (or their fp32 copies) themselves. ``optimizer_layout`` lists,
+for every piece, which element range of which named parameter lives where; each rank then reads only those
+ranges of the mask file (``read_range``), so no rank ever holds a full mask under ZeRO-1/2/3.
+
+Two things use the layout:
+- the optimizer (``MaskedAdamW``) masks the Adam update and weight decay of every element it owns;
+- ``GradMasker`` zeroes masked-out gradients between ``engine.backward`` and ``engine.step`` so that gradient
+  clipping sees the masked gradient (ZeRO-3: the local fp32 gradient partitions through DeepSpeed's local-grad
+  API, at the accumulation boundary; ZeRO-0/1/2: a tensor hook on each parameter, which runs before
+  DeepSpeed's reduction hooks and so also holds under gradient accumulation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from allo.masks.io import read_range
+
+
+@dataclass
+class Piece:
+    name: str                 # parameter name
+    param: torch.nn.Parameter
+    target: torch.Tensor      # the tensor the inner optimizer updates
+    target_offset: int        # where this piece starts inside `target` (flattened)
+    start: int                # where it starts inside the flattened parameter
+    numel: int
+
+
+def optimizer_layout(engine: Any, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[Piece]:
+    """Every (parameter range -> optimizer tensor range) piece this rank owns, for ZeRO stage 0..3."""
+    opt = engine.optimizer
+    stage = engine.zero_optimization_stage()
+    pieces: list[Piece] = []
+    trainable = [(n, p) for n, p in named_params if p.requires_grad]
+    if stage == 3:
+        for name, p in trainable:
+            group, offset, numel = opt.grad_position[opt.get_param_id(p)]
+            part = p.ds_tensor.numel()
+            rank = opt._get_param_partition_rank(p)
+            pieces.append(Piece(name, p, opt.fp32_partitioned_groups_flat[group], offset, rank * part, numel))
+    elif stage in (1, 2):
+        for name, p in trainable:
+            hp = getattr(p, "_hp_mapping", None)
+            if hp is None:  # this rank's partition holds no element of p
+                continue
+            target = opt.single_partition_of_fp32_groups[hp.param_group_index]
+            pieces.append(Piece(name, p, target, hp.hp_fragment_address.start, hp.lp_fragment_address.start,
+                                hp.lp_fragment_address.numel))
+    else:
+        fp32_groups = getattr(opt, "fp32_groups", None)
+        lp_groups = getattr(opt, "fp16_groups", None) or getattr(opt, "bf16_groups", None)
+        masters = {}
+        if fp32_groups is not None and lp_groups is not None:  # bf16/fp16 stage 0: fp32 master copies
+            for lp_group, hp_group in zip(lp_groups, fp32_groups):
+                masters.update({id(lp): hp for lp, hp in zip(lp_group, hp_group)})
+        for name, p in trainable:
+            pieces.append(Piece(name, p, masters.get(id(p), p), 0, 0, p.numel()))
+    return pieces
+
+
+def find_optimizer(engine: Any, cls: type) -> Any:
+    """The client optimizer of type `cls` inside DeepSpeed's wrappers (ZeRO and mixed-precision optimizers)."""
+    opt = engine.optimizer
+    for _ in range(4):
+        if isinstance(opt, cls):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    raise RuntimeError(f"no {cls.__name__} found inside {type(engine.optimizer).__name__}")
+
+
+def build_masks(mask_file: str, pieces: list[Piece]) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read this rank's mask ranges. Returns (flat mask per optimizer tensor id, local mask per parameter)."""
+    target_masks: dict[int, torch.Tensor] = {}
+    local: dict[str, torch.Tensor] = {}
+    with safe_open(mask_file, framework="pt") as f:
+        for piece in pieces:
+            flat = target_masks.get(id(piece.target))
+            if flat is None:
+                flat = target_masks[id(piece.target)] = torch.zeros(piece.target.numel(), dtype=torch.bool)
+            m = read_range(f, piece.name, piece.start, piece.numel)
+            flat[piece.target_offset: piece.target_offset + piece.numel] = m
+            local[piece.name] = m
+    return target_masks, local
+
+
+class GradMasker:
+    """Zero the gradients of masked-out elements before DeepSpeed computes the norm and steps."""
+
+    def __init__(self, engine: Any, named_params: list[tuple[str, torch.nn.Parameter]],
+                 local: dict[str, torch.Tensor], mask_file: str):
+        self.engine = engine
+        self.stage = engine.zero_optimization_stage()
+        self.handles = []
+        trainable = [(n, p) for n, p in named_params if p.requires_grad]
+        if self.stage == 3:
+            self.params = [(p, local[n].to(p.ds_tensor.device)) for n, p in trainable if n in local]
+            return
+        # ZeRO-0/1/2 hold full gradients before reduction: one full mask per parameter, read once.
+        with safe_open(mask_file, framework="pt") as f:
+            for n, p in trainable:
+                keep = f.get_tensor(n).to(device=p.device, dtype=torch.bool)
+                self.handles.append(p.register_hook(lambda g, keep=keep: g.masked_fill(~keep, 0)))
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Call after engine.backward and before engine.step on every micro-step (ZeRO-3 acts at the boundary)."""
+        if self.stage != 3 or not self.engine.is_gradient_accumulation_boundary():
+            return
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        for p, keep in self.params:
+            g = safe_get_local_grad(p)
+            if g is not None:
+                safe_set_local_grad(p, g.masked_fill(~keep.view_as(g), 0))

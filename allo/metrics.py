@@ -1,0 +1,83 @@
+"""Metric sinks (JSONL, CSV, TensorBoard) on rank 0, and running means reduced once per optimizer step."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunningMeans:
+    """Sum metrics over the micro-batches of one step; `reduce` averages them over ranks in one collective."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            v = v.detach().float().mean().cpu()
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def reduce(self, strategy: Any, extra: dict[str, float]) -> dict[str, float]:
+        keys = sorted(self.sums)
+        local = [float(self.sums[k]) / self.counts[k] for k in keys] + list(extra.values())
+        t = torch.tensor(local, dtype=torch.float64, device=strategy.device)
+        strategy.all_reduce(t, op="mean")  # collective
+        self.sums.clear()
+        self.counts.clear()
+        return dict(zip(keys + list(extra), t.tolist()))
+
+
+class MetricLogger:
+    """metrics.jsonl (one record per logged step), metrics.csv and TensorBoard under out_dir/tb; rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self._csv_fields: list[str] | None = None
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.out_dir / "metrics.jsonl", "a")
+        self._csv = open(self.out_dir / "metrics.csv", "a", newline="")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+        except ImportError:  # tensorboard is optional; JSONL and CSV always work
+            self._tb = None
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._csv_fields is None:
+            self._csv_fields = list(record)
+            if self._csv.tell() == 0:
+                csv.writer(self._csv).writerow(self._csv_fields)
+        csv.writer(self._csv).writerow([record.get(k, "") for k in self._csv_fields])
+        self._csv.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        self._csv.close()
+        if self._tb is not None:
+            self._tb.close()
+        self.enabled = False
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

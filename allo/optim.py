@@ -1,0 +1,77 @@
+"""MaskedAdamW: AdamW that updates only the elements of a neuron mask, with optional sparse moments.
+
+DeepSpeed gives the client optimizer flat fp32 tensors (see masks/apply.py); ``attach_masks`` hands it one
+bool mask per such tensor. Masked-out elements are never touched: not by the Adam step, not by decoupled
+weight decay, not by bias correction. With ``sparse_state=True`` the moments live only at the selected
+elements (two floats each), so at a 10% mask they cost a tenth of dense AdamW's; the arithmetic on the
+selected elements is the same as the dense path, so both follow the same trajectory.
+
+Before masks are attached (and for tensors with no mask) it behaves as plain AdamW, the same math as
+``torch.optim.AdamW``, which is what the unmasked stages use.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, sparse_state: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.sparse_state = sparse_state
+        self._masks: dict[int, torch.Tensor] = {}
+        self._index: dict[int, torch.Tensor] = {}
+
+    def attach_masks(self, masks: dict[int, torch.Tensor]) -> None:
+        """`masks` maps id(optimizer tensor) -> flat bool mask of the same numel."""
+        self._masks = {k: v.to(torch.bool) for k, v in masks.items()}
+        # Indices are cached outside `state`: torch's load_state_dict would cast them to float.
+        self._index = {k: v.flatten().nonzero().squeeze(1) for k, v in self._masks.items()} if self.sparse_state \
+            else {}
+
+    def state_bytes(self) -> int:
+        """Bytes held by the Adam moments (what dense vs sparse state is measured by)."""
+        return sum(t.numel() * t.element_size() for s in self.state.values() for k, t in s.items()
+                   if k in ("exp_avg", "exp_avg_sq"))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                mask = self._masks.get(id(p))
+                index = self._index.get(id(p))
+                flat_p, flat_g = p.view(-1), p.grad.view(-1)
+                if index is not None:  # sparse moments: gather, update, scatter
+                    values, grad = flat_p.index_select(0, index), flat_g.index_select(0, index).float()
+                else:
+                    values, grad = flat_p, flat_g
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(values, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(values, dtype=torch.float32)
+                state["step"] += 1
+                step = state["step"].item()
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = lr / (1 - beta1 ** step)
+                denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+                update = (m / denom).mul_(-step_size)
+                if wd:
+                    update.add_(values, alpha=-lr * wd)
+                if index is not None:
+                    flat_p.index_add_(0, index, update.to(flat_p.dtype))
+                elif mask is not None:
+                    flat_p.add_(update.masked_fill_(~mask.view(-1), 0).to(flat_p.dtype))
+                else:
+                    flat_p.add_(update.to(flat_p.dtype))
+        return loss

@@ -1,0 +1,77 @@
+"""Objectives: (token log-probs, batch) -> (loss, metrics). The glue between the loop and ``allo.losses``.
+
+Preference batches are slot-major: rows [0, B) are chosen, rows [B, 2B) rejected (see data/tokenize.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from allo import losses
+from allo.config import DPOConfig, ForgetConfig, ImproveConfig, NPOConfig
+from allo.logprobs import response_mask
+
+
+def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = t.shape[0] // 2
+    return t[:n], t[n:]
+
+
+def _pair_metrics(out) -> dict:
+    return {"rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/margin": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float()}
+
+
+def sft(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Token-mean negative log-likelihood of the responses."""
+    mask = response_mask(batch["labels"])
+    return -(logps * mask).sum() / mask.sum().clamp(min=1), {}
+
+
+def preference(cfg: DPOConfig):
+    """DPO / IPO / SimPO on a chosen-rejected batch."""
+    def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = response_mask(batch["labels"])
+        (pc, pr), (mc, mr) = _halves(logps), _halves(mask)
+        if cfg.loss_type == "simpo":
+            out = losses.simpo_loss(losses.masked_mean(pc, mc), losses.masked_mean(pr, mr), cfg.beta, cfg.simpo_gamma)
+        else:
+            rc, rr = _halves(batch["ref_logps"])
+            reduce = losses.masked_mean if cfg.loss_type == "ipo" else losses.masked_sum
+            args = (reduce(pc, mc), reduce(pr, mr), reduce(rc, mc), reduce(rr, mr))
+            out = (losses.ipo_loss(*args, beta=cfg.beta) if cfg.loss_type == "ipo"
+                   else losses.dpo_loss(*args, beta=cfg.beta, label_smoothing=cfg.label_smoothing))
+        return out.losses.mean(), _pair_metrics(out)
+    return objective
+
+
+def npo(cfg: NPOConfig):
+    """Sequence-level NPO on the rejected responses (one slot)."""
+    def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = response_mask(batch["labels"])
+        policy, ref = losses.masked_sum(logps, mask), losses.masked_sum(batch["ref_logps"], mask)
+        return losses.npo_loss(policy, ref, cfg.beta).mean(), {"logratio": (policy - ref).detach()}
+    return objective
+
+
+def forget(cfg: ForgetConfig):
+    """ALLO token-weighted NPO (spec §3); weights come from the reward model's keep-probabilities."""
+    def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = response_mask(batch["labels"])
+        weights = losses.token_weights(batch["keep_probs"], cfg.token_weight) * mask
+        loss = losses.token_npo_loss(logps, batch["ref_logps"], weights, mask, cfg.beta)
+        frac = (weights != 0).sum() / mask.sum().clamp(min=1)
+        return loss, {"weighted_token_fraction": frac}
+    return objective
+
+
+def improve(cfg: ImproveConfig):
+    """ALLO noise-masked DPO (spec §4)."""
+    def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = response_mask(batch["labels"])
+        (pc, pr), (mc, mr), (rc, rr) = _halves(logps), _halves(mask), _halves(batch["ref_logps"])
+        out = losses.noise_masked_dpo_loss(pc, pr, rc, rr, mc, mr, cfg.beta, cfg.epsilon, cfg.k_basis,
+                                           cfg.noise_side)
+        kept = out.rejected_weights.sum() / mr.sum().clamp(min=1)
+        return out.losses.mean(), {**_pair_metrics(out), "rejected_kept_fraction": kept}
+    return objective

@@ -1,0 +1,81 @@
+"""Run one training stage end to end: records -> tokens -> Trainer (setup, train, export) -> manifest."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from allo.config import Recipe, save_resolved
+from allo.data.records import DataError, read_records
+from allo.data.tokenize import TruncationPolicy, tokenize_records
+from allo.io import write_json
+from allo.stages import STAGES
+
+log = logging.getLogger(__name__)
+
+
+def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict]:
+    """Read and tokenise a stage's records; forget records carry per-token keep-probabilities."""
+    d = STAGES[stage]
+    optional = ("keep_probs",) if "keep_probs" in d.token_arrays else ()
+    records, _ = read_records(data, d.fields, split=recipe.data.split, columns=recipe.data.columns,
+                              on_bad_record=recipe.data.on_bad_record, limit=recipe.data.limit, optional=optional)
+    policy = TruncationPolicy(recipe.data.max_length, recipe.data.max_prompt_length, recipe.data.truncation)
+    examples = tokenize_records(records, tokenizer, recipe.data.template, policy, d.responses)
+    for name in d.token_arrays:
+        for rec, ex in zip(records, examples):
+            values = rec.get(name)
+            if not isinstance(values, list) or len(values) < len(ex["responses"][0]):
+                have = len(values) if isinstance(values, list) else "none"
+                raise DataError(f"{rec['source']}: field '{name}' needs one value per response token "
+                                f"({len(ex['responses'][0])} tokens incl. EOS), has {have}")
+            ex[name] = [values[: len(ex["responses"][0])]]
+    return examples
+
+
+def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: Optional[str] = None,
+              mask: Optional[str] = None, out_dir: Optional[str] = None) -> Path:
+    """Train `stage` from `init` (default model.path) on `data` (default data.train); returns the export dir."""
+    import torch
+
+    from allo.engine import Strategy
+    from allo.model import build_model, load_tokenizer
+    from allo.train import Stage, Trainer
+
+    d = STAGES[stage]
+    train_cfg = recipe.stage_train(d.section)
+    data = data or recipe.data.train
+    if data is None:
+        raise DataError(f"stage {stage}: no data (set data.train in the recipe or pass --data)")
+    if d.mask and mask is None:
+        raise ValueError(f"stage {stage} updates only its neuron mask ({d.mask}); pass --mask FILE "
+                         f"(made by `allo locate`)")
+    out = Path(out_dir or Path(recipe.output_dir) / stage)
+    strategy = Strategy(train_cfg.ds_config, train_cfg, recipe.model.dtype)
+    started = time.time()
+    init_path = init or recipe.model.path
+    tokenizer = load_tokenizer(recipe.model if init is None else
+                               type(recipe.model)(**{**vars(recipe.model), "tokenizer": init}))
+    examples = load_examples(recipe, stage, data, tokenizer)
+    torch.manual_seed(recipe.seed)
+    with strategy.model_init_context():
+        model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed)
+    section = getattr(recipe, d.section)
+    needs_ref = d.needs_reference and getattr(section, "loss_type", "") != "simpo"
+    spec = Stage(stage, examples, d.objective(recipe), d.token_arrays, needs_ref, mask,
+                 reference_key=str(init_path))
+    if strategy.is_rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(recipe, out / "config.yaml")
+    trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
+    trainer.setup()
+    trainer.train()
+    exported = trainer.export()
+    if strategy.is_rank0:
+        write_json(out / "manifest.json", {
+            "stage": stage, "init": init_path, "data": data, "mask": mask, "model": str(exported),
+            "steps": trainer.pos.step, "examples": len(examples), "world": strategy.world,
+            "zero_stage": strategy.zero_stage, "trainable_fraction": trainer.trainable_fraction,
+            "wall_s": round(time.time() - started, 2), "complete": True})
+    return exported

@@ -1,0 +1,312 @@
+"""The one training loop: batch -> loss -> engine.backward -> mask -> engine.step -> log/checkpoint.
+
+Every stage (sft, warmup/dpo, npo, forget, improve) runs through ``Trainer``; a ``Stage`` says only which
+examples, which loss and which mask. Shape follows torchtune's recipes: ``setup`` (build, resume, reference
+log-probs) -> ``train`` -> ``save_checkpoint`` -> ``export``.
+
+Data position is "consumed samples": step s of a run uses records perm_e[(s mod S)·G : (s mod S + 1)·G] of the
+epoch's seeded permutation (G global batch, S steps per epoch), micro-batch a of rank r taking the slice
+[(a·world + r)·micro, +micro). A resumed run therefore sees exactly the batches an uninterrupted run sees.
+Resume policy: the checkpoint wins for weights, optimizer, scheduler and position; a recipe whose batch
+arithmetic differs from the checkpoint's is refused rather than silently remapped.
+
+SIGTERM and SIGUSR1 (what SLURM sends before preemption or the time limit) set a flag; at the next optimizer
+step boundary all ranks agree on it (folded into the metrics all-reduce), save a checkpoint, write
+``preempted.json`` and exit with EXIT_REQUEUE so a launcher can requeue the job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from allo.config import TrainConfig
+from allo.data.tokenize import collate
+from allo.engine import Strategy, lr_lambda
+from allo.io import atomic_write_text, write_json
+from allo.logprobs import token_logps
+from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_layout
+from allo.masks.io import check_against_model, read_metadata
+from allo.metrics import MetricLogger, RunningMeans
+from allo.optim import MaskedAdamW
+
+log = logging.getLogger(__name__)
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again"; slurm/ launchers requeue on it
+
+Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class Stage:
+    """What differs between stages: the examples, the objective and the mask."""
+    name: str
+    examples: list[dict]
+    objective: Objective                 # (token log-probs (N, T), batch) -> (loss, metrics)
+    token_arrays: tuple[str, ...] = ()   # per-token example fields the collator places ("token_weights", ...)
+    needs_reference: bool = False        # precompute reference log-probs with the starting weights
+    mask_file: Optional[str] = None      # neuron mask (None: every element trains)
+    reference_key: str = ""              # identifies the starting weights for the reference cache
+
+
+@dataclass
+class Position:
+    step: int = 0
+    consumed: int = 0
+
+
+class Trainer:
+    def __init__(self, strategy: Strategy, model: torch.nn.Module, tokenizer, stage: Stage, train: TrainConfig,
+                 out_dir: str | Path, seed: int = 0):
+        self.strategy, self.model, self.tokenizer, self.stage = strategy, model, tokenizer, stage
+        self.cfg, self.out_dir, self.seed = train, Path(out_dir), seed
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.pos = Position()
+        self.stop_requested = False
+        self.masker: Optional[GradMasker] = None
+        self.trainable_fraction = 1.0
+        n, g = len(stage.examples), train.global_batch_size
+        if n < g:
+            raise ValueError(f"stage {stage.name}: {n} examples cannot fill one global batch of {g}; lower "
+                             f"train.global_batch_size or add data")
+        self.steps_per_epoch = n // g
+        self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * self.steps_per_epoch))
+        if strategy.is_rank0 and n % g:
+            log.info("%s: %d examples per epoch do not fill the last global batch of %d; %d left out each epoch",
+                     stage.name, n, g, n % g)
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        s, cfg = self.strategy, self.cfg
+        named = list(self.model.named_parameters())
+        if self.stage.mask_file:
+            self.trainable_fraction = self._freeze_unmasked(named)
+        params = [p for _, p in named if p.requires_grad]
+        optimizer = MaskedAdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay,
+                                sparse_state=cfg.sparse_optimizer_state and bool(self.stage.mask_file))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio, cfg.scheduler))
+        self.engine = s.prepare(self.model, optimizer, scheduler)
+        if self.stage.mask_file:
+            pieces = optimizer_layout(self.engine, named)
+            target_masks, local = build_masks(self.stage.mask_file, pieces)
+            find_optimizer(self.engine, MaskedAdamW).attach_masks(target_masks)
+            self.masker = GradMasker(self.engine, named, local, self.stage.mask_file)
+        if s.is_rank0:
+            log.info("stage %s: %d examples, global batch %d = micro %d × accumulation %d × world %d, "
+                     "%d steps/epoch, %d steps, ZeRO-%d, %s, trainable fraction %.4f", self.stage.name,
+                     len(self.stage.examples), cfg.global_batch_size, cfg.micro_batch_size, s.grad_accum, s.world,
+                     self.steps_per_epoch, self.total_steps, s.zero_stage, s.precision, self.trainable_fraction)
+        resumed = self._resume()
+        if self.stage.needs_reference:
+            self._reference_logps(must_exist=resumed)
+        self.metrics = MetricLogger(self.out_dir, enabled=s.is_rank0)
+
+    def _freeze_unmasked(self, named: list) -> float:
+        """Check the mask fits the model and freeze tensors with no selected element (before initialize)."""
+        shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in named}
+        check_against_model(self.stage.mask_file, shapes, aliases=_tied_aliases(self.model))
+        counts = read_metadata(self.stage.mask_file).get("counts")
+        if counts is None:
+            from allo.masks.io import load_masks
+            counts = {n: int(m.sum()) for n, m in load_masks(self.stage.mask_file).items()}
+        total = selected = 0
+        for n, p in named:
+            numel = int(getattr(p, "ds_numel", p.numel()))
+            total += numel
+            selected += counts[n]
+            if counts[n] == 0:
+                p.requires_grad_(False)
+        return selected / total
+
+    # ---------------------------------------------------------------------------------- reference log-probs
+    def _reference_logps(self, must_exist: bool) -> None:
+        """Per-token log-probs of the starting weights, computed once (sharded over ranks) and cached on disk."""
+        from allo.logprobs import load_reference_cache, save_reference_cache
+
+        cache = self.out_dir / "reference_logps.safetensors"
+        key = _fingerprint(self.stage)
+        cached = load_reference_cache(cache, key)
+        if cached is None and must_exist:
+            raise RuntimeError(f"{cache}: reference log-probs of the starting model are missing or stale, so a "
+                               f"resumed run cannot rebuild them; delete {self.ckpt_dir} to restart the stage")
+        if cached is None:
+            cached = self._compute_reference()
+            if self.strategy.is_rank0:
+                save_reference_cache(cache, key, cached)
+            self.strategy.barrier()
+        for ex in self.stage.examples:
+            ex["ref_logps"] = cached[ex["index"]]
+
+    @torch.no_grad()
+    def _compute_reference(self) -> dict[int, list[list[float]]]:
+        s, examples = self.strategy, self.stage.examples
+        mine = examples[s.rank::s.world]
+        per_rank = math.ceil(len(examples) / s.world)
+        mine = mine + mine[-1:] * (per_rank - len(mine))  # equal forward counts: ZeRO-3 forwards are collective
+        out: dict[int, list[list[float]]] = {}
+        self.engine.module.eval()
+        bs = self.cfg.micro_batch_size
+        for i in range(0, per_rank, bs):
+            chunk = mine[i:i + bs]
+            batch = collate(chunk, self.tokenizer.pad_token_id)
+            logps = self._logps(batch)
+            n_slots = len(chunk[0]["responses"])
+            for j, ex in enumerate(chunk):
+                rows = []
+                for slot in range(n_slots):
+                    r = slot * len(chunk) + j
+                    start = len(ex["prompt_ids"])
+                    rows.append(logps[r, start:start + len(ex["responses"][slot])].tolist())
+                out[ex["index"]] = rows
+        self.engine.module.train()
+        merged: dict[int, list[list[float]]] = {}
+        for part in s.all_gather_object(out):
+            merged.update(part)
+        return merged
+
+    def _logps(self, batch: dict) -> torch.Tensor:
+        dev = self.strategy.device
+        logits = self.engine(input_ids=batch["input_ids"].to(dev),
+                             attention_mask=batch["attention_mask"].to(dev), use_cache=False).logits
+        return token_logps(logits, batch["labels"].to(dev))
+
+    # ----------------------------------------------------------------------------------------------- train
+    def _batch_indices(self, step: int, micro: int) -> list[int]:
+        """Example indices of micro-batch `micro` of optimizer step `step` on this rank (see module docstring)."""
+        cfg, s = self.cfg, self.strategy
+        epoch, within = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(len(self.stage.examples), generator=g)
+        start = within * cfg.global_batch_size + (micro * s.world + s.rank) * cfg.micro_batch_size
+        return perm[start:start + cfg.micro_batch_size].tolist()
+
+    def train(self) -> None:
+        s, cfg = self.strategy, self.cfg
+        self._install_signal_handlers()
+        means = RunningMeans()
+        progress = _progress(self.total_steps, self.pos.step, self.stage.name, s.is_rank0)
+        arrays = self.stage.token_arrays + (("ref_logps",) if self.stage.needs_reference else ())
+        while self.pos.step < self.total_steps:
+            t0 = time.perf_counter()
+            tokens = 0
+            for micro in range(s.grad_accum):
+                chosen = [self.stage.examples[i] for i in self._batch_indices(self.pos.step, micro)]
+                batch = collate(chosen, self.tokenizer.pad_token_id, arrays)
+                batch = {k: v.to(s.device) for k, v in batch.items()}
+                loss, metrics = self.stage.objective(self._logps(batch), batch)
+                s.backward(loss)
+                if self.masker is not None:
+                    self.masker.before_step()
+                s.step()
+                tokens += int(batch["attention_mask"].sum())
+                means.add(loss=loss.detach(), **metrics)
+            self.pos.step += 1
+            self.pos.consumed += cfg.global_batch_size
+            # One collective per step: metric means, token count and the stop flag.
+            stats = means.reduce(s, extra={"tokens": float(tokens), "stop": float(self.stop_requested)})
+            self.stop_requested = stats.pop("stop") > 0
+            elapsed = time.perf_counter() - t0
+            stats.update(tokens_per_s=stats.pop("tokens") * s.world / elapsed, lr=self.engine.get_lr()[0],
+                         grad_norm=s.grad_norm(), trainable_fraction=self.trainable_fraction,
+                         peak_mem_mb=_peak_memory_mb(), epoch=self.pos.consumed / len(self.stage.examples))
+            if self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps:
+                self.metrics.log(stats, self.pos.step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats['loss']:.4f}")
+            if self.stop_requested:
+                self.save_checkpoint()
+                if s.is_rank0:
+                    write_json(self.out_dir / "preempted.json", {"step": self.pos.step, "time": time.time()})
+                    log.warning("stopping on signal after step %d; checkpoint saved, exit %d (requeue)",
+                                self.pos.step, EXIT_REQUEUE)
+                self.metrics.close()
+                progress.close()
+                sys.exit(EXIT_REQUEUE)
+            if cfg.save_every and self.pos.step % cfg.save_every == 0 and self.pos.step < self.total_steps:
+                self.save_checkpoint()
+        progress.close()
+        self.metrics.close()
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Collective. `latest` moves only after every rank has written its files; old ones are rotated."""
+        tag = f"step_{self.pos.step:07d}"
+        client = {"position": vars(self.pos).copy(), "stage": self.stage.name, "world": self.strategy.world,
+                  "global_batch_size": self.cfg.global_batch_size, "micro_batch_size": self.cfg.micro_batch_size,
+                  "total_steps": self.total_steps}
+        self.strategy.save_checkpoint(self.ckpt_dir, tag, client)  # ends with a barrier
+        if self.strategy.is_rank0:
+            atomic_write_text(self.ckpt_dir / "latest", tag + "\n")
+            tags = sorted(p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+            for old in tags[:-self.cfg.keep_last]:
+                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        self.strategy.barrier()
+
+    def _resume(self) -> bool:
+        latest = self.ckpt_dir / "latest"
+        if not latest.exists():
+            return False
+        tag = latest.read_text().strip()
+        client = self.strategy.load_checkpoint(self.ckpt_dir, tag)
+        for key in ("world", "global_batch_size", "micro_batch_size"):
+            have = {"world": self.strategy.world}.get(key, getattr(self.cfg, key, None))
+            if client.get(key) != have:
+                raise ValueError(f"{self.ckpt_dir / tag}: saved with {key}={client.get(key)}, now {have}; resume "
+                                 f"needs the same batch layout (or delete {self.ckpt_dir} to restart the stage)")
+        self.pos = Position(**client["position"])
+        if self.strategy.is_rank0:
+            log.info("resumed %s from %s at step %d (%d samples consumed)", self.stage.name, tag, self.pos.step,
+                     self.pos.consumed)
+        return True
+
+    def export(self) -> Path:
+        out = self.out_dir / "model"
+        self.strategy.export_hf(out, self.tokenizer)
+        return out
+
+    # ------------------------------------------------------------------------------------------- signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_requested = True
+            log.warning("received %s: will checkpoint and exit at the end of this step", signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Names that share storage with a parameter under another name (tied embeddings)."""
+    seen = {id(p): n for n, p in model.named_parameters()}
+    return {n: seen[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if seen[id(p)] != n}
+
+
+def _fingerprint(stage: Stage) -> str:
+    import hashlib
+
+    h = hashlib.sha256(stage.reference_key.encode())
+    for ex in stage.examples:
+        h.update(json.dumps([ex["index"], ex["prompt_ids"], ex["responses"]]).encode())
+    return h.hexdigest()
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _progress(total: int, initial: int, name: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
