@@ -4,9 +4,11 @@ Every knob is declared once, here, with its default, its help text and its allow
 unknown keys, types and ranges and reports errors as ``file:line: key: problem (allowed: ...)``. Command-line
 overrides (``--set train.lr=5e-7``) are parsed as YAML scalars and validated the same way.
 
-Stage sections (``warmup``, ``forget``, ...) carry the spec's per-stage defaults in their ``train`` dict;
-a stage's training config is the shared ``train`` section with the stage's ``train`` keys laid over it
-(``Recipe.stage_train``). Secrets never live here: a config names the environment variable holding a key.
+Stage sections (``warmup``, ``forget``, ...) have a ``train`` dict of overrides and carry the spec's
+per-stage defaults (``SPEC_TRAIN``). A stage's training config resolves by specificity, most specific
+first: a key the recipe sets in ``<stage>.train``, then a key the recipe sets in ``train``, then the stage's
+spec default, then the ``TrainConfig`` default (``Recipe.stage_train``). So ``--set train.lr=5e-7`` reaches
+every stage that does not set its own ``lr``. Secrets never live here: a config names the environment variable holding a key.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import re
 
@@ -89,14 +91,14 @@ class TrainConfig:
     ds_config: str = knob("ds_configs/zero3.json", "DeepSpeed JSON; its \"auto\" fields are filled from here.")
 
 
-def _train(**overrides: Any) -> Any:
-    return knob(factory=lambda: dict(overrides),
-                help="Keys of `train` that this stage overrides (stage value wins over the shared section).")
+def _train() -> Any:
+    return knob(factory=dict, help="Keys of `train` set for this stage only (they win over the `train` section).")
 
 
 @dataclass
 class SFTConfig:
-    train: dict = _train(lr=1e-4, warmup_ratio=0.03, global_batch_size=32)
+    SPEC_TRAIN: ClassVar[dict] = dict(lr=1e-4, warmup_ratio=0.03, global_batch_size=32)
+    train: dict = _train()
 
 
 @dataclass
@@ -105,13 +107,15 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "ipo", "simpo"] = knob("sigmoid", "DPO (sigmoid), IPO or SimPO.")
     label_smoothing: float = knob(0.0, "Conservative DPO: assumed fraction of flipped labels.", ge=0, lt=0.5)
     simpo_gamma: float = knob(0.5, "SimPO target margin γ.", ge=0)
-    train: dict = _train(lr=1e-6, warmup_ratio=0.1, global_batch_size=32)
+    SPEC_TRAIN: ClassVar[dict] = dict(lr=1e-6, warmup_ratio=0.1, global_batch_size=32)
+    train: dict = _train()
 
 
 @dataclass
 class NPOConfig:
     beta: float = knob(0.1, "NPO β.", gt=0)
-    train: dict = _train(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
+    SPEC_TRAIN: ClassVar[dict] = dict(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
+    train: dict = _train()
 
 
 @dataclass
@@ -128,7 +132,8 @@ class ForgetConfig:
     beta: float = knob(0.1, "Token-NPO β.", gt=0)
     token_weight: Literal["indicator", "soft", "raw"] = knob(
         "indicator", "w = 1[p<0.5] (default), 1-p, or p (the reference code's stored value).")
-    train: dict = _train(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
+    SPEC_TRAIN: ClassVar[dict] = dict(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
+    train: dict = _train()
 
 
 @dataclass
@@ -138,7 +143,8 @@ class ImproveConfig:
     k_basis: Literal["response", "padded"] = knob("response", "L = response length, or the padded batch length "
                                                               "(reference code).")
     noise_side: Literal["rejected", "both"] = knob("rejected", "Apply noise masking to rejected only, or both.")
-    train: dict = _train(lr=5e-6, warmup_ratio=0.1, global_batch_size=128)
+    SPEC_TRAIN: ClassVar[dict] = dict(lr=5e-6, warmup_ratio=0.1, global_batch_size=128)
+    train: dict = _train()
 
 
 @dataclass
@@ -157,10 +163,11 @@ class Recipe:
     improve: ImproveConfig = knob(factory=ImproveConfig)
 
     def stage_train(self, stage: str) -> TrainConfig:
-        """The shared `train` section with `<stage>.train` laid over it."""
-        section = getattr(self, stage, None)
-        overrides = getattr(section, "train", {}) if section is not None else {}
-        return dataclasses.replace(self.train, **overrides)
+        """A stage's training config, resolved by specificity (see the module docstring)."""
+        section = getattr(self, stage)
+        explicit = getattr(self, "_explicit_train", set())
+        spec = {k: v for k, v in section.SPEC_TRAIN.items() if k not in explicit}
+        return dataclasses.replace(self.train, **{**spec, **section.train})
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -263,7 +270,6 @@ def _build(cls: type, data: Any, path: tuple, where: "_Where") -> Any:
         k = unknown[0]
         raise ConfigError(where.at(path + (k,), f"unknown key (allowed: {', '.join(fields)})"))
     kwargs = {}
-    defaults = cls()
     for name, value in data.items():
         tp, f, p = hints[name], fields[name], path + (name,)
         if dataclasses.is_dataclass(tp):
@@ -277,7 +283,7 @@ def _build(cls: type, data: Any, path: tuple, where: "_Where") -> Any:
         if problem:
             raise ConfigError(where.at(p, problem))
         if name == "train" and tp is dict:  # stage overrides: validate keys and types against TrainConfig
-            value = {**getattr(defaults, name), **_check_train_overrides(value, p, where)}
+            value = _check_train_overrides(value, p, where)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -346,18 +352,23 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
                 raise ConfigError(f"--set {item}: {k} is not a section")
         node[keys[-1]] = value
         where.overridden.add(tuple(keys))
-    return _build(Recipe, data, (), where)
+    recipe = _build(Recipe, data, (), where)
+    recipe._explicit_train = set(data.get("train") or {})
+    return recipe
 
 
 def to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def save_resolved(recipe: Recipe, path: str | Path) -> None:
-    """Write the fully resolved recipe next to a run's outputs (atomically)."""
+def save_resolved(recipe: Recipe, path: str | Path, stage: Optional[str] = None) -> None:
+    """Write the fully resolved recipe (and a stage's resolved train config) next to its outputs, atomically."""
     from allo.io import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    data = to_dict(recipe)
+    if stage is not None:
+        data["resolved_train"] = {"stage": stage, **dataclasses.asdict(recipe.stage_train(stage))}
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
 
 
 def describe(cls: type = Recipe, prefix: str = "") -> list[str]:

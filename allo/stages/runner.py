@@ -67,7 +67,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
                  reference_key=str(init_path))
     if strategy.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
-        save_resolved(recipe, out / "config.yaml")
+        save_resolved(recipe, out / "config.yaml", stage=d.section)
     trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
     trainer.setup()
     trainer.train()

@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny Llama + tokenizer directory, preference data, and a 2-rank launcher (torchrun)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import make_model_dir, write_pairs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
+           TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True,
+             **popen) -> subprocess.CompletedProcess:
+    """Run `python -m allo ARGS` on `nproc` ranks with a fresh rendezvous port (reused ports flake)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "allo", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory) -> Path:
+    return write_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", n=32)
+
+
+def write_recipe(path: Path, model: Path, data: Path, out: Path, extra: str = "") -> Path:
+    path.write_text(f"""output_dir: {out}
+model: {{path: {model}, dtype: fp32}}
+data: {{train: {data}, template: raw, max_length: 64, max_prompt_length: 32}}
+train: {{micro_batch_size: 2, global_batch_size: 8, weight_decay: 0.1, ds_config: ds_configs/zero3.json}}
+{extra}
+""")
+    return path
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"{SHARED} is absent: the real benchmark samples live beside the checkout (see README)")
+    return SHARED
