@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--init", help="starting checkpoint (default: model.path)")
             sp.add_argument("--out", help=f"output directory (default: OUTPUT_DIR/{name})")
             sp.add_argument("--mask", help="neuron mask file (safetensors of bools) restricting the update")
+    loc = sub.choices["locate"]
+    loc.add_argument("--base", help="starting checkpoint θ (default: OUTPUT_DIR/sft/model, else model.path)")
+    loc.add_argument("--tuned", help="warm-up checkpoint θ' (default: OUTPUT_DIR/warmup/model)")
+    loc.add_argument("--lr", type=float, help="warm-up learning rate α (default: the recipe's warmup lr)")
+    loc.add_argument("--ratio", type=float, nargs="+", help="percentages to select; writes topR.safetensors each "
+                     "(default: the recipe's N1 forget_ratio and N2 improve_ratio as n1/n2)")
+    loc.add_argument("--out", help="output directory (default: OUTPUT_DIR/locate)")
     cfg = sub.add_parser("config", help="Print the resolved recipe, or every knob with --doc",
                          description="Print the fully resolved recipe (after --set), or document every knob.")
     cfg.add_argument("recipe", nargs="?")
@@ -72,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             print(yaml.safe_dump(to_dict(recipe), sort_keys=False), end="")
+            return 0
+        if args.stage == "locate":
+            from allo.stages.locate import run_locate
+
+            run_locate(recipe, base=args.base, tuned=args.tuned, lr=args.lr, ratios=args.ratio, out_dir=args.out)
             return 0
         if args.stage in TRAINING:
             from allo.stages.runner import run_stage

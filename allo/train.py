@@ -36,7 +36,7 @@ from allo.engine import Strategy, lr_lambda
 from allo.io import atomic_write_text, write_json
 from allo.logprobs import token_logps
 from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_layout
-from allo.masks.io import check_against_model, read_metadata
+from allo.masks.io import check_against_model, mask_counts
 from allo.metrics import MetricLogger, RunningMeans
 from allo.optim import MaskedAdamW
 
@@ -116,10 +116,7 @@ class Trainer:
         """Check the mask fits the model and freeze tensors with no selected element (before initialize)."""
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in named}
         check_against_model(self.stage.mask_file, shapes, aliases=_tied_aliases(self.model))
-        counts = read_metadata(self.stage.mask_file).get("counts")
-        if counts is None:
-            from allo.masks.io import load_masks
-            counts = {n: int(m.sum()) for n, m in load_masks(self.stage.mask_file).items()}
+        counts = mask_counts(self.stage.mask_file)
         total = selected = 0
         for n, p in named:
             numel = int(getattr(p, "ds_numel", p.numel()))

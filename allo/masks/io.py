@@ -86,3 +86,15 @@ def check_against_model(path: str | Path, params: Mapping[str, tuple[int, ...]],
         problems.append("shape mismatch: " + "; ".join(wrong[:10]) + (" ..." if len(wrong) > 10 else ""))
     if problems:
         raise MaskError(f"{path} does not fit the model: " + " | ".join(problems))
+
+
+def mask_counts(path: str | Path) -> dict[str, int]:
+    """Selected elements per tensor: from the JSON sidecar `locate` writes, the file's metadata, or by counting."""
+    sidecar = Path(path).with_suffix(".json")
+    if sidecar.exists():
+        return json.loads(sidecar.read_text())["counts"]
+    counts = read_metadata(path).get("counts")
+    if counts is not None:
+        return counts
+    with safe_open(str(path), framework="pt") as f:
+        return {k: int(f.get_tensor(k).sum()) for k in f.keys()}

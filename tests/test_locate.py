@@ -1,0 +1,121 @@
+"""Exact streaming top-k: agreement with torch.topk on the concatenated scores (ties included), scopes, bands,
+bottom selection, sharded checkpoints and the errors of bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from allo.masks.io import load_masks, mask_counts
+from allo.masks.locate import LocateError, locate
+
+SHAPES = {"model.embed_tokens.weight": (50, 7), "model.layers.0.mlp.up_proj.weight": (13, 11),
+          "model.layers.0.input_layernorm.weight": (11,), "model.layers.1.mlp.up_proj.weight": (13, 11),
+          "lm_head.weight": (50, 7)}
+
+
+def make_pair(tmp_path, seed=0, ties=False, shard=False):
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    tuned = {}
+    for n, w in base.items():
+        delta = torch.randn(w.shape, generator=g) * 1e-3
+        if ties:  # many exactly equal scores: quantise the changes to a few levels
+            delta = torch.round(delta * 2e3) / 2e3
+        tuned[n] = w + delta
+    for name, weights in (("base", base), ("tuned", tuned)):
+        d = tmp_path / name
+        d.mkdir()
+        if shard:
+            names = sorted(weights)
+            parts = {"a.safetensors": names[:2], "b.safetensors": names[2:]}
+            for f, ns in parts.items():
+                save_file({n: weights[n] for n in ns}, str(d / f))
+            (d / "model.safetensors.index.json").write_text(json.dumps(
+                {"weight_map": {n: f for f, ns in parts.items() for n in ns}}))
+        else:
+            save_file(weights, str(d / "model.safetensors"))
+    return base, tuned
+
+
+def reference(base, tuned, k, bottom=False, names=None):
+    """torch.topk over the concatenated scores with the same tie order (earlier tensor, lower index first)."""
+    names = names or sorted(base)
+    scores = torch.cat([(tuned[n].float() - base[n].float()).abs().flatten() for n in names])
+    order_key = -scores if not bottom else scores
+    # stable sort: among equal scores the earlier position wins, as in locate
+    idx = torch.argsort(order_key, stable=True)[:k]
+    flat = torch.zeros(len(scores), dtype=torch.bool)
+    flat[idx] = True
+    out, start = {}, 0
+    for n in names:
+        out[n] = flat[start:start + base[n].numel()].view(base[n].shape)
+        start += base[n].numel()
+    return out
+
+
+@pytest.mark.parametrize("ties,shard,bin_bits", [(False, False, 20), (True, False, 20), (True, True, 8),
+                                                 (False, True, 6)])
+def test_global_topk_matches_torch(tmp_path, ties, shard, bin_bits):
+    base, tuned = make_pair(tmp_path, ties=ties, shard=shard)
+    total = sum(w.numel() for w in base.values())
+    res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"n1": 5, "n2": 10}, tmp_path / "masks",
+                 bin_bits=bin_bits)
+    for label, r in (("n1", 5), ("n2", 10)):
+        got = load_masks(res.paths[label])
+        want = reference(base, tuned, int(total * r / 100))
+        for n in SHAPES:
+            assert torch.equal(got[n], want[n]), f"{label} {n}"
+        meta = json.loads((tmp_path / "masks" / f"{label}.json").read_text())
+        assert meta["selected"] == int(total * r / 100) and meta["counts"] == mask_counts(res.paths[label])
+
+
+def test_bottom_and_band(tmp_path):
+    base, tuned = make_pair(tmp_path, ties=True)
+    total = sum(w.numel() for w in base.values())
+    res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"b": 10}, tmp_path / "bottom", bottom=True)
+    want = reference(base, tuned, int(total * 0.10), bottom=True)
+    got = load_masks(res.paths["b"])
+    assert all(torch.equal(got[n], want[n]) for n in SHAPES)
+    res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"band": 15}, tmp_path / "band", band_start=5,
+                 bin_bits=10)
+    top15, top5 = reference(base, tuned, int(total * .15)), reference(base, tuned, int(total * .05))
+    got = load_masks(res.paths["band"])
+    assert all(torch.equal(got[n], top15[n] & ~top5[n]) for n in SHAPES)
+
+
+@pytest.mark.parametrize("scope", ["per_tensor", "per_layer"])
+def test_scopes(tmp_path, scope):
+    base, tuned = make_pair(tmp_path, ties=True)
+    res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"m": 10}, tmp_path / "m", scope=scope, bin_bits=12)
+    got = load_masks(res.paths["m"])
+    groups = ([[n] for n in sorted(SHAPES)] if scope == "per_tensor" else
+              [[n for n in sorted(SHAPES) if ".layers.0." in n], [n for n in sorted(SHAPES) if ".layers.1." in n],
+               [n for n in sorted(SHAPES) if ".layers." not in n]])
+    for names in groups:
+        k = int(sum(base[n].numel() for n in names) * 0.10)
+        want = reference(base, tuned, k, names=names)
+        assert all(torch.equal(got[n], want[n]) for n in names), names
+
+
+def test_bad_input(tmp_path):
+    base, tuned = make_pair(tmp_path)
+    with pytest.raises(LocateError, match="outside"):
+        locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"x": 0}, tmp_path / "o")
+    with pytest.raises(LocateError, match="identical"):
+        locate(tmp_path / "base", tmp_path / "base", 1e-6, {"x": 5}, tmp_path / "o")
+    bad = dict(tuned)
+    bad["model.layers.0.input_layernorm.weight"] = torch.full((11,), float("nan"))
+    bad["extra.weight"] = torch.zeros(2)
+    bad["lm_head.weight"] = torch.zeros(49, 7)
+    (tmp_path / "bad").mkdir()
+    save_file(bad, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(LocateError, match=r"only in tuned: extra.weight.*lm_head.weight: base \[50, 7\]"):
+        locate(tmp_path / "base", tmp_path / "bad", 1e-6, {"x": 5}, tmp_path / "o")
+    del bad["extra.weight"]
+    bad["lm_head.weight"] = tuned["lm_head.weight"]
+    save_file(bad, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(LocateError, match="input_layernorm.weight: NaN or Inf"):
+        locate(tmp_path / "base", tmp_path / "bad", 1e-6, {"x": 5}, tmp_path / "o")
