@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ def init_distributed() -> None:
 
     if dist.is_initialized():
         return
+    # Workaround: deepspeed 0.19.8 calls c10d collectives that torch 2.13 deprecates, once per bucket per step.
+    # Remove when deepspeed uses all_gather_single / reduce_scatter_single.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:  # single process without a launcher: avoid DeepSpeed's MPI discovery
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

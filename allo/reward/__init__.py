@@ -1,0 +1,1 @@
+"""Token-level reward: teachers that rewrite wrong responses with minimal edits, and token keep-probabilities."""
