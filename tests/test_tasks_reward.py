@@ -1,0 +1,52 @@
+"""Answer extraction, the arithmetic generator, pairs, and the programmatic minimum-edit teacher."""
+from __future__ import annotations
+
+import json
+
+from allo.reward.programmatic import keep_probs_from_diff, rewrite
+from allo.stages.sampling import make_pairs
+from allo.tasks import extract_answer, is_correct
+from allo.tasks.arith import make_splits
+
+
+def test_extract_answer_spec6():
+    assert extract_answer("so 3. The answer is 14.") == "14"
+    assert extract_answer("The answer is 2. wait, the answer is: Yes.") == "Yes"
+    assert extract_answer("no final answer") is None
+    assert is_correct("... The answer is 1,024.", "1024") and not is_correct("The answer is 12.", "13")
+    assert is_correct("The answer is Paris.", "paris", "qa")
+
+
+def test_gsm8k_gold_answers_check_against_themselves(shared_dir):
+    """The checker agrees with every GSM8K reference solution (gold after '####')."""
+    n = 0
+    for line in (shared_dir / "benchdata/gsm8k/test.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rationale, gold = rec["answer"].split("####")
+        assert is_correct(f"{rationale} The answer is {gold.strip()}.", gold.strip())
+        n += 1
+    assert n == 1319
+
+
+def test_splits_are_disjoint_and_answers_right():
+    train, test = make_splits(300, 50, seed=1)
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    assert all(is_correct(p["response"], p["answer"]) for p in train + test)
+
+
+def test_minimum_edit_rewrite_and_token_diff():
+    problem = "Tom has 12 apples. He buys 7 more. He gives away 5. How many apples does Tom have now?"
+    wrong = " 12 + 7 = 18. 18 - 5 = 13. The answer is 13."
+    fixed = rewrite(problem, wrong, " The answer is 14.")
+    assert fixed == " 12 + 7 = 19. 19 - 5 = 14. The answer is 14."
+    assert rewrite(problem, " I think 3.", " 12 + 7 = 19. 19 - 5 = 14. The answer is 14.").startswith(" 12 + 7")
+    keep = keep_probs_from_diff([1, 2, 3, 4, 5], [1, 2, 9, 4, 5])
+    assert keep == [1.0, 1.0, 0.0, 1.0, 1.0]
+
+
+def test_pairs_at_most_five_per_problem_and_counted():
+    samples = [{"prompt": "a", "response": f"r{i}", "answer": "1", "correct": i < 3} for i in range(8)]
+    samples += [{"prompt": "b", "response": "x", "answer": "1", "correct": False}]
+    pairs, stats = make_pairs(samples, 5, seed=0)
+    assert len(pairs) == 5 and stats["problems_without_pair"] == {"all_correct": 0, "all_wrong": 1}
+    assert pairs == make_pairs(samples, 5, seed=0)[0]
