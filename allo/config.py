@@ -265,9 +265,9 @@ def _build(cls: type, data: Any, path: tuple, where: "_Where") -> Any:
         raise ConfigError(where.at(path, f"expected a mapping of {cls.__name__} keys, got {type(data).__name__}"))
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = [k for k in data if k not in fields]
     if unknown:
-        k = unknown[0]
+        k = str(unknown[0])
         raise ConfigError(where.at(path + (k,), f"unknown key (allowed: {', '.join(fields)})"))
     kwargs = {}
     for name, value in data.items():

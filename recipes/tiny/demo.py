@@ -35,8 +35,11 @@ from allo.stages.locate import run_locate  # noqa: E402
 from allo.stages.sampling import accuracy, make_pairs, sample  # noqa: E402
 from allo.tasks.arith import make_splits  # noqa: E402
 
-SIZES = {"full": dict(sft=4000, rl=600, test=400, samples=4, ranks=2),
-         "quick": dict(sft=600, rl=120, test=60, samples=4, ranks=2)}
+SIZES = {"full": dict(sft=4000, rl=600, test=400, samples=4, ranks=2, sets=[]),
+         # the test's reduced run: a weak SFT model gives few pairs, so every stage takes batches of 8
+         "quick": dict(sft=600, rl=300, test=60, samples=4, ranks=2,
+                       sets=["sft.train.epochs=3", "train.micro_batch_size=4"] + [f"{s}.train.global_batch_size=8" for s in
+                                                     ("warmup", "forget", "improve", "dpo", "npo")])}
 
 
 class Timer:
@@ -79,7 +82,7 @@ def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2) -> None:
 
 def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     run = ROOT / "runs" / "tiny" / f"seed{seed}"
-    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", f"seed={seed}", *user_sets]
+    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", f"seed={seed}", *size["sets"], *user_sets]
     recipe = load_recipe(RECIPE, sets)
     T = Timer()
     template = recipe.data.template
@@ -91,9 +94,8 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     with T.stage("tokenizer", "byte-level BPE on the generated text"):
         texts = [render(p["prompt"], p["response"], template)[0] + p["response"] for p in sft_problems]
         tok = train_tokenizer(texts, 400, run / "tokenizer")
-    epochs = ["sft.train.epochs=3"] if size is SIZES["quick"] else []
     with T.stage("sft", "a small Llama from scratch (2 ranks, ZeRO-3)"):
-        allo("sft", sets + epochs, "--data", str(run / "data" / "sft.jsonl"), ranks=size["ranks"])
+        allo("sft", sets, "--data", str(run / "data" / "sft.jsonl"), ranks=size["ranks"])
     sft_model = str(run / "sft" / "model")
     with T.stage("sample", f"{size['samples']} samples per problem, T=0.7, top-p 0.95"):
         samples = sample(sft_model, rl_problems, template,
