@@ -354,6 +354,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         where.overridden.add(tuple(keys))
     recipe = _build(Recipe, data, (), where)
     recipe._explicit_train = set(data.get("train") or {})
+    if recipe.data.max_prompt_length >= recipe.data.max_length:
+        raise ConfigError(where.at(("data", "max_prompt_length"), f"{recipe.data.max_prompt_length} leaves no room "
+                                   f"for a response within data.max_length {recipe.data.max_length}"))
     return recipe
 
 

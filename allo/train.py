@@ -96,6 +96,7 @@ class Trainer:
                                 sparse_state=cfg.sparse_optimizer_state and bool(self.stage.mask_file))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio, cfg.scheduler))
+        self.optimizer = optimizer
         self.engine = s.prepare(self.model, optimizer, scheduler)
         if self.stage.mask_file:
             pieces = optimizer_layout(self.engine, named)
@@ -211,10 +212,12 @@ class Trainer:
             self.pos.step += 1
             self.pos.consumed += cfg.global_batch_size
             # One collective per step: metric means, token count and the stop flag.
-            stats = means.reduce(s, extra={"tokens": float(tokens), "stop": float(self.stop_requested)})
-            self.stop_requested = stats.pop("stop") > 0
             elapsed = time.perf_counter() - t0
-            stats.update(tokens_per_s=stats.pop("tokens") * s.world / elapsed, lr=self.engine.get_lr()[0],
+            stats = means.reduce(s, extra={"tokens": float(tokens), "stop": float(self.stop_requested),
+                                           "step_s": elapsed, "optim_state": float(self.optimizer.state_bytes())})
+            self.stop_requested = stats.pop("stop") > 0
+            stats.update(tokens_per_s=stats.pop("tokens") * s.world / stats["step_s"], lr=self.engine.get_lr()[0],
+                         optim_state_mb=stats.pop("optim_state") * s.world / 2 ** 20,
                          grad_norm=s.grad_norm(), trainable_fraction=self.trainable_fraction,
                          peak_mem_mb=_peak_memory_mb(), epoch=self.pos.consumed / len(self.stage.examples))
             if self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps:

@@ -37,6 +37,11 @@ def test_wrong_type_and_range(tmp_path):
         load_recipe(write(tmp_path, "warmup: {train: {warmup: 3}}\n"))
 
 
+def test_cross_field_checks_fail_before_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"r.yaml:1: data.max_prompt_length: 600 leaves no room"):
+        load_recipe(write(tmp_path, "data: {max_prompt_length: 600, max_length: 512}\n"))
+
+
 def test_scientific_notation_is_a_float(tmp_path):
     assert load_recipe(write(tmp_path, "train: {lr: 5e-7}\n")).train.lr == 5e-7
 

@@ -123,3 +123,19 @@ def test_jsonl_reader_on_random_input(tmp_path, lines):
 def test_encode_prompt_adds_exactly_one_bos(tok):
     ids = encode_prompt(tok, tok.bos_token + "hello")
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_chat_template_renders_prompt_and_reply(tok):
+    import copy
+
+    chat = copy.deepcopy(tok)
+    chat.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+3?"}]
+    p, r = render(msgs, "5", "chat", chat)
+    assert p == "<|system|>be brief</s><|user|>2+3?</s><|assistant|>" and r == "5</s>"
+    ex = tokenize_records([{"prompt": msgs, "chosen": "5", "rejected": "6"}], chat, "chat",
+                          TruncationPolicy(128, 64), ("chosen", "rejected"))
+    assert ex[0]["responses"][0][-1] == chat.eos_token_id and ex[0]["responses"][0].count(chat.eos_token_id) == 1
+    with pytest.raises(ValueError, match="single-turn"):
+        render(msgs + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "5", "alpaca")

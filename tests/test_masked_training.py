@@ -1,7 +1,8 @@
 """Neuron masks hold exactly under DeepSpeed: 2 ranks on CPU, odd tensor sizes, weight decay > 0.
 
 After several improve steps every element outside the mask is bit-identical to the start and the selected
-ones moved, for ZeRO-3 (with and without CPU offload, fp32 and bf16), ZeRO-2 (with offload) and ZeRO-0, all
+ones moved, for ZeRO-3 (with and without CPU offload, fp32 and bf16), ZeRO-2 (with offload), ZeRO-1 (bf16)
+and ZeRO-0 (fp32 and bf16), all
 with gradient accumulation (global 8 = micro 2 × accumulation 2 × world 2).
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ def run_improve(tmp_path, tiny_model, pairs_file, mask_path, ds_config, dtype="f
     ("ds_configs/zero3.json", "bf16"),
     ("ds_configs/zero3_offload.json", "fp32"),
     ("ds_configs/zero2.json", "fp32"),
+    ("ds_configs/zero1.json", "bf16"),
     ("ds_configs/zero2_offload.json", "fp32"),
     ("ds_configs/zero0.json", "fp32"),
     ("ds_configs/zero0.json", "bf16"),

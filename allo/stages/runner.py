@@ -51,6 +51,9 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     if d.mask and mask is None:
         raise ValueError(f"stage {stage} updates only its neuron mask ({d.mask}); pass --mask FILE "
                          f"(made by `allo locate`)")
+    if train_cfg.sparse_optimizer_state and mask is None:
+        raise ValueError(f"stage {stage}: train.sparse_optimizer_state needs a neuron mask (--mask); without one "
+                         "every element trains and dense AdamW state is what you want")
     out = Path(out_dir or Path(recipe.output_dir) / stage)
     strategy = Strategy(train_cfg.ds_config, train_cfg, recipe.model.dtype)
     started = time.time()
