@@ -13,13 +13,13 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(STAMP)
 
 # torch first (the constraints file pins the local CPU build; an unpinned torch pulls GBs of CUDA wheels),
-# then the pinned requirements, then this package in editable mode.
+# then the pinned requirements, then this package in editable mode. Any failed step stops make.
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -c constraints.txt torch 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "import torch, deepspeed, transformers, allo; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
 

@@ -63,6 +63,18 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def close_distributed(barrier: bool = True) -> None:
+    """Tear the process group down before interpreter exit. Leaving it to exit-time destructors intermittently
+    aborted a rank with "terminate called without an active exception" (gloo, 2 ranks, CPU). No barrier after
+    a failure: the other ranks may never reach it."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        if barrier:
+            tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def batch_arithmetic(global_batch: int, micro_batch: int, world: int) -> int:
     """Gradient accumulation steps so that micro × accumulation × world = global batch, or a LaunchError."""
     per_step = micro_batch * world
