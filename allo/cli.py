@@ -86,16 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             run_locate(recipe, base=args.base, tuned=args.tuned, lr=args.lr, ratios=args.ratio, out_dir=args.out)
             return 0
         if args.stage in TRAINING:
-            from allo.engine import close_distributed
+            from allo.engine import finish_distributed
             from allo.stages.runner import run_stage
+            from allo.train import EXIT_REQUEUE
 
-            done = False
             try:
                 run_stage(recipe, args.stage, data=args.data, init=args.init, mask=args.mask, out_dir=args.out)
-                done = True
-            finally:
-                close_distributed(barrier=done)
-            return 0
+            except SystemExit as stop:  # preemption: every rank agreed, checkpointed and stops together
+                if stop.code == EXIT_REQUEUE:
+                    finish_distributed(EXIT_REQUEUE)
+                raise
+            finish_distributed(0)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"allo {args.stage}: error: {e}", file=sys.stderr)
         return 2

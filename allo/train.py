@@ -232,7 +232,7 @@ class Trainer:
                                 self.pos.step, EXIT_REQUEUE)
                 self.metrics.close()
                 progress.close()
-                raise SystemExit(EXIT_REQUEUE)  # the CLI's `finally` closes the process group first
+                raise SystemExit(EXIT_REQUEUE)  # the CLI ends the process (allo.engine.finish_distributed)
             if cfg.save_every and self.pos.step % cfg.save_every == 0 and self.pos.step < self.total_steps:
                 self.save_checkpoint()
         progress.close()

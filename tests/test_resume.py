@@ -40,7 +40,9 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_fi
         time.sleep(0.02)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0, f"the run finished before SIGTERM arrived:\n{out[-2000:]}"
-    stopped_at = json.loads((tmp_path / "stopped" / "dpo" / "preempted.json").read_text())["step"]
+    marker = tmp_path / "stopped" / "dpo" / "preempted.json"
+    assert marker.exists(), f"no preempted.json after SIGTERM (exit {proc.returncode}):\n{out[-4000:]}"
+    stopped_at = json.loads(marker.read_text())["step"]
     assert 3 <= stopped_at < STEPS
     latest = (tmp_path / "stopped" / "dpo" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:07d}"
