@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import signal
@@ -108,6 +109,8 @@ class Trainer:
                      "%d steps/epoch, %d steps, ZeRO-%d, %s, trainable fraction %.4f", self.stage.name,
                      len(self.stage.examples), cfg.global_batch_size, cfg.micro_batch_size, s.grad_accum, s.world,
                      self.steps_per_epoch, self.total_steps, s.zero_stage, s.precision, self.trainable_fraction)
+        if s.is_rank0:  # a marker from an earlier, preempted attempt is stale once this attempt runs
+            (self.out_dir / "preempted.json").unlink(missing_ok=True)
         resumed = self._resume()
         if self.stage.needs_reference:
             self._reference_logps(must_exist=resumed)
@@ -227,7 +230,10 @@ class Trainer:
             if self.stop_requested:
                 self.save_checkpoint()
                 if s.is_rank0:
-                    write_json(self.out_dir / "preempted.json", {"step": self.pos.step, "time": time.time()})
+                    marker = {"step": self.pos.step, "time": time.time(), "stage": self.stage.name}
+                    write_json(self.out_dir / "preempted.json", marker)
+                    if os.environ.get("ALLO_PREEMPT_MARKER"):  # set by slurm/allo.sbatch to decide on requeue
+                        write_json(Path(os.environ["ALLO_PREEMPT_MARKER"]), marker)
                     log.warning("stopping on signal after step %d; checkpoint saved, exit %d (requeue)",
                                 self.pos.step, EXIT_REQUEUE)
                 self.metrics.close()

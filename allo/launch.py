@@ -1,0 +1,53 @@
+"""Launch planning: world size and batch arithmetic for N nodes × G processes, checked before a job is queued.
+
+`python -m allo.launch RECIPE --nodes N --gpus-per-node G [--set k=v]` prints, per training stage,
+global = micro × accumulation × world, and exits 2 with a clear message when a stage's global batch cannot be
+split over that world (the same check the engine makes at start-up, made before the queue wait).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from allo.config import ConfigError, load_recipe
+from allo.engine import LaunchError, batch_arithmetic
+from allo.stages import STAGES
+
+
+def plan(recipe_path: str, nodes: int, gpus_per_node: int, overrides: list[str] = (),
+         stages: list[str] | None = None) -> list[dict]:
+    if nodes < 1 or gpus_per_node < 1:
+        raise LaunchError(f"--nodes {nodes} and --gpus-per-node {gpus_per_node} must both be >= 1")
+    recipe = load_recipe(recipe_path, list(overrides))
+    world = nodes * gpus_per_node
+    rows = []
+    for stage in stages or list(STAGES):
+        t = recipe.stage_train(STAGES[stage].section)
+        gas = batch_arithmetic(t.global_batch_size, t.micro_batch_size, world)
+        rows.append({"stage": stage, "global": t.global_batch_size, "micro": t.micro_batch_size,
+                     "accumulation": gas, "world": world})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m allo.launch", description=__doc__)
+    p.add_argument("recipe")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--stage", action="append", help="only these stages (default: every training stage)")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    try:
+        rows = plan(args.recipe, args.nodes, args.gpus_per_node, args.overrides, args.stage)
+    except (ConfigError, LaunchError) as e:
+        print(f"allo launch: {e}", file=sys.stderr)
+        return 2
+    print(f"world size: {args.nodes} nodes × {args.gpus_per_node} processes = {rows[0]['world']}")
+    for r in rows:
+        print(f"  {r['stage']:8s} global batch {r['global']} = micro {r['micro']} × accumulation "
+              f"{r['accumulation']} × world {r['world']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The SLURM launcher against a real Slurm (controller + 2 node daemons on this host).
+
+1. `slurm/submit.sh` runs a DPO stage as one ZeRO-3 job across both nodes (one process per node).
+2. A second submission gets SIGUSR1 early (as Slurm sends before a time limit): it checkpoints, requeues, resumes
+   and ends with the same weights as the first.
+Runs when root (it installs Debian's slurm packages if missing) or when Slurm is already running.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ENV, ROOT, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def sh(*cmd: str, **kw) -> str:
+    return subprocess.run(list(cmd), check=True, capture_output=True, text=True, **kw).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the local Slurm cluster needs Linux")
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmctld/slurmd/munge needs root (they are started and stopped by this test)")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("no Slurm installed and no apt-get to install Debian's slurm-wlm")
+    d = tmp_path_factory.mktemp("slurm")
+    subprocess.run(["bash", str(ROOT / "tests/slurm_local.sh"), "up", str(d), "2"], check=True, timeout=600)
+    yield d
+    subprocess.run(["bash", str(ROOT / "tests/slurm_local.sh"), "down", str(d)], timeout=60)
+
+
+def job_state(job: str) -> dict:
+    out = sh("scontrol", "show", "job", job, "-o")
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_for(job: str, timeout: float = 400) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = job_state(job)
+        if st["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still {job_state(job)['JobState']} after {timeout} s")
+
+
+def submit(recipe, pairs, model, logs) -> str:
+    env = dict(ENV, ALLO_LOG_DIR=str(logs), ALLO_PYTHON=sys.executable)
+    out = sh("bash", "slurm/submit.sh", str(recipe), "--stage", "dpo", "--nodes", "2", "--gpus-per-node", "1",
+             "--cpu", "--", "--data", str(pairs), "--init", str(model), cwd=ROOT, env=env)
+    assert "global batch 8 = micro 2 × accumulation 2 × world 2" in out
+    return out.splitlines()[-1]
+
+
+def test_two_node_job_and_usr1_requeue(cluster, tmp_path, tiny_model, pairs_file):
+    extra = "dpo: {train: {lr: 0.002, max_steps: 30, global_batch_size: 8}}"
+    first = write_recipe(tmp_path / "a.yaml", tiny_model, pairs_file, tmp_path / "a", extra)
+    job = submit(first, pairs_file, tiny_model, tmp_path / "logs")
+    st = wait_for(job)
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*")) if p.is_file())
+    assert st["JobState"] == "COMPLETED", f"{st}\n{logs[-4000:]}"
+    manifest = json.loads((tmp_path / "a" / "dpo" / "manifest.json").read_text())
+    assert manifest["world"] == 2 and manifest["zero_stage"] == 3 and manifest["steps"] == 30
+    assert len((tmp_path / "a" / "dpo" / "metrics.jsonl").read_text().splitlines()) == 30
+    per_node = sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "logs").glob("allo-dpo-*-node*.out"))
+    assert per_node == ["node0.out", "node1.out"], per_node
+
+    second = write_recipe(tmp_path / "b.yaml", tiny_model, pairs_file, tmp_path / "b", extra)
+    job = submit(second, pairs_file, tiny_model, tmp_path / "logs2")
+    metrics = tmp_path / "b" / "dpo" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline, f"job {job} never started training: {job_state(job)}"
+        time.sleep(0.1)
+    sh("scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
+    st = wait_for(job, timeout=500)
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs2").glob("*")) if p.is_file())
+    assert st["JobState"] == "COMPLETED" and int(st["Restarts"]) == 1, f"{st}\n{logs[-4000:]}"
+    assert "requeueing" in logs
+    a = load_file(str(tmp_path / "a" / "dpo" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "dpo" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a), "the requeued job did not end with the same weights"
