@@ -7,7 +7,7 @@ set -euo pipefail
 cmd=$1 D=$2 NNODES=${3:-2}
 if [ "$cmd" = down ]; then
   for f in "$D"/run/slurmd-*.pid "$D"/run/slurmctld.pid; do [ -s "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null; done
-  [ -s "$D/munged.pid" ] && kill -TERM "$(cat "$D/munged.pid")" 2>/dev/null
+  [ -e "$D/started-munged" ] && [ -s /run/munge/munged.pid ] && kill -TERM "$(cat /run/munge/munged.pid)" 2>/dev/null
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
@@ -21,7 +21,7 @@ mkdir -p /run/munge /var/log/munge /var/lib/munge "$D"/{state,spool,log,run}
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
 if ! pgrep -x munged >/dev/null; then
   runuser -u munge -- /usr/sbin/munged
-  pgrep -x munged > "$D/munged.pid"
+  touch "$D/started-munged"  # `down` stops munged only if `up` started it
 fi
 for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.1; done
 H=$(hostname -s) CPUS=$(nproc)
