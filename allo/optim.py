@@ -29,8 +29,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         """`masks` maps id(optimizer tensor) -> flat bool mask of the same numel."""
         self._masks = {k: v.to(torch.bool) for k, v in masks.items()}
         # Indices are cached outside `state`: torch's load_state_dict would cast them to float.
-        self._index = {k: v.flatten().nonzero().squeeze(1) for k, v in self._masks.items()} if self.sparse_state \
-            else {}
+        # int32 indices (4 bytes per selected element; ZeRO partitions stay below 2**31 elements).
+        self._index = {k: v.flatten().nonzero().squeeze(1).to(torch.int32 if v.numel() < 2 ** 31 else torch.int64)
+                       for k, v in self._masks.items()} if self.sparse_state else {}
 
     def state_bytes(self) -> int:
         """Bytes held by the Adam moments (what dense vs sparse state is measured by)."""
