@@ -1,8 +1,9 @@
 """`make demo`: the paper's comparison (SFT, +DPO, +NPO, +ALLO) reproduced from scratch on a tiny task, on CPU.
 
 Stages, each printed with a banner and its wall time:
-  data -> tokenizer -> sft -> sample -> pairs -> warmup (DPO) -> locate (N1, N2) -> token reward (programmatic
-  minimum-edit teacher) -> forget (N1) -> improve (N2) ; baselines dpo and npo from the same SFT model
+  data -> tokenizer -> sft -> sample -> pairs -> warmup (DPO) -> locate (N1, N2) -> reward-data (programmatic
+  minimum-edit teacher) -> reward-train (SFT of a reward LM from the SFT weights) -> reward-score (keep-prob of
+  every token of every wrong response) -> forget (N1) -> improve (N2) ; baselines dpo and npo from SFT
   -> greedy accuracy on held-out problems -> a table like the paper's Table 2.
 Training stages run as `allo STAGE` under torchrun with 2 ranks and ZeRO-3 (ds_configs/zero3.json).
 
@@ -30,10 +31,19 @@ from allo.data.tokenize import encode_response  # noqa: E402
 from allo.generate import Sampling  # noqa: E402
 from allo.io import write_jsonl  # noqa: E402
 from allo.model import train_tokenizer  # noqa: E402
+from allo.reward.model import keep_probs, reward_data  # noqa: E402
 from allo.reward.programmatic import keep_probs_from_diff, rewrite  # noqa: E402
+from allo.tasks import is_correct  # noqa: E402
 from allo.stages.locate import run_locate  # noqa: E402
 from allo.stages.sampling import accuracy, make_pairs, sample  # noqa: E402
 from allo.tasks.arith import make_splits  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+# The reward model reads (problem, reference, wrong) prompts: longer than the policy's.
+REWARD_SETS = ["data.template=raw", "data.max_length=256", "data.max_prompt_length=200", "sft.train.epochs=2",
+               "sft.train.lr=1e-3"]
 
 SIZES = {"full": dict(sft=4000, rl=600, test=400, samples=4, ranks=2, sets=[]),
          # the test's reduced run: a weak SFT model gives few pairs, so every stage takes batches of 8
@@ -109,18 +119,23 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
         allo("warmup", sets, "--data", pairs_file, "--init", sft_model, ranks=size["ranks"])
     with T.stage("locate", f"N1 top {recipe.locate.forget_ratio}%, N2 top {recipe.locate.improve_ratio}%"):
         masks = run_locate(recipe, base=sft_model)
-    with T.stage("reward", "programmatic minimum-edit teacher -> token keep-probabilities"):
-        forget = []
-        for p in pairs:
-            fixed = rewrite(p["prompt"], p["rejected"], f" The answer is {p['answer']}.")
-            wrong_ids = encode_response(tok, render(p["prompt"], p["rejected"], template)[1])
-            fixed_ids = encode_response(tok, render(p["prompt"], fixed, template)[1])
-            forget.append({"prompt": p["prompt"], "rejected": p["rejected"], "rewrite": fixed,
-                           "keep_probs": keep_probs_from_diff(wrong_ids, fixed_ids)})
+    reference = {p["prompt"]: p["response"] for p in sft_problems}
+    items = [{"prompt": p["prompt"], "wrong": p["rejected"], "reference": reference[p["prompt"]],
+              "answer": p["answer"]} for p in pairs]
+    with T.stage("reward-data", "programmatic teacher: minimum-edit rewrites of the wrong responses"):
+        rm_records, counts = reward_data(items, rewrite, is_correct)
+        write_jsonl(run / "data" / "reward.jsonl", rm_records)
+        print(f"reward data: {counts}")
+    with T.stage("reward-train", "SFT of the token reward model on (rewrite prompt -> rewrite)"):
+        allo("sft", sets + REWARD_SETS, "--data", str(run / "data" / "reward.jsonl"), "--init", sft_model,
+             "--out", str(run / "reward"), ranks=size["ranks"])
+    with T.stage("reward-score", "keep-probability of every token of every wrong response"):
+        rm = AutoModelForCausalLM.from_pretrained(str(run / "reward" / "model"), dtype=torch.float32)
+        probs = keep_probs(rm, tok, items, template)
+        forget = [{"prompt": it["prompt"], "rejected": it["wrong"], "keep_probs": p} for it, p in zip(items, probs)]
         write_jsonl(run / "data" / "forget.jsonl", forget)
-        kept = [x for f in forget for x in f["keep_probs"]]
-        print(f"token reward: {len(forget)} wrong responses, {100 * (1 - sum(kept) / len(kept)):.1f}% of their "
-              f"tokens marked unaligned")
+        result_reward = _agreement(items, probs, tok, template)
+        print(f"token reward: {result_reward}")
     with T.stage("forget", "token-weighted NPO on wrong responses, N1 only"):
         allo("forget", sets, "--data", str(run / "data" / "forget.jsonl"), "--init", sft_model,
              "--mask", str(masks["n1"]), ranks=size["ranks"])
@@ -132,7 +147,8 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     with T.stage("npo", "baseline: sequence NPO on the wrong responses from SFT"):
         allo("npo", sets, "--data", pairs_file, "--init", sft_model, ranks=size["ranks"])
     rows = {"SFT": ("sft", None), "+DPO": ("dpo", "dpo"), "+NPO": ("npo", "npo"), "+ALLO": ("improve", None)}
-    result = {"seed": seed, "pairs": pair_stats, "wall": T.walls, "accuracy": {}, "updated": {}}
+    result = {"seed": seed, "pairs": pair_stats, "wall": T.walls, "accuracy": {}, "updated": {},
+              "token_reward": result_reward}
     with T.stage("eval", f"greedy accuracy on {len(test)} held-out problems"):
         for label, (stage, _) in rows.items():
             result["accuracy"][label] = accuracy(str(run / stage / "model"), test, template)
@@ -143,6 +159,22 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     result["wall"] = T.walls
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _agreement(items: list[dict], probs: list[list[float]], tok, template: str) -> dict:
+    """How the reward model's unaligned tokens (p < 0.5) compare with the tokens the teacher actually edited."""
+    tp = fp = fn = total = 0
+    for it, p in zip(items, probs):
+        wrong_ids = encode_response(tok, render(it["prompt"], it["wrong"], template)[1])
+        fixed = rewrite(it["prompt"], it["wrong"], it["reference"])
+        edited = [k == 0.0 for k in keep_probs_from_diff(wrong_ids, encode_response(tok, fixed))]
+        flagged = [x < 0.5 for x in p]
+        tp += sum(a and b for a, b in zip(flagged, edited))
+        fp += sum(a and not b for a, b in zip(flagged, edited))
+        fn += sum(b and not a for a, b in zip(flagged, edited))
+        total += len(p)
+    return {"tokens": total, "flagged_fraction": round((tp + fp) / max(1, total), 4),
+            "precision_vs_teacher": round(tp / max(1, tp + fp), 4), "recall_vs_teacher": round(tp / max(1, tp + fn), 4)}
 
 
 def _frac(stage_dir: Path) -> str:
