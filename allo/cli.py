@@ -25,7 +25,8 @@ STAGE_HELP = {
     "npo": "Baseline sequence-level NPO on the rejected responses on the same loop.",
     "eval": "Evaluate a checkpoint on the recipe's benchmarks (QA, math, instruction following).",
     "run": "All stages in order, each skipped when its manifest says it is complete.",
-    "report": "Tables in the paper's layout and plots from a run directory.",
+    "report": "PNG plots of a run directory: loss and reward-margin curves per stage, mask fraction per layer, "
+              "histogram of token keep-probabilities. (The paper-layout tables are printed by the demo for now.)",
 }
 TRAINING = ("sft", "warmup", "dpo", "npo", "forget", "improve")
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", metavar="STAGE")
     for name, text in STAGE_HELP.items():
         sp = sub.add_parser(name, help=text.split(".")[0], description=text)
+        if name == "report":
+            sp.add_argument("run_dir", help="a run directory (a recipe's output_dir, e.g. runs/tiny/seed0)")
+            continue
         sp.add_argument("recipe", nargs="?", help="recipe YAML (defaults apply when omitted)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set train.lr=5e-7 (repeatable)")
@@ -73,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage == "config" and args.doc:
             print("\n".join(describe()))
+            return 0
+        if args.stage == "report":
+            from allo.report import report
+
+            for path in report(args.run_dir):
+                print(path)
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.stage == "config":

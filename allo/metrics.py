@@ -35,7 +35,8 @@ class RunningMeans:
 class MetricLogger:
     """metrics.jsonl (one record per logged step), metrics.csv and TensorBoard under out_dir/tb; rank 0 only."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool = True, append: bool = False):
+        """`append`: a resumed run continues the files; a fresh run replaces them (and the TensorBoard events)."""
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self._csv_fields: list[str] | None = None
@@ -43,8 +44,13 @@ class MetricLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "a")
-        self._csv = open(self.out_dir / "metrics.csv", "a", newline="")
+        mode = "a" if append else "w"
+        if not append:
+            import shutil
+
+            shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+        self._jsonl = open(self.out_dir / "metrics.jsonl", mode)
+        self._csv = open(self.out_dir / "metrics.csv", mode, newline="")
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -114,7 +114,7 @@ class Trainer:
         resumed = self._resume()
         if self.stage.needs_reference:
             self._reference_logps(must_exist=resumed)
-        self.metrics = MetricLogger(self.out_dir, enabled=s.is_rank0)
+        self.metrics = MetricLogger(self.out_dir, enabled=s.is_rank0, append=resumed)
 
     def _freeze_unmasked(self, named: list) -> float:
         """Check the mask fits the model and freeze tensors with no selected element (before initialize)."""

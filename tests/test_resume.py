@@ -58,7 +58,14 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_fi
 
 def test_checkpoint_rotation_keeps_last(tmp_path, tiny_model, pairs_file):
     r = recipe(tmp_path, tiny_model, pairs_file, "rot")
-    torchrun(["dpo", str(r), "--set", "dpo.train.save_every=3", "--set", "dpo.train.max_steps=10",
-              "--set", "train.keep_last=2"])
+    args = ["dpo", str(r), "--set", "dpo.train.save_every=3", "--set", "dpo.train.max_steps=10",
+            "--set", "train.keep_last=2"]
+    torchrun(args[:2] + ["--set", "dpo.train.max_steps=4"])  # an earlier, shorter run in the same directory
+    import shutil
+
+    shutil.rmtree(tmp_path / "rot" / "dpo" / "checkpoints", ignore_errors=True)  # the next run starts fresh
+    torchrun(args)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "rot" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11)), "a fresh run replaces the metrics of an earlier one"
     ckpts = sorted(p.name for p in (tmp_path / "rot" / "dpo" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000006", "step_0000009"]
