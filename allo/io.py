@@ -1,12 +1,10 @@
-"""Small file helpers every stage shares: atomic writes, JSONL, hashing, safe tensor loading.
+"""Small file helpers every stage shares: atomic writes of text, JSON and JSONL.
 
 Atomic writes go to a temporary file in the same directory and are renamed into place, so a crash never
-leaves a half-written file under the final name. Tensors are read only from safetensors, or with
-``torch.load(weights_only=True)`` for DeepSpeed's own files, never with pickle of arbitrary objects.
+leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -39,18 +37,3 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def torch_load_safe(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers (no arbitrary pickles)."""
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)

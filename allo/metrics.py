@@ -82,8 +82,3 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.close()
         self.enabled = False
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -1,8 +1,11 @@
-"""Learning-rate sweep behind the README's demo discussion: DPO (full parameters) and ALLO improve (N2 mask) at
-several learning rates from the same SFT / forget models, pairs and masks of a finished `make demo` run.
+"""Learning-rate sweep behind the README's demo discussion, on the SFT model, pairs, token rewards and masks of
+a finished `make demo` run (one seed):
+- DPO (full parameters) from SFT at each --dpo learning rate;
+- ALLO improve (N2) from the demo's forget model at each --improve learning rate;
+- ALLO forget (N1) from SFT at each --forget learning rate, then improve from it at each --chain learning rate.
 
-Usage: python recipes/tiny/sweep.py [--run runs/tiny/seed0] [--dpo 5e-6 2e-5 5e-5] [--improve 3e-5 1e-4 3e-4]
-Prints a table of held-out greedy accuracy per stage and learning rate (one seed).
+Usage: python recipes/tiny/sweep.py [--run runs/tiny/seed0] [--dpo ...] [--improve ...] [--forget ...] [--chain ...]
+Prints held-out greedy accuracy per (stage, learning rate) and writes RUN/sweep/table.md.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def main() -> None:
     p.add_argument("--run", default=str(ROOT / "runs" / "tiny" / "seed0"))
     p.add_argument("--dpo", type=float, nargs="*", default=[5e-6, 2e-5, 5e-5])
     p.add_argument("--improve", type=float, nargs="*", default=[3e-5, 1e-4, 3e-4])
+    p.add_argument("--forget", type=float, nargs="*", default=[])
+    p.add_argument("--chain", type=float, nargs="*", default=[3e-4], help="improve lr after each --forget run")
     args = p.parse_args()
     run = Path(args.run)
     test = [json.loads(x) for x in (run / "data" / "test.jsonl").read_text().splitlines()]
@@ -37,6 +42,17 @@ def main() -> None:
         allo(stage, base + [f"{stage}.train.lr={lr}"], "--data", str(run / "data" / "pairs.jsonl"), "--init", init,
              "--out", str(out), *extra)
         rows.append((stage, f"{lr:g}", accuracy(str(out / "model"), test, "alpaca_cot")))
+    pairs = str(run / "data" / "pairs.jsonl")
+    for lr in args.forget:
+        out = run / "sweep" / f"forget_lr{lr:g}"
+        allo("forget", base + [f"forget.train.lr={lr}"], "--data", str(run / "data" / "forget.jsonl"), "--init",
+             str(run / "sft" / "model"), "--mask", str(run / "locate" / "n1.safetensors"), "--out", str(out))
+        rows.append(("forget", f"{lr:g}", accuracy(str(out / "model"), test, "alpaca_cot")))
+        for lr2 in args.chain:
+            out2 = run / "sweep" / f"forget_lr{lr:g}_improve_lr{lr2:g}"
+            allo("improve", base + [f"improve.train.lr={lr2}"], "--data", pairs, "--init", str(out / "model"),
+                 "--mask", str(run / "locate" / "n2.safetensors"), "--out", str(out2))
+            rows.append(("forget → improve", f"{lr:g} → {lr2:g}", accuracy(str(out2 / "model"), test, "alpaca_cot")))
     lines = ["| stage | lr | held-out accuracy % |", "|---|---|---|"]
     lines += [f"| {s} | {lr} | {100 * a:.1f} |" for s, lr, a in rows]
     print("\n".join(lines))
