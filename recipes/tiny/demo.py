@@ -4,10 +4,10 @@ Stages, each printed with a banner and its wall time:
   data -> tokenizer -> sft -> sample -> pairs -> warmup (DPO) -> locate (N1, N2) -> reward-data (programmatic
   minimum-edit teacher) -> reward-train (SFT of a reward LM from the SFT weights) -> reward-score (keep-prob of
   every token of every wrong response) -> forget (N1) -> improve (N2) ; baselines dpo and npo from SFT
-  -> greedy accuracy on held-out problems -> a table like the paper's Table 2.
+  -> greedy accuracy on held-out problems -> a table like the paper's Table 2, and `allo report` plots per seed.
 Training stages run as `allo STAGE` under torchrun with 2 ranks and ZeRO-3 (ds_configs/zero3.json).
 
-Usage: python recipes/tiny/demo.py [--seeds 0 1] [--quick] [--set KEY=VALUE ...]
+Usage: python recipes/tiny/demo.py [--seeds 0 1] [--quick] [--set KEY=VALUE ...]   (default: seeds 0 and 1)
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from allo.model import train_tokenizer  # noqa: E402
 from allo.reward.model import keep_probs, reward_data  # noqa: E402
 from allo.reward.programmatic import keep_probs_from_diff, rewrite  # noqa: E402
 from allo.tasks import is_correct  # noqa: E402
+from allo.report import report  # noqa: E402
 from allo.stages.locate import run_locate  # noqa: E402
 from allo.stages.sampling import accuracy, make_pairs, sample  # noqa: E402
 from allo.tasks.arith import make_splits  # noqa: E402
@@ -158,6 +159,7 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     result["updated"]["+ALLO"] = f"N1 {_frac(run / 'forget')} / N2 {_frac(run / 'improve')}"
     result["wall"] = T.walls
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
+    print("report plots: " + ", ".join(str(p.relative_to(ROOT)) for p in report(run)))
     return result
 
 
@@ -198,7 +200,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="two seeds fit the 10-minute budget")
     p.add_argument("--quick", action="store_true", help="fewer problems and epochs (the test's reduced run)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()

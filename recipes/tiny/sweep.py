@@ -1,6 +1,6 @@
 """Learning-rate sweep behind the README's demo discussion, on the SFT model, pairs, token rewards and masks of
 a finished `make demo` run (one seed):
-- DPO (full parameters) from SFT at each --dpo learning rate;
+- DPO and NPO (full parameters) from SFT at each --dpo / --npo learning rate;
 - ALLO improve (N2) from the demo's forget model at each --improve learning rate;
 - ALLO forget (N1) from SFT at each --forget learning rate, then improve from it at each --chain learning rate.
 
@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--run", default=str(ROOT / "runs" / "tiny" / "seed0"))
     p.add_argument("--dpo", type=float, nargs="*", default=[5e-6, 2e-5, 5e-5])
     p.add_argument("--improve", type=float, nargs="*", default=[3e-5, 1e-4, 3e-4])
+    p.add_argument("--npo", type=float, nargs="*", default=[])
     p.add_argument("--forget", type=float, nargs="*", default=[])
     p.add_argument("--chain", type=float, nargs="*", default=[3e-4], help="improve lr after each --forget run")
     args = p.parse_args()
@@ -35,6 +36,7 @@ def main() -> None:
     base = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}"]
     rows = [("SFT", "-", accuracy(str(run / "sft" / "model"), test, "alpaca_cot"))]
     jobs = [("dpo", lr, str(run / "sft" / "model"), []) for lr in args.dpo]
+    jobs += [("npo", lr, str(run / "sft" / "model"), []) for lr in args.npo]
     jobs += [("improve", lr, str(run / "forget" / "model"), ["--mask", str(run / "locate" / "n2.safetensors")])
              for lr in args.improve]
     for stage, lr, init, extra in jobs:
