@@ -24,6 +24,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_curves(run: Path, out: Path) -> Path | None:
     stages = [s for s in STAGE_ORDER if (run / s / "metrics.jsonl").exists()]
     if not stages:
@@ -42,10 +49,7 @@ def plot_curves(run: Path, out: Path) -> Path | None:
             axes[1][col].axis("off")
     axes[0][0].set_ylabel("loss")
     axes[1][0].set_ylabel("reward margin")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
-    return out / "curves.png"
+    return _save(fig, out / "curves.png")
 
 
 def layer_fractions(mask_file: Path) -> dict[str, float]:
@@ -74,10 +78,7 @@ def plot_masks(run: Path, out: Path) -> Path | None:
     ax.set_ylabel("% of elements selected")
     ax.set_title("neuron masks per layer")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "masks.png", dpi=110)
-    plt.close(fig)
-    return out / "masks.png"
+    return _save(fig, out / "masks.png")
 
 
 def plot_token_rewards(run: Path, out: Path) -> Path | None:
@@ -92,10 +93,7 @@ def plot_token_rewards(run: Path, out: Path) -> Path | None:
     ax.set_xlabel("keep-probability p_ij of a wrong response's token")
     ax.set_ylabel("tokens (log)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "token_rewards.png", dpi=110)
-    plt.close(fig)
-    return out / "token_rewards.png"
+    return _save(fig, out / "token_rewards.png")
 
 
 def report(run_dir: str | Path) -> list[Path]:
