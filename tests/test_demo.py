@@ -40,3 +40,5 @@ def test_quick_demo_runs_every_stage(tmp_path):
     result = json.loads((run / "demo_result.json").read_text())
     assert set(result["accuracy"]) == {"SFT", "+DPO", "+NPO", "+ALLO"}
     assert "| +ALLO |" in proc.stdout
+    for png in ("curves.png", "masks.png", "token_rewards.png"):
+        assert (run / "report" / png).stat().st_size > 1000, png
