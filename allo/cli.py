@@ -23,12 +23,16 @@ STAGE_HELP = {
     "improve": "ALLO stage 3: DPO with noise-token masking, updating only the N2 mask (spec §4).",
     "dpo": "Baseline DPO (or IPO / SimPO with dpo.loss_type) from the SFT model on the same loop.",
     "npo": "Baseline sequence-level NPO on the rejected responses on the same loop.",
-    "eval": "Evaluate a checkpoint on the recipe's benchmarks (QA, math, instruction following).",
-    "run": "All stages in order, each skipped when its manifest says it is complete.",
+    "eval": "Greedy accuracy of the run's SFT, DPO, NPO and ALLO models on task.eval (the pipeline's eval step). "
+            "The benchmark suite (QA, math, AlpacaEval, Arena-Hard) is not built yet.",
+    "run": "All steps in order (sft, sample, pairs, warmup, locate, reward-data, reward-train, reward-score, "
+           "forget, improve, dpo, npo, eval), each skipped when its manifest says it is complete; --from STEP / "
+           "--only STEP rerun. Launch with torchrun: training steps use every rank.",
     "report": "PNG plots of a run directory: loss and reward-margin curves per stage, mask fraction per layer, "
               "histogram of token keep-probabilities. (The paper-layout tables are printed by the demo for now.)",
 }
 TRAINING = ("sft", "warmup", "dpo", "npo", "forget", "improve")
+PIPELINE_STEPS = ("sample", "pairs", "reward-data", "reward-train", "reward-score", "eval")  # = allo run --only
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--init", help="starting checkpoint (default: model.path)")
             sp.add_argument("--out", help=f"output directory (default: OUTPUT_DIR/{name})")
             sp.add_argument("--mask", help="neuron mask file (safetensors of bools) restricting the update")
+    run = sub.choices["run"]
+    run.add_argument("--from", dest="start", metavar="STEP", help="rerun from this step on (later steps too)")
+    run.add_argument("--only", metavar="STEP", help="rerun just this step")
     loc = sub.choices["locate"]
     loc.add_argument("--base", help="starting checkpoint θ (default: OUTPUT_DIR/sft/model, else model.path)")
     loc.add_argument("--tuned", help="warm-up checkpoint θ' (default: OUTPUT_DIR/warmup/model)")
@@ -95,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
             run_locate(recipe, base=args.base, tuned=args.tuned, lr=args.lr, ratios=args.ratio, out_dir=args.out)
             return 0
+        if args.stage == "run" or args.stage in PIPELINE_STEPS:
+            from allo.engine import finish_distributed
+            from allo.pipeline import run_pipeline
+
+            only = args.stage if args.stage in PIPELINE_STEPS else args.only
+            run_pipeline(recipe, args.recipe, start=getattr(args, "start", None), only=only)
+            finish_distributed(0)
         if args.stage in TRAINING:
             from allo.engine import finish_distributed
             from allo.stages.runner import run_stage
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                     finish_distributed(EXIT_REQUEUE)
                 raise
             finish_distributed(0)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"allo {args.stage}: error: {e}", file=sys.stderr)
         return 2
     print(f"allo {args.stage}: not built yet in this version. It will: {STAGE_HELP[args.stage]}", file=sys.stderr)

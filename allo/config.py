@@ -148,6 +148,36 @@ class ImproveConfig:
 
 
 @dataclass
+class TaskConfig:
+    sft_data: Optional[str] = knob(None, "SFT records {prompt, response}; None: model.path is already the SFT model.")
+    problems: Optional[str] = knob(None, "Training problems {prompt, answer, reference?} to sample on.")
+    eval: Optional[str] = knob(None, "Held-out problems {prompt, answer} for `allo run`'s eval step.")
+    family: Literal["math", "qa"] = knob("math", "Answer checker: numbers (math) or option text (qa), spec §6.")
+    eval_max_new_tokens: int = knob(512, "Greedy decoding budget of the eval step.", ge=1)
+
+
+@dataclass
+class SampleConfig:
+    n: int = knob(10, "Responses sampled per training problem.", ge=1)
+    temperature: float = knob(0.7, "Sampling temperature (0: greedy).", ge=0)
+    top_p: float = knob(0.95, "Nucleus sampling mass.", gt=0, le=1)
+    max_new_tokens: int = knob(512, "Longest sampled response in tokens.", ge=1)
+    batch_size: int = knob(64, "Prompts per generation batch (Hugging Face backend).", ge=1)
+    max_pairs_per_problem: int = knob(5, "At most this many (correct, wrong) pairs per problem.", ge=1)
+
+
+@dataclass
+class RewardConfig:
+    teacher: Literal["programmatic"] = knob("programmatic", "Who rewrites wrong responses: the programmatic "
+                                            "minimum-edit teacher (checkable arithmetic tasks).")
+    init: Optional[str] = knob(None, "Reward model's starting checkpoint; None: the SFT model (same tokenizer).")
+    max_length: int = knob(1024, "Longest rewrite prompt + rewrite in tokens.", ge=8)
+    max_prompt_length: int = knob(768, "Longest rewrite prompt (problem, reference, wrong response).", ge=1)
+    SPEC_TRAIN: ClassVar[dict] = dict(lr=2e-5, epochs=3, global_batch_size=128, warmup_ratio=0.03)
+    train: dict = _train()
+
+
+@dataclass
 class Recipe:
     output_dir: str = knob("runs/default", "Where every stage writes its outputs (relative to the working dir).")
     seed: int = knob(0, "Seed for data order, sampling and init.", ge=0)
@@ -161,6 +191,9 @@ class Recipe:
     locate: LocateConfig = knob(factory=LocateConfig)
     forget: ForgetConfig = knob(factory=ForgetConfig)
     improve: ImproveConfig = knob(factory=ImproveConfig)
+    task: TaskConfig = knob(factory=TaskConfig)
+    sample: SampleConfig = knob(factory=SampleConfig)
+    reward: RewardConfig = knob(factory=RewardConfig)
 
     def stage_train(self, stage: str) -> TrainConfig:
         """A stage's training config, resolved by specificity (see the module docstring)."""

@@ -195,6 +195,18 @@ class Strategy:
                                                config=self.config)
         return self.engine
 
+    def release(self) -> None:
+        """Forget this stage's engine and ZeRO-3 model-loading config, so later model loads in this process
+        (sampling, scoring, the next stage) are plain again, not collective ZeRO-3 inits on one rank."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        if self._hf_ds is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_ds = None
+
     # --- the step --------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

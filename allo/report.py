@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-STAGE_ORDER = ("sft", "warmup", "reward", "forget", "improve", "dpo", "npo")
+STAGE_ORDER = ("sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo")
 
 
 def _plt():
@@ -82,7 +82,7 @@ def plot_masks(run: Path, out: Path) -> Path | None:
 
 
 def plot_token_rewards(run: Path, out: Path) -> Path | None:
-    path = run / "data" / "forget.jsonl"
+    path = run / "reward-score" / "forget.jsonl"
     if not path.exists():
         return None
     probs = [p for line in path.read_text().splitlines() if line.strip() for p in json.loads(line)["keep_probs"]]

@@ -20,7 +20,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     proc = subprocess.run([sys.executable, "recipes/tiny/demo.py", "--quick", "--seeds", "7"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for stage in ("sft", "warmup", "reward", "forget", "improve", "dpo", "npo"):
+    for stage in ("sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["complete"] and (run / stage / "model" / "model.safetensors").exists(), stage
         assert (run / stage / "metrics.jsonl").exists()
@@ -35,7 +35,10 @@ def test_quick_demo_runs_every_stage(tmp_path):
         keep = load_masks(run / "locate" / f"{mask}.safetensors")
         for name, m in keep.items():
             assert torch.equal(before[name][~m], after[name][~m]), f"{stage}: {name} moved outside {mask}"
-    forget = [json.loads(x) for x in (run / "data" / "forget.jsonl").read_text().splitlines()]
+    from allo.pipeline import STEPS
+
+    assert all(json.loads((run / s / "manifest.json").read_text())["complete"] for s in STEPS)
+    forget = [json.loads(x) for x in (run / "reward-score" / "forget.jsonl").read_text().splitlines()]
     assert forget and all(0.0 <= p <= 1.0 for rec in forget for p in rec["keep_probs"])
     result = json.loads((run / "demo_result.json").read_text())
     assert set(result["accuracy"]) == {"SFT", "+DPO", "+NPO", "+ALLO"}

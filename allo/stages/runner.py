@@ -81,4 +81,5 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
             "steps": trainer.pos.step, "examples": len(examples), "world": strategy.world,
             "zero_stage": strategy.zero_stage, "trainable_fraction": trainer.trainable_fraction,
             "wall_s": round(time.time() - started, 2), "complete": True})
+    strategy.release()  # `allo run` loads and trains more models in this process after this stage
     return exported

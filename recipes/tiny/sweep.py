@@ -41,13 +41,13 @@ def main() -> None:
              for lr in args.improve]
     for stage, lr, init, extra in jobs:
         out = run / "sweep" / f"{stage}_lr{lr:g}"
-        allo(stage, base + [f"{stage}.train.lr={lr}"], "--data", str(run / "data" / "pairs.jsonl"), "--init", init,
+        allo(stage, base + [f"{stage}.train.lr={lr}"], "--data", str(run / "pairs" / "pairs.jsonl"), "--init", init,
              "--out", str(out), *extra)
         rows.append((stage, f"{lr:g}", accuracy(str(out / "model"), test, "alpaca_cot")))
-    pairs = str(run / "data" / "pairs.jsonl")
+    pairs = str(run / "pairs" / "pairs.jsonl")
     for lr in args.forget:
         out = run / "sweep" / f"forget_lr{lr:g}"
-        allo("forget", base + [f"forget.train.lr={lr}"], "--data", str(run / "data" / "forget.jsonl"), "--init",
+        allo("forget", base + [f"forget.train.lr={lr}"], "--data", str(run / "reward-score" / "forget.jsonl"), "--init",
              str(run / "sft" / "model"), "--mask", str(run / "locate" / "n1.safetensors"), "--out", str(out))
         rows.append(("forget", f"{lr:g}", accuracy(str(out / "model"), test, "alpaca_cot")))
         for lr2 in args.chain:

@@ -1,0 +1,303 @@
+"""`allo run RECIPE`: every step of the spec in order, each skipped when its manifest says it is complete.
+
+Steps and their outputs under OUTPUT_DIR (spec §0):
+  sft           sft/model                      (skipped when task.sft_data is unset: model.path is the SFT model)
+  sample        sample/samples.jsonl           n labelled responses per training problem
+  pairs         pairs/pairs.jsonl              (correct, wrong) pairs, at most sample.max_pairs_per_problem each
+  warmup        warmup/model                   plain DPO from SFT, all parameters
+  locate        locate/n1.safetensors, n2      exact top-k masks from |θ'−θ|/α
+  reward-data   reward-data/reward.jsonl       teacher's minimum-edit rewrites (+ "keep" copies)
+  reward-train  reward-train/model             the token reward model (the sft stage on reward.jsonl)
+  reward-score  reward-score/forget.jsonl      keep-probability of every token of every wrong response
+  forget        forget/model                   token-weighted NPO, mask N1, from SFT
+  improve       improve/model                  noise-masked DPO, mask N2, from forget
+  dpo, npo      dpo/model, npo/model           baselines from SFT
+  eval          eval/results.json              greedy accuracy of SFT, DPO, NPO, ALLO on task.eval
+Run it under torchrun: training steps use every rank; the other steps run on rank 0 while the others wait.
+A failed step leaves the earlier ones intact; the error says how to resume (`--from STEP`).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from allo.config import Recipe
+from allo.io import write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+STEPS = ("sft", "sample", "pairs", "warmup", "locate", "reward-data", "reward-train", "reward-score", "forget",
+         "improve", "dpo", "npo", "eval")
+TRAINING_STEPS = {"sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo"}
+
+
+class StepFailed(RuntimeError):
+    """A pipeline step failed; the message names the step and the command that resumes from it."""
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None):
+        self.r = recipe
+        self.out = Path(recipe.output_dir)
+        self.recipe_path = recipe_path or "RECIPE.yaml"
+
+    # --------------------------------------------------------------------------------------- paths
+    def step_dir(self, step: str) -> Path:
+        return self.out / step
+
+    @property
+    def sft_model(self) -> str:
+        if self.r.task.sft_data:
+            return str(self.step_dir("sft") / "model")
+        if not self.r.model.path:
+            raise StepFailed("model.path is empty and task.sft_data is unset: there is no SFT model to start from")
+        return self.r.model.path
+
+    def file(self, step: str, name: str) -> str:
+        return str(self.step_dir(step) / name)
+
+    # ----------------------------------------------------------------------------------------- driver
+    def run(self, start: Optional[str] = None, only: Optional[str] = None) -> None:
+        """Run the steps in order. `start`: rerun from that step on; `only`: rerun just that step."""
+        for name in (start, only):
+            if name is not None and name not in STEPS:
+                raise StepFailed(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
+        forced = {only} if only else set(STEPS[STEPS.index(start):]) if start else set()
+        for step in STEPS:
+            if only and step != only:
+                continue
+            manifest = self.step_dir(step) / "manifest.json"
+            if step not in forced and _complete(manifest):
+                if _rank() == 0:
+                    log.info("[%s] complete (%s); skipping", step, manifest)
+                continue
+            if _rank() == 0:
+                log.info("===== [%s] =====", step)
+            started = time.time()
+            try:
+                if step in TRAINING_STEPS:
+                    getattr(self, "step_" + step.replace("-", "_"))()
+                    _free_memory()
+                else:
+                    info = _on_rank0_with_all_cores(getattr(self, "step_" + step.replace("-", "_")))
+                    if _rank() == 0:
+                        write_json(manifest, {"step": step, **(info or {}), "wall_s": round(time.time() - started, 2),
+                                              "complete": True})
+                _barrier()
+            except StepFailed:
+                raise
+            except Exception as e:  # name the step and the resume command; earlier outputs stay intact
+                raise StepFailed(f"step {step} failed: {type(e).__name__}: {e}. Earlier steps are intact; fix the "
+                                 f"cause and resume with `allo run {self.recipe_path} --from {step}`") from e
+
+    # ------------------------------------------------------------------------------------ training steps
+    def _train(self, stage: str, recipe: Recipe, data: str, init: Optional[str], out: str,
+               mask: Optional[str] = None) -> None:
+        from allo.stages.runner import run_stage
+
+        run_stage(recipe, stage, data=data, init=init, mask=mask, out_dir=out)
+
+    def step_sft(self) -> None:
+        if not self.r.task.sft_data:
+            if _rank() == 0:
+                write_json(self.step_dir("sft") / "manifest.json", {
+                    "step": "sft", "skipped": "task.sft_data unset: model.path is the SFT model", "complete": True})
+            return
+        self._train("sft", self.r, self.r.task.sft_data, self.r.model.path, str(self.step_dir("sft")))
+
+    def step_warmup(self) -> None:
+        self._train("warmup", self.r, self.file("pairs", "pairs.jsonl"), self.sft_model, str(self.step_dir("warmup")))
+
+    def step_reward_train(self) -> None:
+        reward = self.r.reward
+        rm = replace(self.r, data=replace(self.r.data, template="raw", max_length=reward.max_length,
+                                          max_prompt_length=reward.max_prompt_length),
+                     sft=replace(self.r.sft, train={**reward.SPEC_TRAIN, **reward.train}))
+        rm._explicit_train = getattr(self.r, "_explicit_train", set())
+        self._train("sft", rm, self.file("reward-data", "reward.jsonl"), reward.init or self.sft_model,
+                    str(self.step_dir("reward-train")))
+
+    def step_forget(self) -> None:
+        self._train("forget", self.r, self.file("reward-score", "forget.jsonl"), self.sft_model,
+                    str(self.step_dir("forget")), mask=self.file("locate", "n1.safetensors"))
+
+    def step_improve(self) -> None:
+        self._train("improve", self.r, self.file("pairs", "pairs.jsonl"), str(self.step_dir("forget") / "model"),
+                    str(self.step_dir("improve")), mask=self.file("locate", "n2.safetensors"))
+
+    def step_dpo(self) -> None:
+        self._train("dpo", self.r, self.file("pairs", "pairs.jsonl"), self.sft_model, str(self.step_dir("dpo")))
+
+    def step_npo(self) -> None:
+        self._train("npo", self.r, self.file("pairs", "pairs.jsonl"), self.sft_model, str(self.step_dir("npo")))
+
+    # ------------------------------------------------------------------------------ single-process steps
+    def step_sample(self) -> dict:
+        from allo.generate import Sampling
+        from allo.stages.sampling import sample
+
+        s = self.r.sample
+        problems = load_problems(self.r.task.problems, "task.problems")
+        samples = sample(self.sft_model, problems, self.r.data.template,
+                         Sampling(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                                  seed=self.r.seed), self.r.task.family)
+        for row, problem in zip(samples, [p for p in problems for _ in range(s.n)]):
+            if "reference" in problem:
+                row["reference"] = problem["reference"]
+        write_jsonl(Path(self.file("sample", "samples.jsonl")), samples)
+        return {"problems": len(problems), "samples": len(samples), "correct": sum(x["correct"] for x in samples)}
+
+    def step_pairs(self) -> dict:
+        from allo.stages.sampling import make_pairs
+
+        samples = _read_jsonl(self.file("sample", "samples.jsonl"))
+        reference = {x["prompt"]: x["reference"] for x in samples if "reference" in x}
+        pairs, stats = make_pairs(samples, self.r.sample.max_pairs_per_problem, self.r.seed)
+        for p in pairs:
+            if p["prompt"] in reference:
+                p["reference"] = reference[p["prompt"]]
+        write_jsonl(Path(self.file("pairs", "pairs.jsonl")), pairs)
+        return stats
+
+    def step_locate(self) -> dict:
+        from allo.stages.locate import run_locate
+
+        paths = run_locate(self.r, base=self.sft_model, tuned=str(self.step_dir("warmup") / "model"),
+                           out_dir=str(self.step_dir("locate")))
+        return {"masks": {k: str(v) for k, v in paths.items()}}
+
+    def step_reward_data(self) -> dict:
+        from allo.reward.model import reward_data
+        from allo.reward.programmatic import rewrite
+        from allo.tasks import is_correct
+
+        items = self._reward_items()
+        records, counts = reward_data(items, rewrite, lambda text, gold: is_correct(text, gold, self.r.task.family))
+        write_jsonl(Path(self.file("reward-data", "reward.jsonl")), records)
+        log.info("reward data: %s", counts)
+        return counts
+
+    def step_reward_score(self) -> dict:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from allo.model import load_tokenizer
+        from allo.reward.model import keep_probs
+
+        rm_dir = str(self.step_dir("reward-train") / "model")
+        tok = load_tokenizer(replace(self.r.model, tokenizer=rm_dir, path=rm_dir))
+        rm = AutoModelForCausalLM.from_pretrained(rm_dir, dtype=torch.float32)
+        items = self._reward_items()
+        probs = keep_probs(rm, tok, items, self.r.data.template)
+        rows = [{"prompt": it["prompt"], "rejected": it["wrong"], "keep_probs": p} for it, p in zip(items, probs)]
+        write_jsonl(Path(self.file("reward-score", "forget.jsonl")), rows)
+        flat = [x for p in probs for x in p]
+        return {"responses": len(rows), "tokens": len(flat),
+                "unaligned_fraction": round(sum(x < 0.5 for x in flat) / max(1, len(flat)), 4)}
+
+    def _reward_items(self) -> list[dict]:
+        """Wrong responses with their reference: the problem's reference solution, else the chosen response
+        (spec §2: for instruction following the chosen response is what the teacher edits towards)."""
+        return [{"prompt": p["prompt"], "wrong": p["rejected"], "reference": p.get("reference", p["chosen"]),
+                 "answer": p.get("answer", "")} for p in _read_jsonl(self.file("pairs", "pairs.jsonl"))]
+
+    def step_eval(self) -> dict:
+        from allo.stages.sampling import accuracy
+
+        problems = load_problems(self.r.task.eval, "task.eval")
+        models = {"SFT": self.sft_model, "+DPO": str(self.step_dir("dpo") / "model"),
+                  "+NPO": str(self.step_dir("npo") / "model"), "+ALLO": str(self.step_dir("improve") / "model")}
+        acc = {name: accuracy(path, problems, self.r.data.template, self.r.task.family,
+                              self.r.task.eval_max_new_tokens) for name, path in models.items() if Path(path).exists()
+               or name == "SFT"}
+        result = {"accuracy": acc, "models": models, "eval_data": self.r.task.eval, "problems": len(problems),
+                  "decoding": "greedy", "max_new_tokens": self.r.task.eval_max_new_tokens,
+                  "date": time.strftime("%Y-%m-%d")}
+        write_json(self.step_dir("eval") / "results.json", result)
+        log.info("held-out accuracy: %s", {k: f"{100 * v:.1f}%" for k, v in acc.items()})
+        return {"accuracy": acc}
+
+
+def load_problems(path: Optional[str], key: str) -> list[dict]:
+    """Problems {prompt, answer, reference?} from a records file; the answer may be a number in the file."""
+    from allo.data.records import DataError, read_records
+
+    if not path:
+        raise StepFailed(f"{key} is not set in the recipe")
+    records, _ = read_records(path, ("prompt",), optional=("answer", "reference", "response"))
+    out = []
+    for rec in records:
+        if rec.get("answer") is None:
+            raise DataError(f"{rec['source']}: missing field 'answer'")
+        item = {"prompt": rec["prompt"], "answer": str(rec["answer"])}
+        ref = rec.get("reference", rec.get("response"))
+        if ref is not None:
+            item["reference"] = ref
+        out.append(item)
+    return out
+
+
+def _on_rank0_with_all_cores(fn):
+    """Run a single-process step on rank 0 with every core (the other ranks sleep in a barrier meanwhile)."""
+    if _rank() != 0:
+        return None
+    import os
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _complete(manifest: Path) -> bool:
+    try:
+        return bool(json.loads(manifest.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def run_pipeline(recipe: Recipe, recipe_path: Optional[str] = None, start: Optional[str] = None,
+                 only: Optional[str] = None) -> Pipeline:
+    from allo.engine import init_distributed
+
+    init_distributed()
+    pipe = Pipeline(recipe, recipe_path)
+    pipe.run(start=start, only=only)
+    return pipe

@@ -1,0 +1,118 @@
+"""Locate throughput and memory next to a plain read of the same checkpoint files, in one run.
+
+Writes two synthetic sharded safetensors checkpoints (random fp32 "base" and "tuned" = base + noise) of about
+--params parameters with Llama-like tensor shapes, then, each in a fresh subprocess so peak RSS is its own:
+  read    : read every tensor of both checkpoints once (the bandwidth reference; locate reads them twice),
+  locate  : `allo.masks.locate.locate` with two ratios (N1 5%, N2 10%).
+Prints both times, the ratio read_time / locate_time ("fraction of read bandwidth", goal >= 0.5), and peak RSS
+against the goal 2 × largest tensor + 1 GiB.
+Usage: python bench/locate.py [--params 1e9] [--dir /tmp/allo_locate_bench] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def layer_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+    inter = int(hidden * 8 / 3) // 64 * 64
+    return {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (hidden // 4, hidden),
+            "self_attn.v_proj.weight": (hidden // 4, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+            "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+            "mlp.down_proj.weight": (hidden, inter), "input_layernorm.weight": (hidden,),
+            "post_attention_layernorm.weight": (hidden,)}
+
+
+def write_checkpoints(d: Path, params: float) -> tuple[int, int]:
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, vocab = 2048, 32000
+    per_layer = sum(math.prod(s) for s in layer_shapes(hidden).values())
+    layers = max(1, int((params - 2 * vocab * hidden) // per_layer))
+    g = torch.Generator().manual_seed(0)
+    total, largest = 0, 0
+    index = {}
+    for name in ("base", "tuned"):
+        (d / name).mkdir(parents=True, exist_ok=True)
+    shards = [("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden))]
+    groups = [shards] + [[(f"model.layers.{i}.{k}", s) for k, s in layer_shapes(hidden).items()]
+                         for i in range(layers)]
+    for j, group in enumerate(groups):
+        base, tuned = {}, {}
+        for n, shape in group:
+            w = torch.randn(shape, generator=g)
+            base[n] = w
+            tuned[n] = w + 1e-3 * torch.randn(shape, generator=g)
+            total += w.numel()
+            largest = max(largest, w.numel())
+        f = f"model-{j:05d}.safetensors"
+        save_file(base, str(d / "base" / f))
+        save_file(tuned, str(d / "tuned" / f))
+        index.update({n: f for n, _ in group})
+    for name in ("base", "tuned"):
+        (d / name / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    return total, largest
+
+
+def child(mode: str, d: Path) -> None:
+    from safetensors import safe_open
+
+    t0 = time.perf_counter()
+    if mode == "read":
+        for name in ("base", "tuned"):
+            for f in sorted((d / name).glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        h.get_tensor(k).sum()  # touch every byte
+    else:
+        sys.path.insert(0, str(ROOT))
+        from allo.masks.locate import locate
+
+        locate(d / "base", d / "tuned", 1e-6, {"n1": 5, "n2": 10}, d / "masks")
+    print(json.dumps({"seconds": time.perf_counter() - t0,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--params", type=float, default=1e9)
+    p.add_argument("--dir", default="/tmp/allo_locate_bench")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--child", choices=["read", "locate"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    d = Path(args.dir)
+    if args.child:
+        return child(args.child, d)
+    shutil.rmtree(d, ignore_errors=True)
+    t0 = time.perf_counter()
+    total, largest = write_checkpoints(d, args.params)
+    print(f"wrote 2 × {total / 1e9:.2f} B fp32 parameters ({2 * total * 4 / 2 ** 30:.1f} GiB) in "
+          f"{time.perf_counter() - t0:.0f} s; largest tensor {largest * 4 / 2 ** 20:.0f} MiB")
+    res = {}
+    for mode in ("read", "locate"):
+        out = subprocess.run([sys.executable, __file__, "--dir", str(d), "--child", mode], check=True,
+                             capture_output=True, text=True).stdout
+        res[mode] = json.loads(out.strip().splitlines()[-1])
+    goal_mb = (2 * largest * 4 + 2 ** 30) / 2 ** 20
+    print(f"| run | seconds | peak RSS MiB |\n|---|---|---|\n| read both checkpoints | {res['read']['seconds']:.1f} | "
+          f"{res['read']['peak_rss_mb']:.0f} |\n| locate (N1 5%, N2 10%) | {res['locate']['seconds']:.1f} | "
+          f"{res['locate']['peak_rss_mb']:.0f} |")
+    print(f"fraction of read bandwidth: {res['read']['seconds'] / res['locate']['seconds']:.2f} (goal >= 0.5); "
+          f"locate peak RSS {res['locate']['peak_rss_mb']:.0f} MiB vs goal {goal_mb:.0f} MiB "
+          f"(2 × largest tensor + 1 GiB)")
+    if not args.keep:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
