@@ -33,6 +33,22 @@ log = logging.getLogger(__name__)
 STEPS = ("sft", "sample", "pairs", "warmup", "locate", "reward-data", "reward-train", "reward-score", "forget",
          "improve", "dpo", "npo", "eval")
 TRAINING_STEPS = {"sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo"}
+# What each step reads: upstream steps, and the recipe values that change its output. A step is skipped only when
+# its manifest is complete *and* records the same fingerprint of these (upstream fingerprints included, so a
+# change anywhere reruns everything downstream of it).
+DEPS = {"sft": (), "sample": ("sft",), "pairs": ("sample",), "warmup": ("sft", "pairs"), "locate": ("sft", "warmup"),
+        "reward-data": ("pairs",), "reward-train": ("sft", "reward-data"), "reward-score": ("reward-train", "pairs"),
+        "forget": ("sft", "reward-score", "locate"), "improve": ("forget", "pairs", "locate"), "dpo": ("sft", "pairs"),
+        "npo": ("sft", "pairs"), "eval": ("sft", "dpo", "npo", "improve")}
+TRAIN_KEYS = ("model", "data", "train", "seed")
+CONFIG = {"sft": TRAIN_KEYS + ("sft", "task.sft_data"), "sample": ("sample", "task.problems", "task.family",
+                                                                    "data.template", "seed"),
+          "pairs": ("sample.max_pairs_per_problem", "seed"), "warmup": TRAIN_KEYS + ("warmup",),
+          "locate": ("locate", "warmup.train", "train.lr"), "reward-data": ("reward.teacher", "task.family"),
+          "reward-train": TRAIN_KEYS + ("reward",), "reward-score": ("data.template",),
+          "forget": TRAIN_KEYS + ("forget",), "improve": TRAIN_KEYS + ("improve",), "dpo": TRAIN_KEYS + ("dpo",),
+          "npo": TRAIN_KEYS + ("npo",), "eval": ("task", "data.template")}
+FILES = {"sft": ("task.sft_data",), "sample": ("task.problems",), "eval": ("task.eval",)}
 
 
 class StepFailed(RuntimeError):
@@ -71,10 +87,14 @@ class Pipeline:
             if only and step != only:
                 continue
             manifest = self.step_dir(step) / "manifest.json"
-            if step not in forced and _complete(manifest):
+            fingerprint = self.fingerprint(step)
+            recorded = _recorded(manifest)
+            if step not in forced and recorded == fingerprint:
                 if _rank() == 0:
                     log.info("[%s] complete (%s); skipping", step, manifest)
                 continue
+            if _rank() == 0 and recorded not in (None, fingerprint) and step not in forced:
+                log.info("[%s] inputs or settings changed since it completed; running it again", step)
             if _rank() == 0:
                 log.info("===== [%s] =====", step)
             started = time.time()
@@ -82,17 +102,32 @@ class Pipeline:
                 if step in TRAINING_STEPS:
                     getattr(self, "step_" + step.replace("-", "_"))()
                     _free_memory()
+                    info = json.loads(manifest.read_text()) if _rank() == 0 else None
                 else:
                     info = _on_rank0_with_all_cores(getattr(self, "step_" + step.replace("-", "_")))
-                    if _rank() == 0:
-                        write_json(manifest, {"step": step, **(info or {}), "wall_s": round(time.time() - started, 2),
-                                              "complete": True})
+                    info = {"step": step, **(info or {}), "wall_s": round(time.time() - started, 2)}
+                if _rank() == 0:  # the fingerprint goes in last: a manifest without it is never "complete"
+                    write_json(manifest, {**info, "fingerprint": fingerprint, "complete": True})
                 _barrier()
-            except StepFailed:
-                raise
             except Exception as e:  # name the step and the resume command; earlier outputs stay intact
-                raise StepFailed(f"step {step} failed: {type(e).__name__}: {e}. Earlier steps are intact; fix the "
-                                 f"cause and resume with `allo run {self.recipe_path} --from {step}`") from e
+                what = str(e) if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
+                raise StepFailed(f"step {step} failed: {what}. Earlier steps are intact; fix the cause and resume "
+                                 f"with `allo run {self.recipe_path} --from {step}`") from e
+
+    def fingerprint(self, step: str) -> str:
+        """Hash of the step's recipe values, its input files (size, mtime) and its upstream steps' fingerprints."""
+        import dataclasses
+        import hashlib
+        import os
+
+        values = dataclasses.asdict(self.r)
+        parts = {"config": {k: _lookup(values, k) for k in CONFIG[step]},
+                 "files": {k: _stat(_lookup(values, k)) for k in FILES.get(step, ())},
+                 "upstream": [self.fingerprint(d) for d in DEPS[step]]}
+        if step == "sft" and not self.r.task.sft_data:
+            parts["files"]["model.path"] = _stat(self.r.model.path) if self.r.model.path and os.path.exists(
+                self.r.model.path) else self.r.model.path
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------------------------ training steps
     def _train(self, stage: str, recipe: Recipe, data: str, init: Optional[str], out: str,
@@ -105,7 +140,7 @@ class Pipeline:
         if not self.r.task.sft_data:
             if _rank() == 0:
                 write_json(self.step_dir("sft") / "manifest.json", {
-                    "step": "sft", "skipped": "task.sft_data unset: model.path is the SFT model", "complete": True})
+                    "step": "sft", "skipped": "task.sft_data unset: model.path is the SFT model"})
             return
         self._train("sft", self.r, self.r.task.sft_data, self.r.model.path, str(self.step_dir("sft")))
 
@@ -262,11 +297,28 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _complete(manifest: Path) -> bool:
+def _recorded(manifest: Path) -> Optional[str]:
+    """The fingerprint of a complete manifest, or None."""
     try:
-        return bool(json.loads(manifest.read_text()).get("complete"))
+        m = json.loads(manifest.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return m.get("fingerprint") if m.get("complete") else None
+
+
+def _lookup(values: dict, dotted: str):
+    for key in dotted.split("."):
+        values = values[key]
+    return values
+
+
+def _stat(path) -> Optional[list]:
+    """(size, mtime) of a file, or of every file under a directory: cheap for multi-GB checkpoints."""
+    if path is None:
+        return None
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.exists() else []
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files] or [str(path), "missing"]
 
 
 def _rank() -> int:

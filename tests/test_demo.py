@@ -3,6 +3,8 @@ Accuracies are not checked: they are whatever the tiny run measures."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -10,16 +12,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT
+from conftest import ENV, ROOT, torchrun
 
 pytestmark = pytest.mark.slow
 
 
-def test_quick_demo_runs_every_stage(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run():
     run = ROOT / "runs" / "tiny" / "seed7"
+    shutil.rmtree(run, ignore_errors=True)
     proc = subprocess.run([sys.executable, "recipes/tiny/demo.py", "--quick", "--seeds", "7"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run, proc
+
+
+def test_quick_demo_runs_every_stage(quick_run):
+    run, proc = quick_run
     for stage in ("sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["complete"] and (run / stage / "model" / "model.safetensors").exists(), stage
@@ -45,3 +54,27 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert "| +ALLO |" in proc.stdout
     for png in ("curves.png", "masks.png", "token_rewards.png"):
         assert (run / "report" / png).stat().st_size > 1000, png
+
+
+def test_manifests_skip_and_from_reruns(quick_run):
+    """After a finished run, `allo run` skips every step; `--from improve` reruns improve..eval; a changed setting
+    reruns exactly its step and the steps downstream of it."""
+    from allo.pipeline import STEPS
+
+    run, _ = quick_run
+    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", "seed=7",
+            f"task.sft_data={run / 'data/sft.jsonl'}", f"task.problems={run / 'data/problems.jsonl'}",
+            f"task.eval={run / 'data/test.jsonl'}", "sft.train.epochs=3", "train.micro_batch_size=4"] + [
+        f"{s}.train.global_batch_size=8" for s in ("warmup", "forget", "improve", "dpo", "npo")]
+    args = ["run", str(ROOT / "recipes/tiny/recipe.yaml")] + [x for s in sets for x in ("--set", s)]
+    before = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
+    proc = torchrun(args)
+    assert proc.stderr.count("complete (") == len(STEPS)
+    assert {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS} == before
+    torchrun(args + ["--from", "improve"])
+    after = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
+    rerun = {s for s in STEPS if after[s] != before[s]}
+    assert rerun == {"improve", "dpo", "npo", "eval"}, rerun
+    torchrun(args + ["--set", "improve.beta=0.2"])  # a changed setting reruns its step and everything downstream
+    changed = {s for s in STEPS if os.path.getmtime(run / s / "manifest.json") != after[s]}
+    assert changed == {"improve", "eval"}, changed

@@ -71,12 +71,16 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     print(f"\n=== seed {seed}: data ({size['sft']} SFT problems, {size['rl']} sampled on, {size['test']} held out) "
           f"and tokenizer", flush=True)
     sft_problems, test = make_splits(size["sft"], size["test"], seed=seed)
-    write_jsonl(data / "sft.jsonl", sft_problems)
-    write_jsonl(data / "problems.jsonl", [{"prompt": p["prompt"], "answer": p["answer"], "reference": p["response"]}
-                                          for p in sft_problems[: size["rl"]]])
-    write_jsonl(data / "test.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in test])
-    texts = [render(p["prompt"], p["response"], recipe.data.template)[0] + p["response"] for p in sft_problems]
-    tok = train_tokenizer(texts, 400, run / "tokenizer")
+    changed = _write_if_changed(data / "sft.jsonl", sft_problems)
+    changed |= _write_if_changed(data / "problems.jsonl", [
+        {"prompt": p["prompt"], "answer": p["answer"], "reference": p["response"]} for p in sft_problems[: size["rl"]]])
+    changed |= _write_if_changed(data / "test.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in test])
+    if changed or not (run / "tokenizer" / "tokenizer.json").exists():
+        texts = [render(p["prompt"], p["response"], recipe.data.template)[0] + p["response"] for p in sft_problems]
+        train_tokenizer(texts, 400, run / "tokenizer")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
     walls = {"data+tokenizer": time.time() - t0}
     print(f"=== seed {seed}: allo run (2 ranks, ZeRO-3)", flush=True)
     allo("run", sets, ranks=size["ranks"])
@@ -99,6 +103,15 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
     print("report plots: " + ", ".join(str(p.relative_to(ROOT)) for p in report(run)))
     return result
+
+
+def _write_if_changed(path: Path, records: list[dict]) -> bool:
+    """Write JSONL only when its content changes: `allo run` reruns a step whose input files changed."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if path.exists() and path.read_text() == text:
+        return False
+    write_jsonl(path, records)
+    return True
 
 
 def _agreement(items: list[dict], probs: list[list[float]], tok, template: str) -> dict:
