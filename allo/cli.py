@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"allo {args.stage}: error: {e}", file=sys.stderr)
         return 2
-    print(f"allo {args.stage}: not built yet in this version. It will: {STAGE_HELP[args.stage]}", file=sys.stderr)
-    return 3
+    raise AssertionError(f"allo: stage {args.stage!r} has no handler")  # argparse admits only handled stages
 
 
 if __name__ == "__main__":

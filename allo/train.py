@@ -218,7 +218,9 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             stats = means.reduce(s, extra={"tokens": float(tokens), "stop": float(self.stop_requested),
                                            "step_s": elapsed, "optim_state": float(self.optimizer.state_bytes())})
-            self.stop_requested = stats.pop("stop") > 0
+            # Decide on the reduced value only: the handler may set `stop_requested` on one rank right after the
+            # reduce, and acting on that would send the ranks down different paths (deadlock); it counts next step.
+            stop = stats.pop("stop") > 0
             stats.update(tokens_per_s=stats.pop("tokens") * s.world / stats["step_s"], lr=self.engine.get_lr()[0],
                          optim_state_mb=stats.pop("optim_state") * s.world / 2 ** 20,
                          grad_norm=s.grad_norm(), trainable_fraction=self.trainable_fraction,
@@ -227,7 +229,7 @@ class Trainer:
                 self.metrics.log(stats, self.pos.step)
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.4f}")
-            if self.stop_requested:
+            if stop:
                 self.save_checkpoint()
                 if s.is_rank0:
                     marker = {"step": self.pos.step, "time": time.time(), "stage": self.stage.name}
