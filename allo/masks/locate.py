@@ -53,25 +53,40 @@ def checkpoint_files(directory: str | Path) -> dict[str, Path]:
     return out
 
 
+CHUNK = 1 << 23  # elements scored at a time: bounds the temporaries, whatever the tensor size
+
+
 class Reader:
-    """Reads tensors by name from a checkpoint, keeping one open handle per shard."""
+    """Reads tensors by name from a checkpoint. Each read opens its shard and closes it again, so the pages of
+    the memory-mapped file are released instead of accumulating in the process's resident set."""
 
     def __init__(self, directory: str | Path):
         self.files = checkpoint_files(directory)
-        self._handles: dict[Path, object] = {}
 
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:
-        sl = self._handle(name).get_slice(name)
-        return tuple(sl.get_shape()), sl.get_dtype()
+        with safe_open(str(self.files[name]), framework="pt") as h:
+            sl = h.get_slice(name)
+            return tuple(sl.get_shape()), sl.get_dtype()
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+    def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of tensor `name` (the whole tensor if it is 0- or 1-dimensional), flattened."""
+        with safe_open(str(self.files[name]), framework="pt") as h:
+            sl = h.get_slice(name)
+            t = sl[r0:r1] if len(sl.get_shape()) > 1 else sl[:]
+            return t.reshape(-1).clone()
 
-    def _handle(self, name: str):
-        f = self.files[name]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f]
+
+def chunks(base: Reader, tuned: Reader, name: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(flat offset, base chunk, tuned chunk) over a tensor in row blocks of about CHUNK elements."""
+    shape = base.meta(name)[0]
+    if len(shape) <= 1:
+        yield 0, base.rows(name, 0, 1), tuned.rows(name, 0, 1)
+        return
+    row = math.prod(shape[1:])
+    step = max(1, CHUNK // row)
+    for r0 in range(0, shape[0], step):
+        r1 = min(shape[0], r0 + step)
+        yield r0 * row, base.rows(name, r0, r1), tuned.rows(name, r0, r1)
 
 
 def paired_names(base: Reader, tuned: Reader) -> list[str]:
@@ -122,13 +137,15 @@ def keys_of(base: torch.Tensor, tuned: torch.Tensor, bottom: bool, name: str) ->
     return (2 ** KEY_BITS - 1) - key if bottom else key
 
 
-def find_cut(hist: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int) -> Cut:
-    """The bin holding the k-th largest key, counting from the top."""
+def find_cut(hist: np.ndarray, s1: np.ndarray, s2: np.ndarray, k: int) -> Cut:
+    """The bin holding the k-th largest key, counting from the top. A bin is pure (one key value) iff the low bits
+    of its keys have zero variance: count·Σx² = (Σx)², exact in integers (the sums are exact in float64)."""
     from_top = np.cumsum(hist[::-1])
     idx = int(np.searchsorted(from_top, k))  # first position where the running count reaches k
     b = len(hist) - 1 - idx
     above = int(from_top[idx - 1]) if idx > 0 else 0
-    return Cut(k=k, bin=b, need=k - above, pure=bool(lo[b] == hi[b]))
+    pure = int(hist[b]) * int(s2[b]) == int(s1[b]) ** 2
+    return Cut(k=k, bin=b, need=k - above, pure=pure)
 
 
 @dataclass
@@ -152,21 +169,23 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     names = paired_names(base, tuned)
     shift = KEY_BITS - bin_bits
     groups: dict[str, dict] = {}
-    # ---- pass 1: histograms of the keys' top bits, with each bin's min and max key, per group
+    # ---- pass 1: per group, a histogram of the keys' top bits and Σ, Σ² of their low bits per bin
+    low_mask = (1 << shift) - 1
     for name in names:
-        key = keys_of(base.get(name), tuned.get(name), bottom, name)
         g = groups.setdefault(group_of(name, scope), {
-            "n": 0, "hist": np.zeros(2 ** bin_bits, np.int64),
-            "lo": np.full(2 ** bin_bits, 2 ** 31 - 1, np.int64), "hi": np.full(2 ** bin_bits, -1, np.int64)})
-        bins = (key >> shift).long()
-        g["n"] += key.numel()
-        g["hist"] += torch.bincount(bins, minlength=2 ** bin_bits).numpy()
-        lo = torch.from_numpy(g["lo"])
-        lo.scatter_reduce_(0, bins, key.long(), reduce="amin")
-        hi = torch.from_numpy(g["hi"])
-        hi.scatter_reduce_(0, bins, key.long(), reduce="amax")
+            "n": 0, "hist": np.zeros(2 ** bin_bits, np.int64), "s1": np.zeros(2 ** bin_bits, np.float64),
+            "s2": np.zeros(2 ** bin_bits, np.float64), "zero": 0})
+        for _, b, t in chunks(base, tuned, name):
+            key = keys_of(b, t, bottom, name)
+            bins = key >> shift
+            low = (key & low_mask).double()
+            g["n"] += key.numel()
+            g["zero"] += int((key == 0).sum()) if not bottom else 0
+            g["hist"] += torch.bincount(bins, minlength=2 ** bin_bits).numpy()
+            g["s1"] += torch.bincount(bins, weights=low, minlength=2 ** bin_bits).numpy()
+            g["s2"] += torch.bincount(bins, weights=low * low, minlength=2 ** bin_bits).numpy()
     total = sum(g["n"] for g in groups.values())
-    if all(int(g["hist"][0]) == g["n"] and int(g["hi"][0]) == 0 for g in groups.values()) and not bottom:
+    if not bottom and all(g["zero"] == g["n"] for g in groups.values()):
         raise LocateError("the two checkpoints are identical (every score is 0): nothing to rank; was the warm-up "
                           "run trained (lr, steps)?")
     # cuts[label] = (cut for top-r%, cut for top-band_start% or None) per group
@@ -178,8 +197,8 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
             k_lo = math.floor(g["n"] * band_start / 100)
             if k_hi == 0:
                 raise LocateError(f"ratio {label}={r}% of {g['n']} elements in group {gname} selects nothing")
-            cut_hi = find_cut(g["hist"], g["lo"], g["hi"], k_hi)
-            cut_lo = find_cut(g["hist"], g["lo"], g["hi"], k_lo) if k_lo > 0 else None
+            cut_hi = find_cut(g["hist"], g["s1"], g["s2"], k_hi)
+            cut_lo = find_cut(g["hist"], g["s1"], g["s2"], k_lo) if k_lo > 0 else None
             cuts[label][gname] = (cut_hi, cut_lo)
     # ---- pass 2: stream masks out; pure bins resolved in order, impure bins collected then patched
     out_dir = Path(out_dir)
@@ -188,15 +207,16 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     taken: dict[tuple, int] = {}
     counts: dict[str, dict[str, int]] = {label: {} for label in ratios}
     for order, name in enumerate(names):
-        key = keys_of(base.get(name), tuned.get(name), bottom, name)
         gname = group_of(name, scope)
-        for label in ratios:
-            hi_cut, lo_cut = cuts[label][gname]
-            sel = _select(key, hi_cut, shift, taken, (label, gname, "hi"), order)
-            if lo_cut is not None:
-                sel &= ~_select(key, lo_cut, shift, taken, (label, gname, "lo"), order)
-            writers[label].write(name, sel)
-            counts[label][name] = int(sel.sum())
+        for offset, b, t in chunks(base, tuned, name):
+            key = keys_of(b, t, bottom, name)
+            for label in ratios:
+                hi_cut, lo_cut = cuts[label][gname]
+                sel = _select(key, hi_cut, shift, taken, (label, gname, "hi"), order, offset)
+                if lo_cut is not None:
+                    sel &= ~_select(key, lo_cut, shift, taken, (label, gname, "lo"), order, offset)
+                writers[label].write(name, sel, offset)
+                counts[label][name] = counts[label].get(name, 0) + int(sel.sum())
     # impure threshold bins: resolve the exact cut among the collected keys and patch the files
     for label in ratios:
         for gname, (hi_cut, lo_cut) in cuts[label].items():
@@ -225,7 +245,8 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
                                 "achieved": {lb: 100 * sum(c.values()) / total for lb, c in counts.items()}})
 
 
-def _select(key: torch.Tensor, cut: Cut, shift: int, taken: dict, slot: tuple, order: int) -> torch.Tensor:
+def _select(key: torch.Tensor, cut: Cut, shift: int, taken: dict, slot: tuple, order: int,
+            offset: int) -> torch.Tensor:
     bins = key >> shift
     sel = bins > cut.bin
     in_bin = bins == cut.bin
@@ -238,7 +259,7 @@ def _select(key: torch.Tensor, cut: Cut, shift: int, taken: dict, slot: tuple, o
     elif cut.need > 0:
         idx = in_bin.nonzero().flatten()
         if len(idx):
-            cut.candidates.append((key[idx].long(), torch.full_like(idx, order), idx))
+            cut.candidates.append((key[idx].long(), torch.full_like(idx, order), idx + offset))
     return sel
 
 
@@ -264,7 +285,7 @@ def _content_hash(reader: Reader, names: Sequence[str]) -> str:
 
     h = xxhash.xxh3_128()
     for f in sorted(set(reader.files.values())):
-        with open(f, "rb") as fh:
+        with open(f, "rb") as fh:  # noqa: PTH123
             n = int.from_bytes(fh.read(8), "little")
             h.update(fh.read(n))
         h.update(str(f.stat().st_size).encode())
@@ -292,8 +313,9 @@ class StreamingMaskWriter:
         self.f = open(self.tmp, "wb")
         self.f.write(len(raw).to_bytes(8, "little") + raw)
 
-    def write(self, name: str, mask: torch.Tensor) -> None:
-        assert self.f.tell() == self.data_start + self.offsets[name], f"{name} written out of order"
+    def write(self, name: str, mask: torch.Tensor, offset: int = 0) -> None:
+        """Write the flat elements [offset, offset + mask.numel()) of tensor `name`, in file order."""
+        assert self.f.tell() == self.data_start + self.offsets[name] + offset, f"{name} written out of order"
         self.f.write(mask.to(torch.uint8).numpy().tobytes())
 
     def patch(self, name: str, flat_idx: torch.Tensor, value: bool) -> None:
