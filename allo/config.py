@@ -397,13 +397,14 @@ def to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def save_resolved(recipe: Recipe, path: str | Path, stage: Optional[str] = None) -> None:
-    """Write the fully resolved recipe (and a stage's resolved train config) next to its outputs, atomically."""
+def save_resolved(recipe: Recipe, path: str | Path, stage: Optional[str] = None,
+                  train: Optional[TrainConfig] = None) -> None:
+    """Write the fully resolved recipe (and the train config a stage used) next to its outputs, atomically."""
     from allo.io import atomic_write_text
 
     data = to_dict(recipe)
     if stage is not None:
-        data["resolved_train"] = {"stage": stage, **dataclasses.asdict(recipe.stage_train(stage))}
+        data["resolved_train"] = {"stage": stage, **dataclasses.asdict(train or recipe.stage_train(stage))}
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
 
 

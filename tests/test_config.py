@@ -60,6 +60,7 @@ def test_stage_train_resolves_by_specificity(tmp_path):
     assert r.stage_train("improve").lr == 5e-6 and r.stage_train("improve").global_batch_size == 128
     r = load_recipe(None, ["train.global_batch_size=8"])  # the shared section beats spec defaults
     assert r.stage_train("improve").global_batch_size == 8 and r.stage_train("forget").lr == 5e-7
+    assert r.stage_train("reward").global_batch_size == 8 and r.stage_train("reward").lr == 2e-5
     r = load_recipe(None, ["train.lr=1e-5", "forget.train.lr=2e-7"])  # the stage section beats the shared one
     assert r.stage_train("forget").lr == 2e-7 and r.stage_train("improve").lr == 1e-5
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from allo.config import Recipe, save_resolved
+from allo.config import Recipe, TrainConfig, save_resolved
 from allo.data.records import DataError, read_records
 from allo.data.tokenize import TruncationPolicy, tokenize_records
 from allo.io import write_json
@@ -35,8 +35,13 @@ def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict
 
 
 def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: Optional[str] = None,
-              mask: Optional[str] = None, out_dir: Optional[str] = None) -> Path:
-    """Train `stage` from `init` (default model.path) on `data` (default data.train); returns the export dir."""
+              mask: Optional[str] = None, out_dir: Optional[str] = None,
+              train: Optional[TrainConfig] = None) -> Path:
+    """Train `stage` from `init` (default model.path) on `data` (default data.train); returns the export dir.
+
+    `train`: an already resolved train config (default: the stage's own section, `recipe.stage_train`), for
+    callers that run a stage's objective with another section's settings (the reward model is an sft run).
+    """
     import torch
 
     from allo.engine import Strategy
@@ -44,7 +49,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     from allo.train import Stage, Trainer
 
     d = STAGES[stage]
-    train_cfg = recipe.stage_train(d.section)
+    train_cfg = train or recipe.stage_train(d.section)
     data = data or recipe.data.train
     if data is None:
         raise DataError(f"stage {stage}: no data (set data.train in the recipe or pass --data)")
@@ -70,7 +75,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
                  reference_key=str(init_path))
     if strategy.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
-        save_resolved(recipe, out / "config.yaml", stage=d.section)
+        save_resolved(recipe, out / "config.yaml", stage=d.section, train=train_cfg)
     trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
     trainer.setup()
     trainer.train()
