@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from allo.config import Recipe
+from allo.config import Recipe, TrainConfig
 from allo.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Pipeline:
         self.r = recipe
         self.out = Path(recipe.output_dir)
         self.recipe_path = recipe_path or "RECIPE.yaml"
+        self._fingerprints: dict[str, str] = {}  # stable within a run: no step writes the recipe or task files
 
     # --------------------------------------------------------------------------------------- paths
     def step_dir(self, step: str) -> Path:
@@ -116,6 +117,11 @@ class Pipeline:
 
     def fingerprint(self, step: str) -> str:
         """Hash of the step's recipe values, its input files (size, mtime) and its upstream steps' fingerprints."""
+        if step not in self._fingerprints:
+            self._fingerprints[step] = self._fingerprint(step)
+        return self._fingerprints[step]
+
+    def _fingerprint(self, step: str) -> str:
         import dataclasses
         import hashlib
         import os
@@ -131,10 +137,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ training steps
     def _train(self, stage: str, recipe: Recipe, data: str, init: Optional[str], out: str,
-               mask: Optional[str] = None) -> None:
+               mask: Optional[str] = None, train: Optional[TrainConfig] = None) -> None:
         from allo.stages.runner import run_stage
 
-        run_stage(recipe, stage, data=data, init=init, mask=mask, out_dir=out)
+        run_stage(recipe, stage, data=data, init=init, mask=mask, out_dir=out, train=train)
 
     def step_sft(self) -> None:
         if not self.r.task.sft_data:
@@ -150,11 +156,9 @@ class Pipeline:
     def step_reward_train(self) -> None:
         reward = self.r.reward
         rm = replace(self.r, data=replace(self.r.data, template="raw", max_length=reward.max_length,
-                                          max_prompt_length=reward.max_prompt_length),
-                     sft=replace(self.r.sft, train={**reward.SPEC_TRAIN, **reward.train}))
-        rm._explicit_train = getattr(self.r, "_explicit_train", set())
+                                          max_prompt_length=reward.max_prompt_length))
         self._train("sft", rm, self.file("reward-data", "reward.jsonl"), reward.init or self.sft_model,
-                    str(self.step_dir("reward-train")))
+                    str(self.step_dir("reward-train")), train=self.r.stage_train("reward"))
 
     def step_forget(self) -> None:
         self._train("forget", self.r, self.file("reward-score", "forget.jsonl"), self.sft_model,
