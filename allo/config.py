@@ -13,13 +13,12 @@ every stage that does not set its own ``lr``. Secrets never live here: a config 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, Union
-
-import re
 
 import yaml
 

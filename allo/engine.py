@@ -30,7 +30,7 @@ class LaunchError(ValueError):
     """A batch/world combination that cannot run, phrased with the numbers involved."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +52,7 @@ def init_distributed() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:  # single process without a launcher: avoid DeepSpeed's MPI discovery
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Workaround: DeepSpeed JIT-builds its shared-memory comm op (~27 s) on every CPU init although gloo

@@ -10,8 +10,14 @@ import argparse
 import sys
 
 from allo.config import ConfigError, load_recipe
-from allo.engine import LaunchError, batch_arithmetic
+from allo.engine import LaunchError, batch_arithmetic, free_port
 from allo.stages import STAGES
+
+
+def torchrun_command(args: list[str], nproc: int) -> list[str]:
+    """`python -m allo ARGS` on `nproc` local processes, with a fresh rendezvous port (reused ports flake)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "allo", *args]
 
 
 def plan(recipe_path: str, nodes: int, gpus_per_node: int, overrides: list[str] = (),

@@ -22,8 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from conftest import ENV, free_port  # noqa: E402
+from conftest import ENV  # noqa: E402
 from tiny import make_tokenizer, write_pairs  # noqa: E402
+
+from allo.launch import torchrun_command  # noqa: E402
 
 BENCH_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
@@ -60,8 +62,7 @@ model: {{path: {tmp / 'model'}, dtype: fp32}}
 data: {{train: {tmp / 'pairs.jsonl'}, template: raw, max_length: 64, max_prompt_length: 32}}
 train: {{micro_batch_size: 4, global_batch_size: 16, lr: 1.0e-4, max_steps: {steps}, weight_decay: 0.01}}
 """)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "allo", stage, str(recipe), "--out", str(tmp / "runs" / name), *extra]
+    cmd = torchrun_command([stage, str(recipe), "--out", str(tmp / "runs" / name), *extra], 2)
     subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True)
     rows = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": statistics.median(r["step_s"] for r in rows[2:]),

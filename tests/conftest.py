@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +11,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_model_dir, write_pairs  # noqa: E402
 
+from allo.launch import torchrun_command  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
            TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True,
              **popen) -> subprocess.CompletedProcess:
     """Run `python -m allo ARGS` on `nproc` ranks with a fresh rendezvous port (reused ports flake)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "allo", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
+    proc = subprocess.run(torchrun_command(args, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT, free_port, torchrun, write_recipe
+from allo.launch import torchrun_command
+from conftest import ENV, ROOT, torchrun, write_recipe
 
 pytestmark = pytest.mark.slow
 STEPS = 40  # 32 pairs / global batch 4 = 8 steps per epoch: the run crosses epoch boundaries
@@ -29,9 +29,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_fi
 
     r = recipe(tmp_path, tiny_model, pairs_file, "stopped")
     metrics = tmp_path / "stopped" / "dpo" / "metrics.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "allo", "dpo", str(r)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(torchrun_command(["dpo", str(r)], 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from allo.config import load_recipe  # noqa: E402
 from allo.data.templates import render  # noqa: E402
 from allo.data.tokenize import encode_response  # noqa: E402
 from allo.io import write_jsonl  # noqa: E402
+from allo.launch import torchrun_command  # noqa: E402
 from allo.model import train_tokenizer  # noqa: E402
 from allo.pipeline import STEPS  # noqa: E402
 from allo.reward.programmatic import keep_probs_from_diff, rewrite  # noqa: E402
@@ -42,16 +42,9 @@ SIZES = {"full": dict(sft=4000, rl=600, test=400, samples=4, ranks=2, sets=[]),
                                                      ("warmup", "forget", "improve", "dpo", "npo")])}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2) -> None:
     """Run `allo STAGE` on `ranks` processes (torchrun); fails loudly with the command to rerun it by hand."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "allo", stage, str(RECIPE), *extra]
+    cmd = torchrun_command([stage, str(RECIPE), *extra], ranks)
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
