@@ -73,7 +73,7 @@ class Reader:
         with safe_open(str(self.files[name]), framework="pt") as h:
             sl = h.get_slice(name)
             t = sl[r0:r1] if len(sl.get_shape()) > 1 else sl[:]
-            return t.reshape(-1).clone()
+            return t.reshape(-1)  # safetensors returns the rows as an owned copy: no clone needed
 
 
 def chunks(base: Reader, tuned: Reader, name: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
