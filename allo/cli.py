@@ -102,20 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_locate(recipe, base=args.base, tuned=args.tuned, lr=args.lr, ratios=args.ratio, out_dir=args.out)
             return 0
-        if args.stage == "run" or args.stage in PIPELINE_STEPS:
+        if args.stage == "run" or args.stage in PIPELINE_STEPS or args.stage in TRAINING:
             from allo.engine import finish_distributed
-            from allo.pipeline import run_pipeline
-
-            only = args.stage if args.stage in PIPELINE_STEPS else args.only
-            run_pipeline(recipe, args.recipe, start=getattr(args, "start", None), only=only)
-            finish_distributed(0)
-        if args.stage in TRAINING:
-            from allo.engine import finish_distributed
-            from allo.stages.runner import run_stage
             from allo.train import EXIT_REQUEUE
 
             try:
-                run_stage(recipe, args.stage, data=args.data, init=args.init, mask=args.mask, out_dir=args.out)
+                _distributed(args, recipe)
             except SystemExit as stop:  # preemption: every rank agreed, checkpointed and stops together
                 if stop.code == EXIT_REQUEUE:
                     finish_distributed(EXIT_REQUEUE)
@@ -125,6 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"allo {args.stage}: error: {e}", file=sys.stderr)
         return 2
     raise AssertionError(f"allo: stage {args.stage!r} has no handler")  # argparse admits only handled stages
+
+
+def _distributed(args: argparse.Namespace, recipe) -> None:
+    """The commands that run on every rank: one training stage, or pipeline steps."""
+    if args.stage in TRAINING:
+        from allo.stages.runner import run_stage
+
+        run_stage(recipe, args.stage, data=args.data, init=args.init, mask=args.mask, out_dir=args.out)
+        return
+    from allo.pipeline import run_pipeline
+
+    only = args.stage if args.stage in PIPELINE_STEPS else args.only
+    run_pipeline(recipe, args.recipe, start=getattr(args, "start", None), only=only)
 
 
 if __name__ == "__main__":
