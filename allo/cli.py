@@ -24,7 +24,7 @@ STAGE_HELP = {
     "dpo": "Baseline DPO (or IPO / SimPO with dpo.loss_type) from the SFT model on the same loop.",
     "npo": "Baseline sequence-level NPO on the rejected responses on the same loop.",
     "eval": "Greedy accuracy of the run's SFT, DPO, NPO and ALLO models on task.eval (the pipeline's eval step). "
-            "The benchmark suite (QA, math, AlpacaEval, Arena-Hard) is not built yet.",
+            "The benchmark suite has subcommands: `allo eval bench|score|answer|alpaca|alpaca-score|arena --help`.",
     "run": "All steps in order (sft, sample, pairs, warmup, locate, reward-data, reward-train, reward-score, "
            "forget, improve, dpo, npo, eval), each skipped when its manifest says it is complete; --from STEP / "
            "--only STEP rerun. Launch with torchrun: training steps use every rank.",
@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from allo.config import ConfigError, describe, load_recipe, to_dict
 
+    argv = sys.argv[1:] if argv is None else argv
+    from allo.eval.cli import SUBCOMMANDS
+
+    if len(argv) > 1 and argv[0] == "eval" and argv[1] in SUBCOMMANDS:  # the benchmark suite's own parser
+        from allo.eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.stage is None:
         _parser().print_help()

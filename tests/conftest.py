@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no model hub; huggingface_hub reads this at import time
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_model_dir, write_pairs  # noqa: E402
 

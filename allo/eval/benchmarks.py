@@ -1,0 +1,184 @@
+"""Benchmarks as lists of items {id, prompt, answer, family, solution?}, from a hub name or a local file.
+
+Local files in the formats the public copies use (see `../shared/benchdata/SOURCES.md` in this project):
+RLMEC QA JSONL {problem (question + "Options:" lines), solution, answer}; StrategyQA JSON arrays {qid, question,
+answer: bool}; GSM8K {question, answer "... #### 42"}; MATH {problem, solution with \\boxed{}, answer?};
+SVAMP {Body, Question, Answer}; ASDiv {body, question, answer "9 (apples)"}; MAWPS / GSM-hard {input, target};
+TabMWP {question, table?, answer}. Hub datasets whose rows have those fields load through the same normalizers,
+as do the multiple-choice hub formats of OpenBookQA and ARC (question(_stem), choices {text, label}, answerKey).
+A record a normalizer cannot read stops the load with `file:line: field: problem`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from allo.tasks import last_boxed
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file or record the loader cannot use; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    family: str                       # checker: math, qa, yesno (allo.tasks)
+    normalize: Callable[[dict], dict]  # record -> {prompt, answer, solution?}
+    hub: Optional[tuple] = None        # (path, config, split) for datasets.load_dataset
+    group: str = "math"                # the paper's table column group: qa or math
+
+
+def _need(rec: dict, *keys: str):
+    for k in keys:
+        if k in rec and rec[k] is not None:
+            return rec[k]
+    raise KeyError(" or ".join(keys))
+
+
+def _rlmec_qa(rec: dict) -> dict:
+    return {"prompt": _need(rec, "problem"), "answer": str(_need(rec, "answer")), "solution": rec.get("solution")}
+
+
+def _mc_hub(rec: dict) -> dict:
+    """OpenBookQA / ARC hub rows: question(_stem), choices {text, label}, answerKey -> RLMEC-style prompt."""
+    question = _need(rec, "question_stem", "question")
+    choices = _need(rec, "choices")
+    texts, labels = list(choices["text"]), list(choices["label"])
+    key = str(_need(rec, "answerKey"))
+    if key not in labels:
+        raise KeyError(f"answerKey {key!r} not among labels {labels}")
+    return {"prompt": question + "\nOptions:\n" + "\n".join(texts), "answer": texts[labels.index(key)]}
+
+
+def _qa(rec: dict) -> dict:
+    return _mc_hub(rec) if "choices" in rec else _rlmec_qa(rec)
+
+
+def _strategyqa(rec: dict) -> dict:
+    answer = _need(rec, "answer")
+    if not isinstance(answer, bool):
+        raise KeyError("answer (expected true/false)")
+    return {"prompt": _need(rec, "question"), "answer": "yes" if answer else "no"}
+
+
+def _gsm8k(rec: dict) -> dict:
+    solution = str(_need(rec, "answer"))
+    if "####" not in solution:
+        raise KeyError("answer (no '#### <number>' line)")
+    return {"prompt": _need(rec, "question"), "answer": solution.split("####")[-1].strip().replace(",", ""),
+            "solution": solution}
+
+
+def _math(rec: dict) -> dict:
+    solution = str(_need(rec, "solution"))
+    answer = rec.get("answer") or last_boxed(solution)
+    if answer is None:
+        raise KeyError("solution (no \\boxed{} answer) or answer")
+    return {"prompt": _need(rec, "problem"), "answer": str(answer), "solution": solution}
+
+
+def _svamp(rec: dict) -> dict:
+    return {"prompt": f"{_need(rec, 'Body').strip()} {_need(rec, 'Question').strip()}",
+            "answer": _num(_need(rec, "Answer"))}
+
+
+def _asdiv(rec: dict) -> dict:
+    return {"prompt": f"{_need(rec, 'body').strip()} {_need(rec, 'question').strip()}",
+            "answer": str(_need(rec, "answer")).split("(")[0].strip()}
+
+
+def _input_target(rec: dict) -> dict:
+    return {"prompt": _need(rec, "input"), "answer": _num(_need(rec, "target"))}
+
+
+def _tabmwp(rec: dict) -> dict:
+    table = rec.get("table")
+    prompt = (f"Read the following table and answer the question.\n{table}\n" if table else "") + _need(rec, "question")
+    return {"prompt": prompt, "answer": str(_need(rec, "answer")).replace(",", "")}
+
+
+def _num(x) -> str:
+    """42.0 -> "42"; other values as text."""
+    if isinstance(x, float) and x.is_integer():
+        return str(int(x))
+    return str(x)
+
+
+BENCHMARKS = {b.name: b for b in [
+    Benchmark("ecqa", "qa", _qa, None, "qa"),
+    Benchmark("qasc", "qa", _qa, None, "qa"),
+    Benchmark("openbookqa", "qa", _qa, ("allenai/openbookqa", "main", "test"), "qa"),
+    Benchmark("arc", "qa", _qa, ("allenai/ai2_arc", "ARC-Easy", "test"), "qa"),
+    Benchmark("strategyqa", "yesno", _strategyqa, None, "qa"),
+    Benchmark("gsm8k", "math", _gsm8k, ("openai/gsm8k", "main", "test")),
+    Benchmark("math", "math", _math, ("HuggingFaceH4/MATH-500", None, "test")),
+    Benchmark("svamp", "math", _svamp),
+    Benchmark("asdiv", "math", _asdiv),
+    Benchmark("mawps", "math", _input_target),
+    Benchmark("gsm-hard", "math", _input_target),
+    Benchmark("tabmwp", "math", _tabmwp),
+]}
+
+
+def get(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    return BENCHMARKS[name]
+
+
+def _read_local(path: Path) -> list[tuple[str, dict]]:
+    """(location, record) pairs from a JSONL file or a JSON array."""
+    text = path.read_text()
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise BenchmarkError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise BenchmarkError(f"{path}: expected a JSON array of records")
+        return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except ValueError as e:
+                raise BenchmarkError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def load(name: str, data: Optional[str] = None, limit: Optional[int] = None) -> tuple[list[dict], dict]:
+    """Items of benchmark `name` from `data` (a local file or a hub name; None: the benchmark's hub default), and
+    provenance {source, sha256 (local files), n}."""
+    bench = get(name)
+    if data and Path(data).exists():
+        path = Path(data)
+        rows = _read_local(path)
+        source = {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    else:
+        spec = (data, None, "test") if data else bench.hub
+        if spec is None:
+            raise BenchmarkError(f"{name}: no hub default; pass a local file (see eval/README.md for the formats)")
+        from datasets import load_dataset
+
+        ds = load_dataset(spec[0], spec[1], split=spec[2])
+        rows = [(f"{spec[0]}[{i}]", dict(r)) for i, r in enumerate(ds)]
+        source = {"source": f"hub:{spec[0]}" + (f"/{spec[1]}" if spec[1] else "") + f":{spec[2]}",
+                  "fingerprint": getattr(ds, "_fingerprint", None)}
+    if limit is not None:
+        rows = rows[:limit]
+    items = []
+    for i, (where, rec) in enumerate(rows):
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        try:
+            item = bench.normalize(rec)
+        except KeyError as e:
+            raise BenchmarkError(f"{where}: field {e.args[0]}: missing or unusable for {name}") from None
+        items.append({"id": str(rec.get("unique_id") or rec.get("qid") or rec.get("id") or rec.get("idx", i)),
+                      "family": bench.family, **item})
+    return items, {**source, "n": len(items)}

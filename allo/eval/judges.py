@@ -1,0 +1,196 @@
+"""LLM judges behind any OpenAI-compatible endpoint (`allo.openai_client`: cached, resumable, retried, costed).
+
+AlpacaEval 2.0 (`alpaca_pairs`): the judge prompt is the one `alpaca_eval` ships for its default annotator
+(`weighted_alpaca_eval_gpt4_turbo`: alpaca_eval_clf.txt, read from the installed package, not copied), asked for
+one token with top-5 logprobs; the preference is P("M") / (P("m") + P("M")) as in alpaca_eval's logprob parser
+(the letter alone when the server returns no logprobs). Two protocols:
+- `official`: the baseline is AlpacaEval's reference outputs, the order of the two outputs is randomised per
+  instruction (seeded), and the annotations are written in alpaca_eval's format so its length-controlled win
+  rate applies (`allo eval alpaca-score`);
+- `swap`: the paper's protocol (win rate against the SFT model's own outputs): every pair is judged in both
+  orders and the two preferences averaged, which cancels the judge's position bias.
+
+Arena-Hard (`arena_games`): each question is judged twice, baseline first then model first, with the verdict
+labels [[A>>B]] .. [[B>>A]]; a game without exactly one distinct verdict is asked again (`attempts`), then left
+out and counted. `battles` turns games into weighted battles (a strong verdict weighs 3, as Arena-Hard does),
+scored by Bradley–Terry with bootstrap intervals (`allo.eval.bradley_terry`). The default system prompt is our
+own wording of the same rubric; for numbers comparable with the public leaderboard pass Arena-Hard-Auto's own
+judge prompt (its `utils/judge_utils.py`) with `--system-prompt FILE`, and name the version (v0.1 / v2.0).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+from allo.openai_client import ChatClient, content
+
+# ----------------------------------------------------------------------------------------------- AlpacaEval
+ALPACA_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
+
+
+def alpaca_template() -> str:
+    import alpaca_eval
+
+    path = Path(alpaca_eval.__file__).parent / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo" / "alpaca_eval_clf.txt"
+    return path.read_text()
+
+
+def alpaca_messages(instruction: str, output_1: str, output_2: str, template: Optional[str] = None) -> list[dict]:
+    text = (template or alpaca_template())
+    for key, value in (("instruction", instruction), ("output_1", output_1), ("output_2", output_2)):
+        text = text.replace("{" + key + "}", value)
+    messages = []
+    for part in text.strip().split("<|im_start|>")[1:]:
+        role, body = part.split("\n", 1)
+        messages.append({"role": role.strip(), "content": body.split("<|im_end|>", 1)[0].strip()})
+    return messages
+
+
+def prob_second(response: dict) -> Optional[float]:
+    """P(the second output, "M", is better) from the first token's top logprobs; else from the text; None if the
+    judge named neither."""
+    choice = response["choices"][0]
+    tops = (((choice.get("logprobs") or {}).get("content") or [{}])[0]).get("top_logprobs") or []
+    probs = {"m": 0.0, "M": 0.0}
+    for t in tops:
+        tok = str(t.get("token", "")).strip()
+        if tok in probs:
+            probs[tok] += math.exp(t["logprob"])
+    if probs["m"] + probs["M"] > 0:
+        return probs["M"] / (probs["m"] + probs["M"])
+    text = content(response).strip()
+    return {"m": 0.0, "M": 1.0}.get(text[:1]) if text else None
+
+
+def _swapped(instruction: str, seed: int) -> bool:
+    return hashlib.sha256(f"{seed}:{instruction}".encode()).digest()[0] % 2 == 1
+
+
+def alpaca_pairs(client: ChatClient, instructions: Sequence[str], baseline: Sequence[str], model: Sequence[str],
+                 generator_baseline: str, generator_model: str, protocol: str = "official", seed: int = 0,
+                 template: Optional[str] = None) -> list[dict]:
+    """Annotations in alpaca_eval's format: output_1 = baseline, output_2 = model, preference in [1, 2]
+    (2 = the model is better); None where the judge gave no usable answer."""
+    if not len(instructions) == len(baseline) == len(model):
+        raise ValueError(f"{len(instructions)} instructions, {len(baseline)} baseline and {len(model)} model outputs")
+    params = dict(max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
+    orders = []  # per request: (item index, whether the model is shown first)
+    requests = []
+    for i, (ins, b, m) in enumerate(zip(instructions, baseline, model)):
+        shown = [_swapped(ins, seed)] if protocol == "official" else [False, True] if protocol == "swap" else None
+        if shown is None:
+            raise ValueError(f"unknown protocol {protocol!r} (official, swap)")
+        for model_first in shown:
+            first, second = (m, b) if model_first else (b, m)
+            requests.append({"messages": alpaca_messages(ins, first, second, template), **params})
+            orders.append((i, model_first))
+    responses = client.map(requests, desc="alpaca judge")
+    per_item: dict[int, list[float]] = {}
+    for (i, model_first), resp in zip(orders, responses):
+        p = prob_second(resp)
+        if p is not None:
+            per_item.setdefault(i, []).append(1 - p if model_first else p)
+    out = []
+    for i, (ins, b, m) in enumerate(zip(instructions, baseline, model)):
+        ps = per_item.get(i)
+        out.append({"instruction": ins, "output_1": b, "output_2": m, "generator_1": generator_baseline,
+                    "generator_2": generator_model, "annotator": f"allo:{ALPACA_ANNOTATOR}:{client.ep.model}",
+                    "preference": 1 + sum(ps) / len(ps) if ps else None, "protocol": protocol})
+    return out
+
+
+def alpaca_score(annotations: Sequence[dict]) -> tuple[dict, Optional[str]]:
+    """Win rate (alpaca_eval's `get_winrate`) and, where alpaca_eval's instruction-difficulty data can be fetched
+    from the hub, the length-controlled win rate. Returns (metrics, a one-line note when LC is unavailable)."""
+    from alpaca_eval.metrics import get_winrate
+
+    rows = [a for a in annotations if a.get("preference") is not None]
+    metrics = {k: float(v) for k, v in get_winrate(rows).items()}
+    metrics["n_annotations"] = len(annotations)
+    metrics["n_unusable"] = len(annotations) - len(rows)
+    try:
+        from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
+
+        lc = get_length_controlled_winrate(rows, save_weights_dir=None, is_warn_extreme_changes=False)
+        metrics["length_controlled_winrate"] = float(lc["length_controlled_winrate"])
+        metrics["lc_standard_error"] = float(lc["lc_standard_error"])
+        return metrics, None
+    except Exception as e:  # the GLM needs tatsu-lab/alpaca_eval's instruction_difficulty.csv from the hub
+        return metrics, (f"length-controlled win rate unavailable: alpaca_eval's instruction difficulty data could "
+                         f"not be loaded from the Hugging Face hub ({type(e).__name__}); plain win rate only")
+
+
+# ----------------------------------------------------------------------------------------------- Arena-Hard
+ARENA_TEMPLATE = ("<|User Prompt|>\n{question}\n\n<|The Start of Assistant A's Answer|>\n{answer_a}\n"
+                  "<|The End of Assistant A's Answer|>\n\n<|The Start of Assistant B's Answer|>\n{answer_b}\n"
+                  "<|The End of Assistant B's Answer|>")
+ARENA_SYSTEM = (
+    "You are an impartial judge comparing two AI assistants' answers to the user prompt below. First write your "
+    "own answer to the prompt. Then compare both answers with yours: point out mistakes and inaccurate "
+    "information, and judge whether each answer is helpful (it responds to the prompt or asks for clarification "
+    "when the prompt is ambiguous), relevant and concise, creative where that matters, and what important "
+    "information it leaves out. Finish with exactly one verdict label:\n"
+    "1. Assistant A is significantly better: [[A>>B]]\n2. Assistant A is slightly better: [[A>B]]\n"
+    "3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n"
+    "5. Assistant B is significantly better: [[B>>A]]\n"
+    "Example: \"My final verdict is tie: [[A=B]]\".")
+VERDICT = re.compile(r"\[\[([AB<>=]+)\]\]")
+LABELS = {"A>>B", "A>B", "A=B", "B>A", "B>>A"}
+
+
+def parse_verdict(text: str) -> Optional[str]:
+    """The verdict label when the judgment names exactly one distinct label, else None."""
+    found = {m for m in VERDICT.findall(text) if m in LABELS}
+    return found.pop() if len(found) == 1 else None
+
+
+def arena_games(client: ChatClient, questions: Sequence[dict], baseline: dict[str, str], model: dict[str, str],
+                system_prompt: str = ARENA_SYSTEM, attempts: int = 2, max_tokens: int = 4096) -> list[dict]:
+    """Per question two games: game 1 shows the baseline as A, game 2 the model as A. Returns rows
+    {uid, game, verdict, judgment}; verdict None when the judge gave no single label after `attempts` tries."""
+    games = []
+    for q in questions:
+        uid = q["uid"]
+        if uid not in baseline or uid not in model:
+            raise ValueError(f"question {uid}: missing {'baseline' if uid not in baseline else 'model'} answer")
+        games.append((uid, 1, baseline[uid], model[uid], q["prompt"]))
+        games.append((uid, 2, model[uid], baseline[uid], q["prompt"]))
+    rows = [{"uid": uid, "game": g, "verdict": None, "judgment": ""} for uid, g, *_ in games]
+    pending = list(range(len(games)))
+    for attempt in range(attempts):
+        if not pending:
+            break
+        requests = [{"messages": [{"role": "system", "content": system_prompt},
+                                  {"role": "user", "content": ARENA_TEMPLATE.format(
+                                      question=games[i][4], answer_a=games[i][2], answer_b=games[i][3])}],
+                     "temperature": 0, "max_tokens": max_tokens, **({"seed": attempt} if attempt else {})}
+                    for i in pending]
+        responses = client.map(requests, desc=f"arena judge (attempt {attempt + 1})")
+        still = []
+        for i, resp in zip(pending, responses):
+            rows[i]["judgment"] = content(resp)
+            rows[i]["verdict"] = parse_verdict(rows[i]["judgment"])
+            if rows[i]["verdict"] is None:
+                still.append(i)
+        pending = still
+    return rows
+
+
+def battles(games: Sequence[dict], model_name: str, baseline_name: str,
+            strong_weight: float = 3.0) -> tuple[list[tuple], list[str], int]:
+    """(battles, their question ids, games without a verdict). Game 1 has the baseline as A, game 2 the model."""
+    out, groups, missing = [], [], 0
+    for g in games:
+        v = g["verdict"]
+        if v is None:
+            missing += 1
+            continue
+        a, b = (baseline_name, model_name) if g["game"] == 1 else (model_name, baseline_name)
+        outcome = {"A>>B": 1.0, "A>B": 1.0, "A=B": 0.5, "B>A": 0.0, "B>>A": 0.0}[v]
+        weight = strong_weight if v in ("A>>B", "B>>A") else 1.0
+        out.append((a, b, outcome, weight))
+        groups.append(g["uid"])
+    return out, groups, missing

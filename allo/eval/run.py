@@ -1,0 +1,113 @@
+"""Generate and score one model on one benchmark: greedy by default, outputs saved as they are produced so a
+killed run resumes where it stopped, every result file self-describing (model, data and its hash, settings,
+harness version, date)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from allo.eval import benchmarks
+from allo.eval.provenance import harness
+from allo.io import write_json
+from allo.tasks import final_answer, is_correct
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    template: str = "alpaca_cot"     # spec §6: "### Instruction:\n{q}\n\n### Response: Let's think step by step."
+    max_new_tokens: int = 512
+    temperature: float = 0.0         # greedy
+    top_p: float = 1.0
+    stop: Sequence[str] = field(default_factory=lambda: ("### Instruction",))
+    batch_size: int = 32
+    seed: int = 0
+
+
+def score(records: Sequence[dict], family: str) -> dict:
+    """Accuracy of records {output, answer} under the family's checker; marks each record in place."""
+    correct = unparsed = 0
+    for r in records:
+        r["extracted"] = final_answer(r["output"], family)
+        r["correct"] = is_correct(r["output"], str(r["answer"]), family)
+        correct += r["correct"]
+        unparsed += r["extracted"] is None
+    n = len(records)
+    return {"accuracy": round(100 * correct / n, 2) if n else None, "correct": correct, "n": n,
+            "no_answer": unparsed}
+
+
+def _read_done(path: Path) -> dict[str, dict]:
+    """Predictions already written, by problem id."""
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().split("\n"):  # not splitlines: U+2028 is inside JSON strings
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            done[rec["id"]] = rec
+    return done
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (a run killed mid-write) so appended records start on a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = None, limit: Optional[int] = None,
+             gen: GenerationConfig = GenerationConfig(), loaded: Any = None) -> dict:
+    """Write OUT/BENCH.predictions.jsonl (appended batch by batch) and OUT/BENCH.result.json; return the result.
+    `loaded`: an optional (model, tokenizer) pair to reuse across benchmarks."""
+    from allo.data.templates import render_prompt
+    from allo.generate import Sampling, generate, vllm_available
+
+    bench = benchmarks.get(benchmark)
+    items, source = benchmarks.load(benchmark, data, limit)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / f"{benchmark}.predictions.jsonl"
+    _drop_torn_tail(pred_path)
+    done = _read_done(pred_path)
+    todo = [it for it in items if it["id"] not in done]
+    if done:
+        log.info("%s: %d of %d predictions already in %s; generating the other %d", benchmark,
+                 len(items) - len(todo), len(items), pred_path, len(todo))
+    if todo:
+        hf_model, tokenizer = loaded if loaded else (None, None)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model)
+        sampling = Sampling(n=1, temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
+                            stop=tuple(gen.stop), seed=gen.seed)
+        step = len(todo) if vllm_available() and hf_model is None else gen.batch_size * 4
+        with open(pred_path, "a") as f:
+            for i in range(0, len(todo), step):
+                chunk = todo[i:i + step]
+                prompts = [render_prompt(it["prompt"], gen.template, tokenizer) for it in chunk]
+                outs = generate(model, prompts, sampling, batch_size=gen.batch_size, model=hf_model,
+                                tokenizer=tokenizer)
+                for it, o in zip(chunk, outs):
+                    f.write(json.dumps({"id": it["id"], "prompt": it["prompt"], "answer": it["answer"],
+                                        "output": o[0]}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                log.info("%s: %d / %d generated", benchmark, len(done) + i + len(chunk), len(items))
+    by_id = _read_done(pred_path)
+    records = [by_id[it["id"]] for it in items]
+    metrics = score(records, bench.family)
+    result = {"benchmark": benchmark, "family": bench.family, "model": model, "data": source, **metrics,
+              "generation": {**asdict(gen), "stop": list(gen.stop), "backend": "vllm" if vllm_available() else "hf"},
+              **harness()}
+    write_json(out / f"{benchmark}.result.json", result)
+    log.info("%s: %s%% (%d / %d)", benchmark, metrics["accuracy"], metrics["correct"], metrics["n"])
+    return result

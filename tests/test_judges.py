@@ -1,0 +1,127 @@
+"""AlpacaEval and Arena-Hard judging against a judge server on loopback: verdict parsing, position swap, retries
+of unparseable judgments, cache, and the scores that come out (hand-computed)."""
+import json
+import math
+
+import pytest
+
+from allo.cli import main
+from allo.eval import judges
+from allo.openai_client import ChatClient, Endpoint
+from tests.chat_server import ChatServer, ok
+
+
+def logprobs(p_M: float) -> dict:
+    return {"content": [{"token": "M", "logprob": math.log(p_M), "top_logprobs": [
+        {"token": "M", "logprob": math.log(p_M)}, {"token": "m", "logprob": math.log(1 - p_M)},
+        {"token": "Both", "logprob": -9.0}]}]}
+
+
+def alpaca_judge(body, n):
+    """Prefers the output containing GOOD with probability 0.9; without one, a position bias: P(M) = 0.7."""
+    text = body["messages"][-1]["content"]
+    first, second = text.split('"model_identifier": "m"')[1], text.split('"model_identifier": "M"')[1]
+    first = first.split('"model_identifier": "M"')[0]
+    p = 0.9 if "GOOD" in second and "GOOD" not in first else 0.1 if "GOOD" in first and "GOOD" not in second else 0.7
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 5
+    return ok("M" if p > 0.5 else "m", logprobs=logprobs(p))
+
+
+@pytest.fixture()
+def judge(request):
+    server = ChatServer(request.param)
+    yield server
+    server.close()
+
+
+def client(server, tmp_path):
+    return ChatClient(Endpoint(base_url=server.url, model="judge", api_key_env=None, backoff=0.01),
+                      cache_dir=str(tmp_path / "cache"))
+
+
+def test_alpaca_template_comes_from_the_installed_package():
+    msgs = judges.alpaca_messages("Say hi", "hi", "hello")
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert '"""Say hi"""' in msgs[1]["content"] and '"output": """hello"""' in msgs[1]["content"]
+
+
+@pytest.mark.parametrize("judge", [alpaca_judge], indirect=True)
+def test_alpaca_protocols_and_scores(judge, tmp_path):
+    c = client(judge, tmp_path)
+    ins = [f"task {i}" for i in range(40)]
+    good = judges.alpaca_pairs(c, ins, ["plain"] * 40, ["GOOD"] * 40, "base", "ours", "official")
+    assert all(a["preference"] == pytest.approx(1.9) for a in good)  # right in both presentation orders
+    # two equal outputs: the position-biased judge says "second" with 0.7; swapping averages it out exactly
+    swap = judges.alpaca_pairs(c, ins, ["same"] * 40, ["same"] * 40, "base", "ours", "swap")
+    assert all(a["preference"] == pytest.approx(1.5) for a in swap)
+    official = judges.alpaca_pairs(c, ins, ["same"] * 40, ["same"] * 40, "base", "ours", "official")
+    shown_first = sum(judges._swapped(i, 0) for i in ins)
+    assert 0 < shown_first < 40  # the official protocol randomises the order, seeded
+    assert sum(a["preference"] - 1 for a in official) == pytest.approx(0.3 * shown_first + 0.7 * (40 - shown_first))
+    calls = len(judge.bodies)
+    judges.alpaca_pairs(client(judge, tmp_path), ins, ["same"] * 40, ["same"] * 40, "base", "ours", "swap")
+    assert len(judge.bodies) == calls  # all cached
+    metrics, _ = judges.alpaca_score(good)
+    assert metrics["win_rate"] == pytest.approx(90.0) and metrics["n_unusable"] == 0
+
+
+def test_alpaca_score_cli_hand_computed(tmp_path, capsys):
+    ann = [{"instruction": f"i{k}", "output_1": "a", "output_2": "b" * k, "generator_1": "base", "generator_2": "m",
+            "preference": p} for k, p in enumerate([2, 1, 1.5, 2, 1.75])]
+    f = tmp_path / "annotations.json"
+    f.write_text(json.dumps(ann))
+    assert main(["eval", "alpaca-score", str(f)]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["win_rate"] == pytest.approx(100 * (1 + 0 + 0.5 + 1 + 0.75) / 5)
+    assert out["n_wins"] == 3 and out["n_draws"] == 1  # 1.75 counts as a win, 1.5 as a draw, in alpaca_eval
+    # offline (conftest sets HF_HUB_OFFLINE, as CI has no hub): one line says why LC is missing
+    assert "length_controlled_winrate" not in out
+    assert captured.err.count("\n") == 1 and "length-controlled win rate unavailable" in captured.err
+
+
+def arena_judge(body, n):
+    """A verdict from which answer holds GOOD; the question 'flaky' gets a verdict only on its second try."""
+    text = body["messages"][-1]["content"]
+    a = text.split("<|The Start of Assistant A's Answer|>")[1].split("<|The End of Assistant A's Answer|>")[0]
+    b = text.split("<|The Start of Assistant B's Answer|>")[1].split("<|The End of Assistant B's Answer|>")[0]
+    assert body["messages"][0]["role"] == "system" and "[[A>>B]]" in body["messages"][0]["content"]
+    if "flaky" in text and n == 1:
+        return ok("I cannot decide. [[A>B]] or maybe [[B>A]]")
+    if "GOOD" in a and "GOOD" not in b:
+        return ok("My final verdict is: [[A>>B]]")
+    if "GOOD" in b and "GOOD" not in a:
+        return ok("My final verdict is: [[B>A]]")
+    return ok("My final verdict is tie: [[A=B]]")
+
+
+def test_parse_verdict():
+    assert judges.parse_verdict("blah [[B>>A]]. So [[B>>A]]") == "B>>A"
+    assert judges.parse_verdict("[[A>B]] vs [[B>A]]") is None and judges.parse_verdict("no label") is None
+    assert judges.parse_verdict("[[C]]") is None
+
+
+@pytest.mark.parametrize("judge", [arena_judge], indirect=True)
+def test_arena_end_to_end(judge, tmp_path, capsys):
+    qs = [{"uid": f"q{i}", "category": "arena-hard-v0.1", "prompt": "flaky" if i == 0 else f"question {i}"}
+          for i in range(4)]
+    (tmp_path / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    from allo.eval.instruct import write_arena_answers
+
+    write_arena_answers(str(tmp_path / "base.jsonl"), qs, ["GOOD base", "plain", "same", "same"], "gpt-4-0314")
+    write_arena_answers(str(tmp_path / "model.jsonl"), qs, ["plain", "GOOD", "same", "GOOD"], "ours")
+    args = ["eval", "arena", "--questions", str(tmp_path / "question.jsonl"), "--baseline",
+            str(tmp_path / "base.jsonl"), "--answers", str(tmp_path / "model.jsonl"), "--out", str(tmp_path / "out"),
+            "--judge-url", judge.url, "--judge-model", "judge", "--judge-key-env", "none", "--bootstrap", "20"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    # games (A, B): q0 base better: game1 A>>B (base, w3), game2 B>A (base, w1); q1 model better: game1 B>A
+    # (model, w1), game2 A>>B (model, w3); q2 tie, tie; q3 model better: w1 + w3. The model's weighted wins:
+    # 0 + 4 + (0.5 + 0.5) + 4 = 9 of 4 + 4 + 2 + 4 = 14 -> the two-model BT score is 9/14.
+    assert res["score"] == pytest.approx(100 * 9 / 14, abs=0.01)
+    assert res["games"] == 8 and res["games_without_verdict"] == 0 and res["arena_hard_version"] == "v0.1"
+    assert res["ci95"][0] <= res["score"] <= res["ci95"][1] and res["baseline"] == "gpt-4-0314"
+    assert judge.seen[next(k for k in judge.seen if "flaky" in k)] >= 2  # asked again after the double verdict
+    n = len(judge.bodies)
+    assert main(args) == 0 and len(judge.bodies) == n  # rerun: every judgment from the cache
+    capsys.readouterr()
