@@ -28,8 +28,9 @@ STAGE_HELP = {
     "run": "All steps in order (sft, sample, pairs, warmup, locate, reward-data, reward-train, reward-score, "
            "forget, improve, dpo, npo, eval), each skipped when its manifest says it is complete; --from STEP / "
            "--only STEP rerun. Launch with torchrun: training steps use every rank.",
-    "report": "PNG plots of a run directory: loss and reward-margin curves per stage, mask fraction per layer, "
-              "histogram of token keep-probabilities. (The paper-layout tables are printed by the demo for now.)",
+    "report": "Tables in the paper's layouts (Table 2 accuracy from the eval result files, Table 3 win rates vs "
+              "SFT) and PNG plots of a run directory: loss and reward-margin curves per stage, mask fraction per "
+              "layer, histogram of token keep-probabilities. Writes RUN_DIR/report/.",
 }
 TRAINING = ("sft", "warmup", "dpo", "npo", "forget", "improve")
 PIPELINE_STEPS = ("sample", "pairs", "reward-data", "reward-train", "reward-score", "eval")  # = allo run --only
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             from allo.report import report
 
             for path in report(args.run_dir):
-                print(path)
+                print(path.read_text() if path.suffix == ".md" else path)
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.stage == "config":

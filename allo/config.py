@@ -147,12 +147,46 @@ class ImproveConfig:
 
 
 @dataclass
+class EndpointConfig:
+    """An OpenAI-compatible chat endpoint (hosted API or a vLLM server); the key stays in the environment."""
+    base_url: Optional[str] = knob(None, "Base URL, e.g. https://api.openai.com/v1 or http://judge-host:8000/v1.")
+    model: Optional[str] = knob(None, "Model name at that endpoint.")
+    api_key_env: Optional[str] = knob("OPENAI_API_KEY", "Environment variable holding the API key (never logged); "
+                                                        "null for a keyless local server.")
+    timeout: float = knob(120.0, "Seconds per request before it is retried.", gt=0)
+    max_retries: int = knob(6, "Retries on 429, 5xx, timeouts and malformed replies (exponential backoff).", ge=0)
+    concurrency: int = knob(8, "Requests in flight.", ge=1)
+    price_in: float = knob(0.0, "USD per million prompt tokens, for the cost line in the log.", ge=0)
+    price_out: float = knob(0.0, "USD per million completion tokens.", ge=0)
+
+    def endpoint(self, what: str):
+        from allo.openai_client import Endpoint
+
+        if not self.base_url or not self.model:
+            raise ConfigError(f"{what}: base_url and model must be set")
+        return Endpoint(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env, timeout=self.timeout,
+                        max_retries=self.max_retries, concurrency=self.concurrency, price_in=self.price_in,
+                        price_out=self.price_out)
+
+
+@dataclass
 class TaskConfig:
     sft_data: Optional[str] = knob(None, "SFT records {prompt, response}; None: model.path is already the SFT model.")
     problems: Optional[str] = knob(None, "Training problems {prompt, answer, reference?} to sample on.")
+    pairs: Optional[str] = knob(None, "Preference pairs {prompt, chosen, rejected} to train on instead of sampled "
+                                      "ones (instruction following: no checkable answers to sample against).")
     eval: Optional[str] = knob(None, "Held-out problems {prompt, answer} for `allo run`'s eval step.")
-    family: Literal["math", "qa"] = knob("math", "Answer checker: numbers (math) or option text (qa), spec §6.")
+    family: Literal["math", "qa", "yesno", "instruct"] = knob(
+        "math", "Answer checker (spec §6): numbers/LaTeX (math), option text (qa), yes/no, or none (instruct: "
+        "rewrites are kept when non-empty, evaluation is by a judge).")
     eval_max_new_tokens: int = knob(512, "Greedy decoding budget of the eval step.", ge=1)
+    benchmarks: list = knob(factory=list, help="Benchmarks the eval step scores every model on (`allo eval bench` "
+                                                "names, each optionally NAME=FILE), e.g. [gsm8k, math=data/MATH500.jsonl].")
+    eval_limit: Optional[int] = knob(None, "Score only the first N problems of each benchmark (quick looks).", ge=1)
+    alpaca_eval: Optional[str] = knob(None, "Instruction following: an alpaca_eval outputs file whose instructions "
+                                            "every model answers; judged against the SFT model's answers (paper).")
+    arena_hard: Optional[str] = knob(None, "Instruction following: an Arena-Hard question.jsonl, judged the same way.")
+    judge: EndpointConfig = knob(factory=EndpointConfig)
 
 
 @dataclass
@@ -167,8 +201,11 @@ class SampleConfig:
 
 @dataclass
 class RewardConfig:
-    teacher: Literal["programmatic"] = knob("programmatic", "Who rewrites wrong responses: the programmatic "
-                                            "minimum-edit teacher (checkable arithmetic tasks).")
+    teacher: Literal["programmatic", "openai"] = knob(
+        "programmatic", "Who rewrites wrong responses: the programmatic minimum-edit teacher (the tiny recipe's "
+        "arithmetic), or an LLM behind `teacher_endpoint` (any OpenAI-compatible server).")
+    teacher_endpoint: EndpointConfig = knob(factory=EndpointConfig)
+    teacher_cache: Optional[str] = knob(None, "Teacher response cache; None: OUTPUT_DIR/reward-data/cache.")
     init: Optional[str] = knob(None, "Reward model's starting checkpoint; None: the SFT model (same tokenizer).")
     max_length: int = knob(1024, "Longest rewrite prompt + rewrite in tokens.", ge=8)
     max_prompt_length: int = knob(768, "Longest rewrite prompt (problem, reference, wrong response).", ge=1)
@@ -386,6 +423,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         where.overridden.add(tuple(keys))
     recipe = _build(Recipe, data, (), where)
     recipe._explicit_train = set(data.get("train") or {})
+    if recipe.reward.teacher == "openai" and not (recipe.reward.teacher_endpoint.base_url and
+                                                  recipe.reward.teacher_endpoint.model):
+        raise ConfigError(where.at(("reward", "teacher"), "openai needs reward.teacher_endpoint.base_url and .model"))
     if recipe.data.max_prompt_length >= recipe.data.max_length:
         raise ConfigError(where.at(("data", "max_prompt_length"), f"{recipe.data.max_prompt_length} leaves no room "
                                    f"for a response within data.max_length {recipe.data.max_length}"))

@@ -96,6 +96,16 @@ def batch_arithmetic(global_batch: int, micro_batch: int, world: int) -> int:
     return global_batch // per_step
 
 
+def fit_micro_batch(global_batch: int, micro_batch: int, world: int) -> int:
+    """The largest micro batch <= `micro_batch` that splits the global batch evenly over `world` ranks, so a recipe's
+    global batch holds on any GPU count that divides it (32 on 16 GPUs: micro 2, not the recipe's 4)."""
+    for m in range(micro_batch, 0, -1):
+        if global_batch % (m * world) == 0:
+            return m
+    raise LaunchError(f"global_batch_size {global_batch} is not a multiple of world size {world} (with any micro "
+                      f"batch <= {micro_batch}); use a world size that divides it, or change the global batch")
+
+
 def resolve_ds_config(path: str | Path, train: TrainConfig, world: int, precision: str) -> dict:
     """Load a DeepSpeed JSON and fill its "auto" fields from the recipe; explicit values must agree."""
     path = Path(path)

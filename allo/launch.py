@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from allo.config import ConfigError, load_recipe
-from allo.engine import LaunchError, batch_arithmetic, free_port
+from allo.engine import LaunchError, batch_arithmetic, fit_micro_batch, free_port
 from allo.stages import STAGES
 
 
@@ -26,11 +26,16 @@ def plan(recipe_path: str, nodes: int, gpus_per_node: int, overrides: list[str] 
         raise LaunchError(f"--nodes {nodes} and --gpus-per-node {gpus_per_node} must both be >= 1")
     recipe = load_recipe(recipe_path, list(overrides))
     world = nodes * gpus_per_node
+    sections = {**{name: s.section for name, s in STAGES.items()}, "reward-train": "reward"}
+    unknown = [s for s in stages or () if s not in sections]
+    if unknown:
+        raise LaunchError(f"unknown stage {unknown[0]!r} (training stages: {', '.join(sections)})")
     rows = []
-    for stage in stages or list(STAGES):
-        t = recipe.stage_train(STAGES[stage].section)
-        gas = batch_arithmetic(t.global_batch_size, t.micro_batch_size, world)
-        rows.append({"stage": stage, "global": t.global_batch_size, "micro": t.micro_batch_size,
+    for stage in stages or list(sections):
+        t = recipe.stage_train(sections[stage])
+        micro = fit_micro_batch(t.global_batch_size, t.micro_batch_size, world)
+        gas = batch_arithmetic(t.global_batch_size, micro, world)
+        rows.append({"stage": stage, "global": t.global_batch_size, "micro": micro,
                      "accumulation": gas, "world": world})
     return rows
 

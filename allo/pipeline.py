@@ -43,12 +43,15 @@ DEPS = {"sft": (), "sample": ("sft",), "pairs": ("sample",), "warmup": ("sft", "
 TRAIN_KEYS = ("model", "data", "train", "seed")
 CONFIG = {"sft": TRAIN_KEYS + ("sft", "task.sft_data"), "sample": ("sample", "task.problems", "task.family",
                                                                     "data.template", "seed"),
-          "pairs": ("sample.max_pairs_per_problem", "seed"), "warmup": TRAIN_KEYS + ("warmup",),
-          "locate": ("locate", "warmup.train", "train.lr"), "reward-data": ("reward.teacher", "task.family"),
+          "pairs": ("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.columns"),
+          "warmup": TRAIN_KEYS + ("warmup",), "locate": ("locate", "warmup.train", "train.lr"),
+          "reward-data": ("reward.teacher", "reward.teacher_endpoint.base_url", "reward.teacher_endpoint.model",
+                          "task.family"),
           "reward-train": TRAIN_KEYS + ("reward",), "reward-score": ("data.template",),
           "forget": TRAIN_KEYS + ("forget",), "improve": TRAIN_KEYS + ("improve",), "dpo": TRAIN_KEYS + ("dpo",),
           "npo": TRAIN_KEYS + ("npo",), "eval": ("task", "data.template")}
-FILES = {"sft": ("task.sft_data",), "sample": ("task.problems",), "eval": ("task.eval",)}
+FILES = {"sft": ("task.sft_data",), "sample": ("task.problems",), "pairs": ("task.pairs",),
+         "eval": ("task.eval", "task.alpaca_eval", "task.arena_hard")}
 
 
 class StepFailed(RuntimeError):
@@ -179,6 +182,8 @@ class Pipeline:
         from allo.generate import Sampling
         from allo.stages.sampling import sample
 
+        if self.r.task.pairs:
+            return {"skipped": "task.pairs is set: the pairs step reads them"}
         s = self.r.sample
         problems = load_problems(self.r.task.problems, "task.problems")
         samples = sample(self.sft_model, problems, self.r.data.template,
@@ -193,6 +198,8 @@ class Pipeline:
     def step_pairs(self) -> dict:
         from allo.stages.sampling import make_pairs
 
+        if self.r.task.pairs:
+            return self._given_pairs()
         samples = _read_jsonl(self.file("sample", "samples.jsonl"))
         reference = {x["prompt"]: x["reference"] for x in samples if "reference" in x}
         pairs, stats = make_pairs(samples, self.r.sample.max_pairs_per_problem, self.r.seed)
@@ -201,6 +208,18 @@ class Pipeline:
                 p["reference"] = reference[p["prompt"]]
         write_jsonl(Path(self.file("pairs", "pairs.jsonl")), pairs)
         return stats
+
+    def _given_pairs(self) -> dict:
+        """task.pairs, validated (data.columns / data.split / data.on_bad_record apply) into pairs/pairs.jsonl."""
+        from allo.data.records import read_records
+
+        d = self.r.data
+        records, stats = read_records(self.r.task.pairs, split=d.split, columns=d.columns,
+                                      on_bad_record=d.on_bad_record, optional=("reference", "answer"))
+        rows = [{k: v for k, v in r.items() if k != "source"} for r in records]
+        write_jsonl(Path(self.file("pairs", "pairs.jsonl")), rows)
+        return {"pairs": len(rows), "source": self.r.task.pairs, "read": stats.read,
+                "skipped": dict(stats.skipped)}
 
     def step_locate(self) -> dict:
         from allo.stages.locate import run_locate
@@ -211,11 +230,22 @@ class Pipeline:
 
     def step_reward_data(self) -> dict:
         from allo.reward.model import reward_data
-        from allo.reward.programmatic import rewrite
+        from allo.reward.teacher import llm_rewrites, programmatic_rewrites
         from allo.tasks import is_correct
 
         items = self._reward_items()
-        records, counts = reward_data(items, rewrite, lambda text, gold: is_correct(text, gold, self.r.task.family))
+        if self.r.reward.teacher == "openai":
+            from allo.openai_client import ChatClient
+
+            client = ChatClient(self.r.reward.teacher_endpoint.endpoint("reward.teacher_endpoint"),
+                                cache_dir=self.r.reward.teacher_cache or self.file("reward-data", "cache"))
+            rewrites = llm_rewrites(client, items)
+        else:
+            rewrites = programmatic_rewrites(items)
+        family = self.r.task.family
+        is_right = (lambda text, gold: bool(text.strip())) if family == "instruct" else (
+            lambda text, gold: is_correct(text, gold, family))
+        records, counts = reward_data(items, rewrites, is_right)
         write_jsonl(Path(self.file("reward-data", "reward.jsonl")), records)
         log.info("reward data: %s", counts)
         return counts
@@ -241,24 +271,37 @@ class Pipeline:
     def _reward_items(self) -> list[dict]:
         """Wrong responses with their reference: the problem's reference solution, else the chosen response
         (spec §2: for instruction following the chosen response is what the teacher edits towards)."""
-        return [{"prompt": p["prompt"], "wrong": p["rejected"], "reference": p.get("reference", p["chosen"]),
-                 "answer": p.get("answer", "")} for p in _read_jsonl(self.file("pairs", "pairs.jsonl"))]
+        return [{"prompt": _text(p["prompt"], "user"), "wrong": _text(p["rejected"]),
+                 "reference": _text(p.get("reference", p["chosen"])), "answer": p.get("answer", "")}
+                for p in _read_jsonl(self.file("pairs", "pairs.jsonl"))]
 
     def step_eval(self) -> dict:
+        """Greedy accuracy on task.eval, the task.benchmarks (Table 2) and, for instruction following, win rates
+        against the SFT model judged by task.judge (Table 3), for SFT, DPO, NPO and ALLO."""
+        from allo.eval import suite
+        from allo.eval.provenance import harness
         from allo.stages.sampling import accuracy
 
-        problems = load_problems(self.r.task.eval, "task.eval")
+        t = self.r.task
         models = {"SFT": self.sft_model, "+DPO": str(self.step_dir("dpo") / "model"),
                   "+NPO": str(self.step_dir("npo") / "model"), "+ALLO": str(self.step_dir("improve") / "model")}
-        acc = {name: accuracy(path, problems, self.r.data.template, self.r.task.family,
-                              self.r.task.eval_max_new_tokens) for name, path in models.items() if Path(path).exists()
-               or name == "SFT"}
-        result = {"accuracy": acc, "models": models, "eval_data": self.r.task.eval, "problems": len(problems),
-                  "decoding": "greedy", "max_new_tokens": self.r.task.eval_max_new_tokens,
-                  "date": time.strftime("%Y-%m-%d")}
+        models = {k: v for k, v in models.items() if k == "SFT" or Path(v).exists()}
+        result: dict = {"models": models, "decoding": "greedy", "max_new_tokens": t.eval_max_new_tokens, **harness()}
+        if t.eval:
+            problems = load_problems(t.eval, "task.eval")
+            acc = {name: accuracy(path, problems, self.r.data.template, t.family, t.eval_max_new_tokens)
+                   for name, path in models.items()}
+            result.update(accuracy=acc, eval_data=t.eval, problems=len(problems))
+            log.info("held-out accuracy: %s", {k: f"{100 * v:.1f}%" for k, v in acc.items()})
+        if t.benchmarks:
+            result["table2"] = suite.table2(models, t, self.r.data.template, self.step_dir("eval"))
+        if t.alpaca_eval or t.arena_hard:
+            result["table3"] = suite.table3(models, t, self.r.data.template, self.step_dir("eval"))
+        if not (t.eval or t.benchmarks or t.alpaca_eval or t.arena_hard):
+            raise StepFailed("nothing to evaluate: set task.eval, task.benchmarks, task.alpaca_eval or "
+                             "task.arena_hard")
         write_json(self.step_dir("eval") / "results.json", result)
-        log.info("held-out accuracy: %s", {k: f"{100 * v:.1f}%" for k, v in acc.items()})
-        return {"accuracy": acc}
+        return {k: result[k] for k in ("accuracy", "table2", "table3") if k in result}
 
 
 def load_problems(path: Optional[str], key: str) -> list[dict]:
@@ -294,6 +337,13 @@ def _on_rank0_with_all_cores(fn):
         return fn()
     finally:
         torch.set_num_threads(threads)
+
+
+def _text(x, role: str = "assistant") -> str:
+    """A string field as is; chat messages as the content of the last message with `role`."""
+    if isinstance(x, str):
+        return x
+    return next((m["content"] for m in reversed(x) if m.get("role") == role), x[-1]["content"])
 
 
 def _read_jsonl(path: str) -> list[dict]:

@@ -2,7 +2,11 @@
 
 - curves.png: loss and reward margin per optimizer step for every stage with a metrics.jsonl;
 - masks.png: selected fraction of N1 and N2 per layer (from locate's JSON sidecars and mask shapes);
-- token_rewards.png: histogram of the reward model's keep-probabilities over the wrong responses' tokens.
+- token_rewards.png: histogram of the reward model's keep-probabilities over the wrong responses' tokens;
+- tables.md: the paper's layouts. Table 2 (accuracy %, QA and math columns with their averages) from the result
+  files `RUN/eval/<model>/<benchmark>.result.json` (what `allo run`'s eval step and `allo eval bench --out
+  RUN/eval/<model>` write); Table 3 (win rate % against the SFT model) and held-out accuracy from
+  `RUN/eval/results.json`.
 """
 from __future__ import annotations
 
@@ -103,4 +107,71 @@ def report(run_dir: str | Path) -> list[Path]:
     out = run / "report"
     out.mkdir(exist_ok=True)
     made = [p for p in (plot_curves(run, out), plot_masks(run, out), plot_token_rewards(run, out)) if p]
+    text = tables(run)
+    if text:
+        (out / "tables.md").write_text(text + "\n")
+        made.append(out / "tables.md")
     return made
+
+
+# Table 2 of the paper: column order and headers; benchmarks it does not have follow in their group.
+PAPER_COLUMNS = {"qa": [("ecqa", "ECQA"), ("qasc", "QASC"), ("openbookqa", "OBQA"), ("strategyqa", "SQA")],
+                 "math": [("gsm8k", "GSM8K"), ("math", "MATH"), ("mawps", "MAWPS"), ("tabmwp", "TabMWP")]}
+ROW_ORDER = ("sft", "dpo", "npo", "simpo", "allo")
+ROW_LABEL = {"sft": "SFT LLM", "dpo": "+DPO", "npo": "+NPO", "simpo": "+SimPO", "allo": "+ALLO"}
+
+
+def table2(run: Path) -> str | None:
+    """Markdown in Table 2's layout from RUN/eval/<model>/<benchmark>.result.json."""
+    from allo.eval.benchmarks import get
+
+    acc: dict[str, dict[str, float]] = defaultdict(dict)
+    for f in sorted((run / "eval").glob("*/*.result.json")):
+        r = json.loads(f.read_text())
+        acc[f.parent.name][r["benchmark"]] = r["accuracy"]
+    if not acc:
+        return None
+    present = {b for row in acc.values() for b in row}
+    groups = []
+    for group, cols in PAPER_COLUMNS.items():
+        extra = sorted(b for b in present if get(b).group == group and b not in dict(cols))
+        names = [(b, h) for b, h in cols if b in present] + [(b, b.upper()) for b in extra]
+        if names:
+            groups.append((group, names))
+    header = []
+    for group, names in groups:
+        header += [h for _, h in names] + [{"qa": "QA avg", "math": "Math avg"}[group]]
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    models = sorted(acc, key=lambda m: (ROW_ORDER.index(m) if m in ROW_ORDER else len(ROW_ORDER), m))
+    for m in models:
+        cells = []
+        for _, names in groups:
+            vals = [acc[m].get(b) for b, _ in names]
+            cells += [f"{v:.2f}" if v is not None else "–" for v in vals]
+            cells.append(f"{sum(vals) / len(vals):.2f}" if all(v is not None for v in vals) else "–")
+        lines.append(f"| {ROW_LABEL.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tables(run: Path) -> str | None:
+    parts = []
+    results = run / "eval" / "results.json"
+    res = json.loads(results.read_text()) if results.exists() else {}
+    if res.get("accuracy"):
+        parts.append("Held-out accuracy % (" + str(res.get("eval_data")) + ", greedy)\n\n| method | accuracy |\n|---|---|\n"
+                     + "\n".join(f"| {m} | {100 * a:.1f} |" for m, a in res["accuracy"].items()))
+    t2 = table2(run)
+    if t2:
+        parts.append("Table 2 layout: accuracy %\n\n" + t2)
+    if res.get("table3"):
+        t3 = {m: v for m, v in res["table3"].items() if not m.startswith("_")}
+        judge = res["table3"].get("_judge", {}).get("model")
+        parts.append(f"Table 3 layout: win rate % against the SFT model (judge {judge}, both orders)\n\n"
+                     "| method | AlpacaEval 2.0 | Arena-Hard |\n|---|---|---|\n" + "\n".join(
+                         f"| {m} | {_cell(v.get('alpaca_eval'))} | {_cell(v.get('arena_hard'))} |"
+                         for m, v in t3.items()))
+    return "\n\n".join(parts) or None
+
+
+def _cell(v) -> str:
+    return "–" if v is None else f"{v:.2f}"

@@ -1,14 +1,15 @@
 #!/bin/bash
-# Submit one allo stage as a multi-node job after checking its batch arithmetic.
+# Submit `allo run` (or one training stage) as a multi-node job after checking its batch arithmetic.
 #
-#   slurm/submit.sh RECIPE --stage STAGE --nodes N --gpus-per-node G [--time HH:MM:SS] [--partition P]
+#   slurm/submit.sh RECIPE [--stage STAGE] --nodes N --gpus-per-node G [--time HH:MM:SS] [--partition P]
 #                   [--cpu] [--dry-run] [--sbatch "EXTRA SBATCH ARGS"] [-- EXTRA ALLO ARGS]
 #
-# Prints the world size, each stage's global = micro x accumulation x world, and the sbatch command, then
-# submits (not with --dry-run). --cpu runs G processes per node without requesting GPUs (tests, CPU clusters).
+# STAGE: run (default: the whole pipeline, `allo run`, resumable step by step) or one training stage (sft,
+# warmup, dpo, npo, forget, improve). Prints the world size, each stage's global = micro x accumulation x world,
+# and the sbatch command, then submits (not with --dry-run). --cpu runs G processes per node without requesting GPUs (tests, CPU clusters).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-recipe=${1:?usage: slurm/submit.sh RECIPE --stage STAGE --nodes N --gpus-per-node G [...]}; shift
+recipe=${1:?usage: slurm/submit.sh RECIPE [--stage STAGE] --nodes N --gpus-per-node G [...]}; shift
 nodes=1 gpus=1 stage="" time="" partition="" cpu=0 dry=0 extra_sbatch="" allo_extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -24,9 +25,10 @@ while [ $# -gt 0 ]; do
     *) echo "submit.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-[ -n "$stage" ] || { echo "submit.sh: --stage is required (sft, warmup, dpo, npo, forget, improve)" >&2; exit 2; }
+stage=${stage:-run}
 python=${ALLO_PYTHON:-$here/.venv/bin/python}
-"$python" -m allo.launch "$recipe" --nodes "$nodes" --gpus-per-node "$gpus" --stage "$stage" || exit 2
+check=(--stage "$stage"); [ "$stage" = run ] && check=()  # run: every training stage's arithmetic
+"$python" -m allo.launch "$recipe" --nodes "$nodes" --gpus-per-node "$gpus" "${check[@]}" || exit 2
 export ALLO_LOG_DIR=${ALLO_LOG_DIR:-$here/logs}
 mkdir -p "$ALLO_LOG_DIR"
 args=(--nodes="$nodes" --job-name="allo-$stage" --output="$ALLO_LOG_DIR/%x-%j.out")

@@ -167,3 +167,23 @@ def test_answer_files_in_alpaca_eval_and_arena_formats(shared_dir, tiny_model, t
     assert instruct.arena_version(questions) == "v0.1"
     assert instruct.arena_version(instruct.read_arena_questions(str(bench / "arena_hard/v2.0/question.jsonl"))) == "v2.0"
     capsys.readouterr()
+
+
+def test_report_renders_table2_from_result_files(shared_dir, tiny_model, tmp_path, capsys):
+    gen = GenerationConfig(template="alpaca_cot", max_new_tokens=4, batch_size=4)
+    for model in ("sft", "allo"):
+        for name in ("ecqa", "strategyqa", "gsm8k"):
+            evaluate(str(tiny_model), name, str(tmp_path / "eval" / model), str(shared_dir / "benchdata" / FILES[name]),
+                     limit=2, gen=gen)
+    # make the numbers distinguishable: rewrite ALLO's GSM8K accuracy in its result file
+    f = tmp_path / "eval" / "allo" / "gsm8k.result.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "accuracy": 50.0}))
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("|")]
+    assert lines[0] == "| method | ECQA | SQA | QA avg | GSM8K | Math avg |"
+    sft = json.loads((tmp_path / "eval" / "sft" / "ecqa.result.json").read_text())["accuracy"]
+    sqa = json.loads((tmp_path / "eval" / "sft" / "strategyqa.result.json").read_text())["accuracy"]
+    assert lines[2].startswith(f"| SFT LLM | {sft:.2f} | {sqa:.2f} | {(sft + sqa) / 2:.2f} |")
+    assert lines[3].startswith("| +ALLO |") and lines[3].endswith("| 50.00 | 50.00 |")
+    assert (tmp_path / "report" / "tables.md").exists()

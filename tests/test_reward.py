@@ -15,8 +15,9 @@ def test_reward_data_keeps_right_rewrites_and_adds_keep_examples():
     items = [{"prompt": problem, "wrong": " 12 + 7 = 18. The answer is 18.", "reference": " 12 + 7 = 19. The "
               "answer is 19.", "answer": "19"},
              {"prompt": problem, "wrong": "garbage", "reference": " The answer is 20.", "answer": "19"}]
-    recs, counts = reward_data(items, rewrite, is_correct)
-    assert counts == {"items": 2, "kept": 1, "rewrite_wrong": 1}
+    recs, counts = reward_data(items, [rewrite(it["prompt"], it["wrong"], it["reference"]) for it in items],
+                               is_correct)
+    assert counts == {"items": 2, "kept": 1, "rewrite_wrong": 1, "teacher_failed": 0}
     assert recs[0]["response"] == " 12 + 7 = 19. The answer is 19."
     assert recs[1]["prompt"].endswith("Wrong solution: 12 + 7 = 19. The answer is 19.\n\n### Rewrite:")
 

@@ -151,16 +151,20 @@ def _read_local(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def load(name: str, data: Optional[str] = None, limit: Optional[int] = None) -> tuple[list[dict], dict]:
-    """Items of benchmark `name` from `data` (a local file or a hub name; None: the benchmark's hub default), and
-    provenance {source, sha256 (local files), n}."""
+def load(name: str, data: Optional[str] = None, limit: Optional[int] = None,
+         split: Optional[str] = None) -> tuple[list[dict], dict]:
+    """Items of benchmark `name` from `data` (a local file or a hub name; None: the benchmark's hub default, with
+    its config), and provenance {source, sha256 (local files), n}. `split` picks a hub split (default test)."""
     bench = get(name)
     if data and Path(data).exists():
         path = Path(data)
         rows = _read_local(path)
         source = {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     else:
-        spec = (data, None, "test") if data else bench.hub
+        if data and (bench.hub is None or data != bench.hub[0]):
+            spec = (data, None, split or "test")
+        else:
+            spec = None if bench.hub is None else (bench.hub[0], bench.hub[1], split or bench.hub[2])
         if spec is None:
             raise BenchmarkError(f"{name}: no hub default; pass a local file (see eval/README.md for the formats)")
         from datasets import load_dataset

@@ -12,7 +12,7 @@ the forget loss weights: position t of the policy batch and position t of the sc
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -29,15 +29,17 @@ def rewrite_prompt(problem: str, reference: str, wrong: str) -> str:
     return INSTRUCTION.format(problem=problem, reference=reference.strip(), wrong=wrong.strip())
 
 
-def reward_data(items: Sequence[dict], teacher, is_right) -> tuple[list[dict], dict]:
-    """SFT records for the reward model from {prompt, wrong, reference, answer} items.
+def reward_data(items: Sequence[dict], rewrites: Sequence[Optional[str]], is_right) -> tuple[list[dict], dict]:
+    """SFT records for the reward model from {prompt, wrong, reference, answer} items and the teacher's rewrites.
 
-    `teacher(problem, wrong, reference) -> str` rewrites; a rewrite is kept only when `is_right(rewrite, answer)`.
+    A rewrite is kept only when `is_right(rewrite, answer)`; None (the teacher failed) is counted and dropped.
     Each kept item also adds the reference copied unchanged (the "keep" examples).
     """
-    out, counts = [], {"items": len(items), "kept": 0, "rewrite_wrong": 0}
-    for it in items:
-        fixed = teacher(it["prompt"], it["wrong"], it["reference"])
+    out, counts = [], {"items": len(items), "kept": 0, "rewrite_wrong": 0, "teacher_failed": 0}
+    for it, fixed in zip(items, rewrites, strict=True):
+        if fixed is None:
+            counts["teacher_failed"] += 1
+            continue
         if not is_right(fixed, it["answer"]):
             counts["rewrite_wrong"] += 1
             continue

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +46,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     """
     import torch
 
-    from allo.engine import Strategy
+    from allo.engine import Strategy, fit_micro_batch
     from allo.model import build_model, load_tokenizer
     from allo.train import Stage, Trainer
 
@@ -60,6 +62,12 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
         raise ValueError(f"stage {stage}: train.sparse_optimizer_state needs a neuron mask (--mask); without one "
                          "every element trains and dense AdamW state is what you want")
     out = Path(out_dir or Path(recipe.output_dir) / stage)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    micro = fit_micro_batch(train_cfg.global_batch_size, train_cfg.micro_batch_size, world)
+    if micro != train_cfg.micro_batch_size:
+        log.info("stage %s: micro batch %d -> %d so that global batch %d splits over %d ranks", stage,
+                 train_cfg.micro_batch_size, micro, train_cfg.global_batch_size, world)
+        train_cfg = replace(train_cfg, micro_batch_size=micro)
     strategy = Strategy(train_cfg.ds_config, train_cfg, recipe.model.dtype)
     started = time.time()
     init_path = init or recipe.model.path

@@ -1,0 +1,75 @@
+"""A run's evaluation (the pipeline's eval step): every model on every benchmark of the recipe, in the layouts of
+the paper's Table 2 (QA / math accuracy) and Table 3 (instruction following, win rate against the SFT model's own
+answers, judged in both orders)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from allo.eval import benchmarks
+from allo.eval.run import GenerationConfig, evaluate
+
+log = logging.getLogger(__name__)
+
+
+def slug(name: str) -> str:
+    return name.strip("+").lower()
+
+
+def table2(models: dict[str, str], task: Any, template: str, out_dir: Path) -> dict[str, dict[str, float]]:
+    """{model: {benchmark: accuracy %}} plus QA / Math averages over the benchmarks present."""
+    gen = GenerationConfig(template=template, max_new_tokens=task.eval_max_new_tokens)
+    table: dict[str, dict[str, float]] = {}
+    for name, path in models.items():
+        row = table.setdefault(name, {})
+        for spec in task.benchmarks:
+            bench, _, data = spec.partition("=")
+            row[bench] = evaluate(path, bench, str(out_dir / slug(name)), data or None, task.eval_limit, gen)["accuracy"]
+        for group in ("qa", "math"):
+            accs = [row[b.partition("=")[0]] for b in task.benchmarks if benchmarks.get(b.partition("=")[0]).group == group]
+            if accs:
+                row[f"{group}_avg"] = round(sum(accs) / len(accs), 2)
+    return table
+
+
+def table3(models: dict[str, str], task: Any, template: str, out_dir: Path) -> dict[str, dict[str, float]]:
+    """Win rate (%) of each model against the first model (SFT), judged by `task.judge` in both orders."""
+    from allo.data.templates import render_prompt
+    from allo.eval import bradley_terry, instruct, judges
+    from allo.generate import Sampling, generate
+    from allo.openai_client import ChatClient
+    from transformers import AutoTokenizer
+
+    client = ChatClient(task.judge.endpoint("task.judge"), cache_dir=str(out_dir / "judge_cache"))
+    suites = {}
+    if task.alpaca_eval:
+        suites["alpaca_eval"] = [r["instruction"] for r in instruct.read_alpaca_outputs(task.alpaca_eval)]
+    if task.arena_hard:
+        suites["arena_hard"] = [q["prompt"] for q in instruct.read_arena_questions(task.arena_hard)]
+    answers: dict[str, dict[str, list[str]]] = {}
+    for name, path in models.items():
+        tok = AutoTokenizer.from_pretrained(path)
+        for suite, prompts in suites.items():
+            prompts = prompts[:task.eval_limit] if task.eval_limit else prompts
+            outs = generate(path, [render_prompt(p, template, tok) for p in prompts],
+                            Sampling(max_new_tokens=task.eval_max_new_tokens))
+            answers.setdefault(suite, {})[name] = [o[0].strip() for o in outs]
+    base = next(iter(models))
+    table: dict[str, dict[str, float]] = {name: {} for name in models}
+    for suite, by_model in answers.items():
+        prompts = suites[suite][:len(by_model[base])]
+        for name in models:
+            if name == base:
+                table[name][suite] = 50.0
+            elif suite == "alpaca_eval":
+                ann = judges.alpaca_pairs(client, prompts, by_model[base], by_model[name], base, name, "swap")
+                table[name][suite] = round(judges.alpaca_score(ann)[0]["win_rate"], 2)
+            else:
+                qs = [{"uid": str(i), "prompt": p} for i, p in enumerate(prompts)]
+                games = judges.arena_games(client, qs, dict(zip(map(str, range(len(prompts))), by_model[base])),
+                                           dict(zip(map(str, range(len(prompts))), by_model[name])))
+                battles, groups, _ = judges.battles(games, name, base)
+                table[name][suite] = bradley_terry.scores(battles, base, rounds=0)[name]["score"] if battles else None
+    table["_judge"] = {"model": task.judge.model, "usage": client.usage.summary(client.ep)}
+    return table

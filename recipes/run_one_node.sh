@@ -1,0 +1,26 @@
+#!/bin/bash
+# One node: `allo run RECIPE` on every GPU of this machine (torchrun), after checking the batch arithmetic.
+#
+#   recipes/run_one_node.sh RECIPE [--dry-run] [allo run options: --from STEP, --only STEP, --set KEY=VALUE ...]
+#
+# GPUs are counted with torch (set ALLO_GPUS to override, e.g. to use fewer). Without a GPU it runs on 1 CPU
+# process with DS_ACCELERATOR=cpu (tiny recipes only). The paper recipes' run.sh call this.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+recipe=${1:?usage: run_one_node.sh RECIPE [--dry-run] [allo run options]}; shift
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+python=${ALLO_PYTHON:-$here/.venv/bin/python}
+[ -x "$python" ] || python=python3
+gpus=${ALLO_GPUS:-$("$python" -c 'import torch; print(torch.cuda.device_count())')}
+if [ "$gpus" -lt 1 ]; then
+  echo "no GPU found: running 1 CPU process (set ALLO_GPUS to override)" >&2
+  gpus=1
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
+"$python" -m allo.launch "$recipe" --nodes 1 --gpus-per-node "$gpus" || exit 2
+cmd=("$python" -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m allo run "$recipe" "$@")
+echo "command: ${cmd[*]}"
+[ "$dry" = 1 ] && exit 0
+cd "$here"
+exec "${cmd[@]}"
