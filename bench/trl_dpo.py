@@ -1,0 +1,62 @@
+"""One TRL DPOTrainer run on the bench model and pairs (a subprocess of bench/run_all.py); prints JSON.
+
+Same model, data, max length, batch, precision (fp32), optimizer (AdamW, no weight decay), β and learning rate
+as the `allo dpo` run it is compared with; `--precompute` makes TRL compute reference log-probs before training
+(as allo always does), without it the reference model runs live in every step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--pairs", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--precompute", action="store_true")
+    args = p.parse_args()
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(x) for x in open(args.pairs) if x.strip()]
+    ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    cfg = DPOConfig(output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                    max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+                    weight_decay=0.0, beta=0.1, max_length=args.max_length, truncation_mode="keep_end",
+                    precompute_ref_log_probs=args.precompute, use_cpu=True, bf16=False, report_to=[],
+                    logging_steps=1000, save_strategy="no", dataloader_num_workers=0, seed=0)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
+                         callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][2:]
+    print(json.dumps({"step_s": statistics.median(steps), "pairs_per_s": args.batch / statistics.median(steps),
+                      "train_s": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "steps": len(stamps)}))
+
+
+if __name__ == "__main__":
+    main()
