@@ -83,6 +83,25 @@ def child(mode: str, d: Path) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def measure(params: float, d: Path, keep: bool = False) -> dict:
+    """Write the checkpoints, time a plain read and a locate of them (each in a fresh process); the figures."""
+    shutil.rmtree(d, ignore_errors=True)
+    t0 = time.perf_counter()
+    total, largest = write_checkpoints(d, params)
+    print(f"wrote 2 × {total / 1e9:.2f} B fp32 parameters ({2 * total * 4 / 2 ** 30:.1f} GiB) in "
+          f"{time.perf_counter() - t0:.0f} s; largest tensor {largest * 4 / 2 ** 20:.0f} MiB")
+    res: dict = {"params": total, "largest_tensor_mb": largest * 4 / 2 ** 20}
+    for mode in ("read", "locate"):
+        out = subprocess.run([sys.executable, __file__, "--dir", str(d), "--child", mode], check=True,
+                             capture_output=True, text=True).stdout
+        res[mode] = json.loads(out.strip().splitlines()[-1])
+    res["fraction_of_read_bandwidth"] = res["read"]["seconds"] / res["locate"]["seconds"]
+    res["rss_goal_mb"] = (2 * largest * 4 + 2 ** 30) / 2 ** 20
+    if not keep:
+        shutil.rmtree(d, ignore_errors=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", type=float, default=1e9)
@@ -93,25 +112,14 @@ def main() -> None:
     d = Path(args.dir)
     if args.child:
         return child(args.child, d)
-    shutil.rmtree(d, ignore_errors=True)
-    t0 = time.perf_counter()
-    total, largest = write_checkpoints(d, args.params)
-    print(f"wrote 2 × {total / 1e9:.2f} B fp32 parameters ({2 * total * 4 / 2 ** 30:.1f} GiB) in "
-          f"{time.perf_counter() - t0:.0f} s; largest tensor {largest * 4 / 2 ** 20:.0f} MiB")
-    res = {}
-    for mode in ("read", "locate"):
-        out = subprocess.run([sys.executable, __file__, "--dir", str(d), "--child", mode], check=True,
-                             capture_output=True, text=True).stdout
-        res[mode] = json.loads(out.strip().splitlines()[-1])
-    goal_mb = (2 * largest * 4 + 2 ** 30) / 2 ** 20
+    res = measure(args.params, d, args.keep)
+    goal_mb = res["rss_goal_mb"]
     print(f"| run | seconds | peak RSS MiB |\n|---|---|---|\n| read both checkpoints | {res['read']['seconds']:.1f} | "
           f"{res['read']['peak_rss_mb']:.0f} |\n| locate (N1 5%, N2 10%) | {res['locate']['seconds']:.1f} | "
           f"{res['locate']['peak_rss_mb']:.0f} |")
     print(f"fraction of read bandwidth: {res['read']['seconds'] / res['locate']['seconds']:.2f} (goal >= 0.5); "
           f"locate peak RSS {res['locate']['peak_rss_mb']:.0f} MiB vs goal {goal_mb:.0f} MiB "
           f"(2 × largest tensor + 1 GiB)")
-    if not args.keep:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -55,19 +55,24 @@ def mask(model: Path, ratio: float, out: Path) -> Path:
     return out
 
 
-def run(tmp: Path, name: str, stage: str, steps: int, extra: list[str]) -> dict:
-    recipe = tmp / "r.yaml"
+def run(tmp: Path, name: str, stage: str, steps: int, extra: list[str], nproc: int = 2, micro: int = 4,
+        global_batch: int = 16, weight_decay: float = 0.01, ds_config: str = "ds_configs/zero3.json",
+        env: dict | None = None) -> dict:
+    """One `allo STAGE` run under torchrun; medians over the steps after the first two, and peak RSS."""
+    recipe = tmp / f"{name}.yaml"
     recipe.write_text(f"""output_dir: {tmp / 'runs'}
 model: {{path: {tmp / 'model'}, dtype: fp32}}
 data: {{train: {tmp / 'pairs.jsonl'}, template: raw, max_length: 64, max_prompt_length: 32}}
-train: {{micro_batch_size: 4, global_batch_size: 16, lr: 1.0e-4, max_steps: {steps}, weight_decay: 0.01}}
+train: {{micro_batch_size: {micro}, global_batch_size: {global_batch}, lr: 1.0e-4, max_steps: {steps},
+         weight_decay: {weight_decay}, scheduler: constant, warmup_ratio: 0.0, ds_config: {ds_config}}}
 """)
-    cmd = torchrun_command([stage, str(recipe), "--out", str(tmp / "runs" / name), *extra], 2)
-    subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, capture_output=True)
+    cmd = torchrun_command([stage, str(recipe), "--out", str(tmp / "runs" / name), *extra], nproc)
+    subprocess.run(cmd, cwd=ROOT, env=env or ENV, check=True, capture_output=True)
     rows = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    return {"step_s": statistics.median(r["step_s"] for r in rows[2:]),
-            "optim_state_mb": rows[-1]["optim_state_mb"], "tokens_per_s": statistics.median(
-                r["tokens_per_s"] for r in rows[2:])}
+    step = statistics.median(r["step_s"] for r in rows[2:])
+    return {"step_s": step, "pairs_per_s": global_batch / step, "optim_state_mb": rows[-1]["optim_state_mb"],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:]),
+            "peak_rss_mb": max(r["peak_mem_mb"] for r in rows)}
 
 
 def main() -> dict:

@@ -56,13 +56,15 @@ def reference(base, tuned, k, bottom=False, names=None):
     return out
 
 
-@pytest.mark.parametrize("ties,shard,bin_bits", [(False, False, 20), (True, False, 20), (True, True, 8),
-                                                 (False, True, 6)])
-def test_global_topk_matches_torch(tmp_path, ties, shard, bin_bits):
+@pytest.mark.parametrize("ties,shard,bin_bits,cap", [(False, False, 20, None), (True, False, 20, None),
+                                                     (True, True, 8, None), (False, True, 6, None),
+                                                     (True, False, 8, 0), (False, True, 6, 0)])
+def test_global_topk_matches_torch(tmp_path, ties, shard, bin_bits, cap):
+    """cap 0: every threshold bin takes the big-bin path (low-bits pass, exact key, ties in order)."""
     base, tuned = make_pair(tmp_path, ties=ties, shard=shard)
     total = sum(w.numel() for w in base.values())
     res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"n1": 5, "n2": 10}, tmp_path / "masks",
-                 bin_bits=bin_bits)
+                 bin_bits=bin_bits, collect_cap=cap)
     for label, r in (("n1", 5), ("n2", 10)):
         got = load_masks(res.paths[label])
         want = reference(base, tuned, int(total * r / 100))
@@ -72,15 +74,17 @@ def test_global_topk_matches_torch(tmp_path, ties, shard, bin_bits):
         assert meta["selected"] == int(total * r / 100) and meta["counts"] == mask_counts(res.paths[label])
 
 
-def test_bottom_and_band(tmp_path):
+@pytest.mark.parametrize("cap", [None, 0])
+def test_bottom_and_band(tmp_path, cap):
     base, tuned = make_pair(tmp_path, ties=True)
     total = sum(w.numel() for w in base.values())
-    res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"b": 10}, tmp_path / "bottom", bottom=True)
+    res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"b": 10}, tmp_path / "bottom", bottom=True,
+                 collect_cap=cap)
     want = reference(base, tuned, int(total * 0.10), bottom=True)
     got = load_masks(res.paths["b"])
     assert all(torch.equal(got[n], want[n]) for n in SHAPES)
     res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"band": 15}, tmp_path / "band", band_start=5,
-                 bin_bits=10)
+                 bin_bits=10, collect_cap=cap)
     top15, top5 = reference(base, tuned, int(total * .15)), reference(base, tuned, int(total * .05))
     got = load_masks(res.paths["band"])
     assert all(torch.equal(got[n], top15[n] & ~top5[n]) for n in SHAPES)
@@ -119,10 +123,14 @@ def test_bad_input(tmp_path):
     save_file(bad, str(tmp_path / "bad" / "model.safetensors"))
     with pytest.raises(LocateError, match="input_layernorm.weight: NaN or Inf"):
         locate(tmp_path / "base", tmp_path / "bad", 1e-6, {"x": 5}, tmp_path / "o")
+    bad["model.layers.0.input_layernorm.weight"] = torch.full((11,), float("inf"))
+    save_file(bad, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(LocateError, match="input_layernorm.weight: NaN or Inf"):
+        locate(tmp_path / "base", tmp_path / "bad", 1e-6, {"x": 5}, tmp_path / "o", bottom=True)
 
 
-@pytest.mark.parametrize("bin_bits", [20, 6])
-def test_chunked_scoring_matches_torch(tmp_path, monkeypatch, bin_bits):
+@pytest.mark.parametrize("bin_bits,cap", [(20, None), (6, None), (6, 0)])
+def test_chunked_scoring_matches_torch(tmp_path, monkeypatch, bin_bits, cap):
     """Tensors scored in many small row chunks (ties and impure threshold bins across chunk borders)."""
     import allo.masks.locate as loc
 
@@ -130,11 +138,31 @@ def test_chunked_scoring_matches_torch(tmp_path, monkeypatch, bin_bits):
     base, tuned = make_pair(tmp_path, ties=True)
     total = sum(w.numel() for w in base.values())
     res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"n": 10}, tmp_path / "m", band_start=0,
-                 bin_bits=bin_bits)
+                 bin_bits=bin_bits, collect_cap=cap)
     got, want = load_masks(res.paths["n"]), reference(base, tuned, int(total * 0.10))
     assert all(torch.equal(got[n], want[n]) for n in SHAPES)
     res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"b": 12}, tmp_path / "b", band_start=4,
-                 bin_bits=bin_bits)
+                 bin_bits=bin_bits, collect_cap=cap)
     top12, top4 = reference(base, tuned, int(total * .12)), reference(base, tuned, int(total * .04))
     got = load_masks(res.paths["b"])
     assert all(torch.equal(got[n], top12[n] & ~top4[n]) for n in SHAPES)
+
+
+def test_source_hashes_are_of_the_weights(tmp_path):
+    """The same weights hash the same whether sharded or not; a changed weight changes the hash."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    make_pair(tmp_path / "a", seed=3)
+    base, tuned = make_pair(tmp_path / "b", seed=3, shard=True)
+    ma = locate(tmp_path / "a" / "base", tmp_path / "a" / "tuned", 1e-6, {"n": 5}, tmp_path / "ma")
+    mb = locate(tmp_path / "b" / "base", tmp_path / "b" / "tuned", 1e-6, {"n": 5}, tmp_path / "mb")
+    meta_a = json.loads((tmp_path / "ma" / "n.json").read_text())
+    meta_b = json.loads((tmp_path / "mb" / "n.json").read_text())
+    assert meta_a["base_hash"] == meta_b["base_hash"] and meta_a["tuned_hash"] == meta_b["tuned_hash"]
+    assert meta_a["base_hash"] != meta_a["tuned_hash"]
+    tuned["lm_head.weight"][0, 0] += 1.0
+    (tmp_path / "c").mkdir()
+    save_file(tuned, str(tmp_path / "c" / "model.safetensors"))
+    locate(tmp_path / "a" / "base", tmp_path / "c", 1e-6, {"n": 5}, tmp_path / "mc")
+    assert json.loads((tmp_path / "mc" / "n.json").read_text())["tuned_hash"] != meta_a["tuned_hash"]
+    assert ma.paths and mb.paths

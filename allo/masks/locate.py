@@ -2,14 +2,16 @@
 
 Scores are non-negative float32, whose bit patterns sort like their values, so an element's rank is decided
 by an integer key (the bits; for `bottom` their complement). Pass 1 reads both checkpoints tensor by tensor
-and builds, per selection group (the whole model, a layer, or a tensor), a histogram of the keys' top bits
-with each bin's smallest and largest key. That gives, for every k wanted, the bin holding the k-th key and
-how many elements of that bin are needed. Pass 2 reads the checkpoints again and streams each mask tensor
-straight into its safetensors file: elements above the bin are selected, elements in it are resolved
-exactly (if the bin holds one key value, the first `need` of them in tensor order; otherwise the bin's few
-keys are kept and the exact cut is patched into the file at the end). Ties at the threshold go to the
-earlier tensor (sorted names) and the lower flat index, so the selected count is exactly ⌊N·r/100⌋ and runs
-are reproducible. Peak memory is one pair of tensors plus the histograms, never the model.
+and builds, per selection group (the whole model, a layer, or a tensor), a histogram of the keys' top bits.
+That gives, for every k wanted, the bin holding the k-th key and how many elements of that bin are needed.
+Pass 2 reads the checkpoints again and streams each mask tensor straight into its safetensors file: elements
+above the bin are selected, and the bin itself is resolved exactly. A bin of at most COLLECT_CAP elements (the
+usual case: 2^20 bins spread a continuous distribution thin) has its keys collected during pass 2 and the exact
+cut patched into the file at the end; a larger one (massive ties, e.g. many unchanged weights under `bottom`)
+first gets a histogram of its keys' low bits in an extra pass, which pins the exact threshold key, so pass 2
+selects everything above it and the first `need` elements equal to it. Ties at the threshold go to the earlier
+tensor (sorted names) and the lower flat index, so the selected count is exactly ⌊N·r/100⌋ and runs are
+reproducible. Peak memory is one pair of row chunks plus the histograms, never the model.
 
 Not here: locating from a ZeRO-3 run's partitions without a merged checkpoint (a planned collective path).
 """
@@ -110,13 +112,20 @@ def paired_names(base: Reader, tuned: Reader) -> list[str]:
 # ------------------------------------------------------------------------------------------- selection
 @dataclass
 class Cut:
-    """Where the k-th key of a group lies: above bin `bin` everything counts; `need` more come from the bin."""
+    """Where the k-th key of a group lies: keys in bins above `bin` all count, `need` more come from the bin,
+    which holds `count` elements. Resolved by collecting the bin's keys (`candidates`), or, for a big bin, by
+    the exact threshold key found in the low-bits pass (`exact_key`, of which the first `need_at_key` count)."""
     k: int
     bin: int
     need: int
-    pure: bool                                   # the bin holds a single key value
-    exact_key: int = -1                          # resolved threshold key (non-pure bins, after pass 2)
-    candidates: list = field(default_factory=list)  # non-pure bins: (key, tensor_order, flat_idx) chunks
+    count: int
+    exact_key: int = -1
+    need_at_key: int = 0
+    candidates: list = field(default_factory=list)  # (key, tensor_order, flat_idx) chunks
+
+    @property
+    def takes_whole_bin(self) -> bool:
+        return self.need == self.count
 
 
 def group_of(name: str, scope: str) -> str:
@@ -128,24 +137,41 @@ def group_of(name: str, scope: str) -> str:
     return f"layer{m.group(1)}" if m else "other"
 
 
-def keys_of(base: torch.Tensor, tuned: torch.Tensor, bottom: bool, name: str) -> torch.Tensor:
-    """Integer rank keys of |θ' − θ| (the 1/α factor does not change the order)."""
-    b, t = base.float(), tuned.float()
-    if not (torch.isfinite(b).all() and torch.isfinite(t).all()):
-        raise LocateError(f"{name}: NaN or Inf in the checkpoint weights")
-    key = (t - b).abs().flatten().view(torch.int32)
+NONFINITE = 0x7F800000  # bit patterns at or above this are Inf or NaN (the sign bit is cleared by abs)
+
+
+def keys_of(base: torch.Tensor, tuned: torch.Tensor, bottom: bool) -> torch.Tensor:
+    """Integer rank keys of |θ' − θ| (the 1/α factor does not change the order): the float32 bits, which sort like
+    the values; for `bottom` their complement. A NaN or Inf in either weight gives a key >= NONFINITE."""
+    key = (tuned.float() - base.float()).abs_().flatten().view(torch.int32)
     return (2 ** KEY_BITS - 1) - key if bottom else key
 
 
-def find_cut(hist: np.ndarray, s1: np.ndarray, s2: np.ndarray, k: int) -> Cut:
-    """The bin holding the k-th largest key, counting from the top. A bin is pure (one key value) iff the low bits
-    of its keys have zero variance: count·Σx² = (Σx)², exact in integers (the sums are exact in float64)."""
+def check_finite(chunk_hist: torch.Tensor, shift: int, bottom: bool, name: str) -> None:
+    """Pass 1's per-chunk histogram already says whether a key is Inf/NaN: no separate isfinite scan."""
+    first = NONFINITE >> shift
+    bad = chunk_hist[:len(chunk_hist) - first] if bottom else chunk_hist[first:]
+    if bool(bad.any()):
+        raise LocateError(f"{name}: NaN or Inf in the checkpoint weights")
+
+
+def find_cut(hist: np.ndarray, k: int) -> Cut:
+    """The bin holding the k-th largest key, counting from the top, and how many of its elements are needed."""
     from_top = np.cumsum(hist[::-1])
     idx = int(np.searchsorted(from_top, k))  # first position where the running count reaches k
     b = len(hist) - 1 - idx
     above = int(from_top[idx - 1]) if idx > 0 else 0
-    pure = int(hist[b]) * int(s2[b]) == int(s1[b]) ** 2
-    return Cut(k=k, bin=b, need=k - above, pure=pure)
+    return Cut(k=k, bin=b, need=k - above, count=int(hist[b]))
+
+
+def pin_exact_key(cut: Cut, low_hist: np.ndarray, shift: int) -> None:
+    """From the low-bits histogram of a big threshold bin: the exact k-th key and how many equal to it count."""
+    from_top = np.cumsum(low_hist[::-1])
+    idx = int(np.searchsorted(from_top, cut.need))
+    j = len(low_hist) - 1 - idx
+    above = int(from_top[idx - 1]) if idx > 0 else 0
+    cut.exact_key = (cut.bin << shift) | j
+    cut.need_at_key = cut.need - above
 
 
 @dataclass
@@ -154,8 +180,12 @@ class LocateResult:
     summary: dict
 
 
+COLLECT_CAP = 1 << 22  # threshold bins up to this many elements are resolved from their collected keys
+
+
 def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[str, float], out_dir: str | Path,
-           scope: str = "global", band_start: float = 0.0, bottom: bool = False, bin_bits: int = 20) -> LocateResult:
+           scope: str = "global", band_start: float = 0.0, bottom: bool = False, bin_bits: int = 20,
+           collect_cap: int | None = None) -> LocateResult:
     """Write one mask file per named ratio (e.g. {"n1": 5, "n2": 10}) from two reads of the checkpoints."""
     for label, r in ratios.items():
         if not 0 < r <= 100:
@@ -169,23 +199,25 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     names = paired_names(base, tuned)
     shift = KEY_BITS - bin_bits
     groups: dict[str, dict] = {}
-    # ---- pass 1: per group, a histogram of the keys' top bits and Σ, Σ² of their low bits per bin
-    low_mask = (1 << shift) - 1
+    cap = COLLECT_CAP if collect_cap is None else collect_cap
+    # ---- pass 1: per group, a histogram of the keys' top bits
+    changed = bottom  # whether any weight differs (the `bottom` ranking is meaningful either way)
+    import xxhash
+
+    hashes = {"base": xxhash.xxh3_128(), "tuned": xxhash.xxh3_128()}  # of the weights, at no extra read
     for name in names:
-        g = groups.setdefault(group_of(name, scope), {
-            "n": 0, "hist": np.zeros(2 ** bin_bits, np.int64), "s1": np.zeros(2 ** bin_bits, np.float64),
-            "s2": np.zeros(2 ** bin_bits, np.float64), "zero": 0})
+        g = groups.setdefault(group_of(name, scope), {"n": 0, "hist": torch.zeros(2 ** bin_bits, dtype=torch.int64)})
         for _, b, t in chunks(base, tuned, name):
-            key = keys_of(b, t, bottom, name)
-            bins = key >> shift
-            low = (key & low_mask).double()
+            hashes["base"].update(b.contiguous().view(torch.uint8).numpy().data)
+            hashes["tuned"].update(t.contiguous().view(torch.uint8).numpy().data)
+            key = keys_of(b, t, bottom)
+            chunk_hist = torch.bincount(key >> shift, minlength=2 ** bin_bits)
+            check_finite(chunk_hist, shift, bottom, name)
             g["n"] += key.numel()
-            g["zero"] += int((key == 0).sum()) if not bottom else 0
-            g["hist"] += torch.bincount(bins, minlength=2 ** bin_bits).numpy()
-            g["s1"] += torch.bincount(bins, weights=low, minlength=2 ** bin_bits).numpy()
-            g["s2"] += torch.bincount(bins, weights=low * low, minlength=2 ** bin_bits).numpy()
+            g["hist"] += chunk_hist
+            changed = changed or bool(key.any())
     total = sum(g["n"] for g in groups.values())
-    if not bottom and all(g["zero"] == g["n"] for g in groups.values()):
+    if not changed:
         raise LocateError("the two checkpoints are identical (every score is 0): nothing to rank; was the warm-up "
                           "run trained (lr, steps)?")
     # cuts[label] = (cut for top-r%, cut for top-band_start% or None) per group
@@ -193,14 +225,34 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     for label, r in ratios.items():
         cuts[label] = {}
         for gname, g in groups.items():
+            hist = g["hist"].numpy()
             k_hi = math.floor(g["n"] * r / 100)
             k_lo = math.floor(g["n"] * band_start / 100)
             if k_hi == 0:
                 raise LocateError(f"ratio {label}={r}% of {g['n']} elements in group {gname} selects nothing")
-            cut_hi = find_cut(g["hist"], g["s1"], g["s2"], k_hi)
-            cut_lo = find_cut(g["hist"], g["s1"], g["s2"], k_lo) if k_lo > 0 else None
-            cuts[label][gname] = (cut_hi, cut_lo)
-    # ---- pass 2: stream masks out; pure bins resolved in order, impure bins collected then patched
+            cuts[label][gname] = (find_cut(hist, k_hi), find_cut(hist, k_lo) if k_lo > 0 else None)
+    # ---- pass 1b (only for threshold bins too big to collect): low-bits histograms pin the exact keys
+    big = {(gname, c.bin) for per in cuts.values() for gname, pair in per.items() for c in pair
+           if c is not None and not c.takes_whole_bin and c.count > cap}
+    if big:
+        low_hists = {gb: torch.zeros(2 ** shift, dtype=torch.int64) for gb in big}
+        low_mask = (1 << shift) - 1
+        for name in names:
+            gname = group_of(name, scope)
+            wanted = [b for g2, b in big if g2 == gname]
+            if not wanted:
+                continue
+            for _, b, t in chunks(base, tuned, name):
+                key = keys_of(b, t, bottom)
+                bins = key >> shift
+                for bn in wanted:
+                    low_hists[(gname, bn)] += torch.bincount(key[bins == bn] & low_mask, minlength=2 ** shift)
+        for per in cuts.values():
+            for gname, pair in per.items():
+                for c in pair:
+                    if c is not None and (gname, c.bin) in big:
+                        pin_exact_key(c, low_hists[(gname, c.bin)].numpy(), shift)
+    # ---- pass 2: stream masks out; collected threshold bins are patched at the end
     out_dir = Path(out_dir)
     writers = {label: StreamingMaskWriter(out_dir / f"{label}.safetensors",
                                           [(n, base.meta(n)[0]) for n in names]) for label in ratios}
@@ -209,19 +261,19 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     for order, name in enumerate(names):
         gname = group_of(name, scope)
         for offset, b, t in chunks(base, tuned, name):
-            key = keys_of(b, t, bottom, name)
+            key = keys_of(b, t, bottom)
             for label in ratios:
                 hi_cut, lo_cut = cuts[label][gname]
                 sel = _select(key, hi_cut, shift, taken, (label, gname, "hi"), order, offset)
                 if lo_cut is not None:
                     sel &= ~_select(key, lo_cut, shift, taken, (label, gname, "lo"), order, offset)
                 writers[label].write(name, sel, offset)
-                counts[label][name] = counts[label].get(name, 0) + int(sel.sum())
-    # impure threshold bins: resolve the exact cut among the collected keys and patch the files
+                counts[label][name] = counts[label].get(name, 0) + int(torch.count_nonzero(sel))  # 25x a bool sum
+    # collected threshold bins: resolve the exact cut among their keys and patch the files
     for label in ratios:
         for gname, (hi_cut, lo_cut) in cuts[label].items():
             for cut, sign in ((hi_cut, 1), (lo_cut, -1)):
-                if cut is None or cut.pure or cut.need == 0:
+                if cut is None or not cut.candidates:
                     continue
                 for order, idx in _resolve(cut):
                     name = names[order]
@@ -233,8 +285,9 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
         selected = sum(counts[label].values())
         meta = {"ratio": r, "band_start": band_start, "scope": scope, "bottom": bottom, "lr": lr,
                 "selected": selected, "total": total, "achieved_ratio": 100 * selected / total,
-                "base": str(base_dir), "tuned": str(tuned_dir),
-                "base_hash": _content_hash(base, names), "tuned_hash": _content_hash(tuned, names)}
+                "base": str(base_dir), "tuned": str(tuned_dir), "base_hash": hashes["base"].hexdigest(),
+                "tuned_hash": hashes["tuned"].hexdigest(),
+                "hash": "xxh3-128 of every tensor's bytes, tensors in sorted-name order"}
         writers[label].close()
         sidecar = out_dir / f"{label}.json"
         from allo.io import write_json
@@ -247,24 +300,26 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
 
 def _select(key: torch.Tensor, cut: Cut, shift: int, taken: dict, slot: tuple, order: int,
             offset: int) -> torch.Tensor:
-    bins = key >> shift
-    sel = bins > cut.bin
-    in_bin = bins == cut.bin
-    if cut.pure:  # one key value in the bin: the first `need` of them, in tensor then index order
-        left = cut.need - taken.get(slot, 0)
+    lo, hi = cut.bin << shift, (cut.bin + 1) << shift
+    if cut.takes_whole_bin:
+        return key >= lo
+    if cut.exact_key >= 0:  # big bin, threshold key known: all above it, the first `need_at_key` equal to it
+        sel = key > cut.exact_key
+        left = cut.need_at_key - taken.get(slot, 0)
         if left > 0:
-            idx = in_bin.nonzero().flatten()[:left]
+            idx = (key == cut.exact_key).nonzero().flatten()[:left]
             sel[idx] = True
             taken[slot] = taken.get(slot, 0) + len(idx)
-    elif cut.need > 0:
-        idx = in_bin.nonzero().flatten()
-        if len(idx):
-            cut.candidates.append((key[idx].long(), torch.full_like(idx, order), idx + offset))
+        return sel
+    sel = key >= hi if hi < 2 ** 31 else torch.zeros_like(key, dtype=torch.bool)  # int32 compare, no overflow
+    idx = ((key >= lo) & ~sel).nonzero().flatten()
+    if len(idx):
+        cut.candidates.append((key[idx].long(), torch.full_like(idx, order), idx + offset))
     return sel
 
 
 def _resolve(cut: Cut) -> Iterator[tuple[int, torch.Tensor]]:
-    """The `need` best candidates of an impure bin: larger key first, then earlier tensor, then lower index."""
+    """The `need` best candidates of a collected bin: larger key first, then earlier tensor, then lower index."""
     keys = torch.cat([c[0] for c in cut.candidates])
     orders = torch.cat([c[1] for c in cut.candidates])
     idx = torch.cat([c[2] for c in cut.candidates])
@@ -276,20 +331,6 @@ def _resolve(cut: Cut) -> Iterator[tuple[int, torch.Tensor]]:
     for order in orders[chosen].unique().tolist():
         pick = chosen[orders[chosen] == order]
         yield order, idx[pick]
-
-
-def _content_hash(reader: Reader, names: Sequence[str]) -> str:
-    """A cheap identity of a checkpoint: xxh3-128 of its safetensors headers (names, dtypes, shapes, offsets) and
-    file sizes. Not a content hash of the weights: that would cost a third full read."""
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    for f in sorted(set(reader.files.values())):
-        with open(f, "rb") as fh:  # noqa: PTH123
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(n))
-        h.update(str(f.stat().st_size).encode())
-    return h.hexdigest()
 
 
 class StreamingMaskWriter:
@@ -316,7 +357,7 @@ class StreamingMaskWriter:
     def write(self, name: str, mask: torch.Tensor, offset: int = 0) -> None:
         """Write the flat elements [offset, offset + mask.numel()) of tensor `name`, in file order."""
         assert self.f.tell() == self.data_start + self.offsets[name] + offset, f"{name} written out of order"
-        self.f.write(mask.to(torch.uint8).numpy().tobytes())
+        self.f.write(mask.contiguous().view(torch.uint8).numpy().data)  # bool bytes are 0/1: no copy
 
     def patch(self, name: str, flat_idx: torch.Tensor, value: bool) -> None:
         byte = b"\x01" if value else b"\x00"

@@ -1,0 +1,106 @@
+"""Every performance figure of the project, each measured side by side in one run and reported as a ratio.
+
+  1. DPO throughput: `allo dpo` vs TRL's DPOTrainer on the same tiny Llama, pairs, max length, batch and fp32, one
+     process each with the same thread count (goal: ours >= 1.0x TRL's); ALLO's masked improve stage (10% mask)
+     vs our plain DPO (goal: >= 0.95x).
+  2. Reference cost: TRL with a live reference model vs TRL with precomputed reference log-probs (step time, peak
+     memory); allo always precomputes them once, sharded over ranks, and caches them on disk.
+  3. Optimizer state: Adam moments of dense masked AdamW vs sparse state at 5/10/20% masks (goal at 10%: <= 15% of
+     dense), and peak process memory of each 2-rank ZeRO-3 run.
+  4. Locate throughput vs a plain read of the same checkpoint files (goal >= 0.5 of the read bandwidth) and its
+     peak RSS (goal < 2 x largest tensor + 1 GiB).
+Prints a table last and writes bench/results/run_all.json. `--quick` (under 5 minutes on 2 cores): fewer steps
+and a 0.1 B-parameter locate checkpoint instead of 1 B.
+Usage: python bench/run_all.py [--quick] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import locate as locate_bench  # noqa: E402
+import masked_step  # noqa: E402
+
+
+def trl(tmp: Path, steps: int, precompute: bool, env: dict) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "trl_dpo.py"), "--model", str(tmp / "model"), "--pairs",
+           str(tmp / "pairs.jsonl"), "--out", str(tmp / "trl"), "--steps", str(steps), "--batch", "8"]
+    out = subprocess.run(cmd + (["--precompute"] if precompute else []), cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads([x for x in out.splitlines() if x.startswith('{"step_s"')][-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each single-process run (figure 1, 2)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "run_all.json"))
+    args = p.parse_args()
+    steps = 12 if args.quick else 40
+    one = dict(masked_step.ENV, OMP_NUM_THREADS=str(args.threads))
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "threads": args.threads}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        model = masked_step.build(tmp)
+        mask10 = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
+        single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json", env=one)
+        # 1 + 2: one process each, alternating so drift in machine load hits both sides alike
+        res["trl_precomputed"] = trl(tmp, steps, True, one)
+        res["allo_dpo"] = masked_step.run(tmp, "allo_dpo", "dpo", steps, [], **single)
+        res["trl_live_reference"] = trl(tmp, steps, False, one)
+        res["allo_improve_10"] = masked_step.run(tmp, "allo_improve", "improve", steps, ["--mask", mask10], **single)
+        # 3: 2 ranks, ZeRO-3
+        res["zero3_dpo"] = masked_step.run(tmp, "z3_dpo", "dpo", steps, [])
+        for r in (5, 10, 20):
+            m = str(masked_step.mask(model, r, tmp / f"m{r}.safetensors"))
+            for mode in ("dense", "sparse"):
+                res[f"zero3_improve_{mode}_{r}"] = masked_step.run(
+                    tmp, f"z3_{mode}_{r}", "improve", steps,
+                    ["--mask", m, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
+    # 4
+    res["locate"] = locate_bench.measure(1e8 if args.quick else 1e9, Path(tempfile.gettempdir()) / "allo_locate_bench")
+    res["wall_s"] = round(time.time() - t0, 1)
+
+    ratios = [
+        ("1", "allo DPO / TRL DPO (precomputed ref), pairs/s", res["allo_dpo"]["pairs_per_s"] /
+         res["trl_precomputed"]["pairs_per_s"], ">= 1.0"),
+        ("1", "allo DPO / TRL DPO (live ref), pairs/s", res["allo_dpo"]["pairs_per_s"] /
+         res["trl_live_reference"]["pairs_per_s"], ">= 1.0"),
+        ("1", "ALLO improve (10% mask) / allo DPO, pairs/s", res["allo_improve_10"]["pairs_per_s"] /
+         res["allo_dpo"]["pairs_per_s"], ">= 0.95"),
+        ("2", "TRL live reference / precomputed, step time", res["trl_live_reference"]["step_s"] /
+         res["trl_precomputed"]["step_s"], "(cost)"),
+        ("2", "TRL live reference / precomputed, peak RSS", res["trl_live_reference"]["peak_rss_mb"] /
+         res["trl_precomputed"]["peak_rss_mb"], "(cost)"),
+    ]
+    for r in (5, 10, 20):
+        dense, sparse = res[f"zero3_improve_dense_{r}"], res[f"zero3_improve_sparse_{r}"]
+        ratios.append(("3", f"sparse / dense Adam moments at {r}%", sparse["optim_state_mb"] / dense["optim_state_mb"],
+                       "<= 0.15" if r == 10 else ""))
+        ratios.append(("3", f"sparse / dense peak RSS (rank 0) at {r}%", sparse["peak_rss_mb"] / dense["peak_rss_mb"],
+                       ""))
+        ratios.append(("3", f"masked dense {r}% / DPO step time (ZeRO-3, 2 ranks)",
+                       dense["step_s"] / res["zero3_dpo"]["step_s"], "<= 1.05"))
+    loc = res["locate"]
+    ratios.append(("4", "locate / read bandwidth", loc["fraction_of_read_bandwidth"], ">= 0.5"))
+    ratios.append(("4", "locate peak RSS / (2 x largest tensor + 1 GiB)", loc["locate"]["peak_rss_mb"] /
+                   loc["rss_goal_mb"], "< 1.0"))
+    res["ratios"] = {name: value for _, name, value, _ in ratios}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"\nraw figures in {args.out}; wall time {res['wall_s']} s")
+    print("\n| # | ratio | value | goal |\n|---|---|---|---|")
+    for fig, name, value, goal in ratios:
+        print(f"| {fig} | {name} | {value:.3f} | {goal} |")
+
+
+if __name__ == "__main__":
+    main()
