@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     loc.add_argument("--ratio", type=float, nargs="+", help="percentages to select; writes topR.safetensors each "
                      "(default: the recipe's N1 forget_ratio and N2 improve_ratio as n1/n2)")
     loc.add_argument("--out", help="output directory (default: OUTPUT_DIR/locate)")
+    masks = sub.add_parser("masks", help="Inspect a neuron mask file",
+                           description="`allo masks show MASK`: selected fraction per layer and module, and a PNG "
+                                       "heatmap (layer × module).")
+    msub = masks.add_subparsers(dest="masks_cmd", required=True)
+    show = msub.add_parser("show", help="fraction per layer and module, plus a heatmap PNG")
+    show.add_argument("mask", help="a mask file written by `allo locate` (safetensors of bools)")
+    show.add_argument("--png", help="heatmap path (default: MASK with .png)")
     cfg = sub.add_parser("config", help="Print the resolved recipe, or every knob with --doc",
                          description="Print the fully resolved recipe (after --set), or document every knob.")
     cfg.add_argument("recipe", nargs="?")
@@ -92,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage == "config" and args.doc:
             print("\n".join(describe()))
+            return 0
+        if args.stage == "masks":
+            from allo.masks.show import heatmap, render
+
+            print(render(args.mask))
+            print(heatmap(args.mask, args.png or str(args.mask).rsplit(".", 1)[0] + ".png"))
             return 0
         if args.stage == "report":
             from allo.report import report

@@ -166,3 +166,25 @@ def test_source_hashes_are_of_the_weights(tmp_path):
     locate(tmp_path / "a" / "base", tmp_path / "c", 1e-6, {"n": 5}, tmp_path / "mc")
     assert json.loads((tmp_path / "mc" / "n.json").read_text())["tuned_hash"] != meta_a["tuned_hash"]
     assert ma.paths and mb.paths
+
+
+def test_masks_show_table_and_heatmap(tmp_path, capsys):
+    from allo.cli import main
+    from allo.masks.io import save_masks
+    from allo.masks.show import fractions
+
+    masks = {"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 5, dtype=torch.bool),
+             "model.layers.1.mlp.up_proj.weight": torch.ones(4, 5, dtype=torch.bool),
+             "model.layers.1.self_attn.q_proj.weight": torch.zeros(2, 5, dtype=torch.bool),
+             "lm_head.weight": torch.zeros(10, dtype=torch.bool)}
+    masks["model.layers.0.mlp.up_proj.weight"][0, :2] = True
+    masks["lm_head.weight"][:5] = True
+    path = tmp_path / "m.safetensors"
+    save_masks(path, masks, {"ratio": 10})  # no sidecar: counts come from the file itself
+    table, other, overall = fractions(path)
+    assert table == {0: {"mlp.up_proj": 0.1}, 1: {"mlp.up_proj": 1.0, "self_attn.q_proj": 0.0}}
+    assert other == {"lm_head.weight": 0.5} and overall == pytest.approx(27 / 60)
+    assert main(["masks", "show", str(path), "--png", str(tmp_path / "h.png")]) == 0
+    out = capsys.readouterr().out
+    assert "45.000% of elements selected (ratio 10" in out and "100.00%" in out and "lm_head.weight: 50.00%" in out
+    assert (tmp_path / "h.png").stat().st_size > 5000
