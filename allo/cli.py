@@ -145,7 +145,11 @@ def _distributed(args: argparse.Namespace, recipe) -> None:
     if args.stage in TRAINING:
         from allo.stages.runner import run_stage
 
-        run_stage(recipe, args.stage, data=args.data, init=args.init, mask=args.mask, out_dir=args.out)
+        from pathlib import Path
+
+        out = args.out or str(Path(recipe.output_dir) / args.stage)
+        masks = str(Path(out) / "masks") if args.stage == "warmup" and recipe.locate.from_partitions else None
+        run_stage(recipe, args.stage, data=args.data, init=args.init, mask=args.mask, out_dir=out, locate_out=masks)
         return
     from allo.pipeline import run_pipeline
 

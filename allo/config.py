@@ -124,6 +124,9 @@ class LocateConfig:
     scope: Literal["global", "per_tensor", "per_layer"] = knob("global", "Where the top-k threshold is taken.")
     band_start: float = knob(0.0, "Skip the top `band_start` percent (keep ranks in (l%, r%]).", ge=0, lt=100)
     bottom: bool = knob(False, "Select the least important elements instead (the paper's control).")
+    from_partitions: bool = knob(False, "Compute the masks at the end of the warm-up run from its ZeRO-1/2/3 "
+                                        "partitions, with collectives (no rank reads the merged θ'); the locate step "
+                                        "then takes them over. For models too large to merge on one node.")
 
 
 @dataclass

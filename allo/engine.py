@@ -246,6 +246,14 @@ class Strategy:
         self.dist.all_gather_object(out, obj)
         return out
 
+    def gather_object(self, obj: Any) -> list | None:
+        """Collective: every rank's object, in rank order, on rank 0 only (None elsewhere)."""
+        import torch.distributed as tdist  # deepspeed.comm has no gather_object
+
+        out = [None] * self.world if self.is_rank0 else None
+        tdist.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         self.dist.barrier()
 

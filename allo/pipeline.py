@@ -44,7 +44,8 @@ TRAIN_KEYS = ("model", "data", "train", "seed")
 CONFIG = {"sft": TRAIN_KEYS + ("sft", "task.sft_data"), "sample": ("sample", "task.problems", "task.family",
                                                                     "data.template", "seed"),
           "pairs": ("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.columns"),
-          "warmup": TRAIN_KEYS + ("warmup",), "locate": ("locate", "warmup.train", "train.lr"),
+          "warmup": TRAIN_KEYS + ("warmup", "locate.from_partitions"),
+          "locate": ("locate", "warmup.train", "train.lr"),
           "reward-data": ("reward.teacher", "reward.teacher_endpoint.base_url", "reward.teacher_endpoint.model",
                           "task.family"),
           "reward-train": TRAIN_KEYS + ("reward",), "reward-score": ("data.template",),
@@ -140,10 +141,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------ training steps
     def _train(self, stage: str, recipe: Recipe, data: str, init: Optional[str], out: str,
-               mask: Optional[str] = None, train: Optional[TrainConfig] = None) -> None:
+               mask: Optional[str] = None, train: Optional[TrainConfig] = None, locate_out: Optional[str] = None) -> None:
         from allo.stages.runner import run_stage
 
-        run_stage(recipe, stage, data=data, init=init, mask=mask, out_dir=out, train=train)
+        run_stage(recipe, stage, data=data, init=init, mask=mask, out_dir=out, train=train, locate_out=locate_out)
 
     def step_sft(self) -> None:
         if not self.r.task.sft_data:
@@ -154,7 +155,9 @@ class Pipeline:
         self._train("sft", self.r, self.r.task.sft_data, self.r.model.path, str(self.step_dir("sft")))
 
     def step_warmup(self) -> None:
-        self._train("warmup", self.r, self.file("pairs", "pairs.jsonl"), self.sft_model, str(self.step_dir("warmup")))
+        masks = str(self.step_dir("warmup") / "masks") if self.r.locate.from_partitions else None
+        self._train("warmup", self.r, self.file("pairs", "pairs.jsonl"), self.sft_model, str(self.step_dir("warmup")),
+                    locate_out=masks)
 
     def step_reward_train(self) -> None:
         reward = self.r.reward
@@ -224,9 +227,35 @@ class Pipeline:
     def step_locate(self) -> dict:
         from allo.stages.locate import run_locate
 
+        if self.r.locate.from_partitions:
+            taken = self._masks_from_warmup()
+            if taken:
+                return taken
         paths = run_locate(self.r, base=self.sft_model, tuned=str(self.step_dir("warmup") / "model"),
                            out_dir=str(self.step_dir("locate")))
         return {"masks": {k: str(v) for k, v in paths.items()}}
+
+    def _masks_from_warmup(self) -> Optional[dict]:
+        """The masks the warm-up run computed from its partitions, if they match the recipe's ratios and scope."""
+        import shutil
+
+        src, loc = self.step_dir("warmup") / "masks", self.r.locate
+        want = {"n1": loc.forget_ratio, "n2": loc.improve_ratio}
+        for label, ratio in want.items():
+            meta = src / f"{label}.json"
+            m = json.loads(meta.read_text()) if meta.exists() else {}
+            if (m.get("ratio"), m.get("scope"), m.get("band_start"), m.get("bottom")) != (
+                    ratio, loc.scope, loc.band_start, loc.bottom):
+                log.info("locate: the warm-up run's masks do not match the recipe (%s); locating from the exported "
+                         "model instead", meta)
+                return None
+        out = {}
+        self.step_dir("locate").mkdir(parents=True, exist_ok=True)
+        for label in want:
+            for ext in (".safetensors", ".json"):
+                shutil.copyfile(src / f"{label}{ext}", self.step_dir("locate") / f"{label}{ext}")
+            out[label] = str(self.step_dir("locate") / f"{label}.safetensors")
+        return {"masks": out, "from_partitions": True}
 
     def step_reward_data(self) -> dict:
         from allo.reward.model import reward_data

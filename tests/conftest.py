@@ -20,10 +20,11 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE
            TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True,
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True, env: dict | None = None,
              **popen) -> subprocess.CompletedProcess:
     """Run `python -m allo ARGS` on `nproc` ranks with a fresh rendezvous port (reused ports flake)."""
-    proc = subprocess.run(torchrun_command(args, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
+    proc = subprocess.run(torchrun_command(args, nproc), cwd=ROOT, env=env or ENV, capture_output=True, text=True,
+                          timeout=timeout, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -1,5 +1,6 @@
 """`allo run` on instruction-following pairs (task.pairs, family instruct) with the LLM teacher and the judge
-behind an OpenAI-compatible server on loopback: 2 ranks, ZeRO-3, every step, Table 3 against the SFT model."""
+behind an OpenAI-compatible server on loopback: 2 ranks, ZeRO-3, every step (masks located from the warm-up run's
+partitions), Table 3 against the SFT model."""
 from __future__ import annotations
 
 import json
@@ -38,12 +39,15 @@ task: {{pairs: {pairs_file}, family: instruct, alpaca_eval: {alpaca}, eval_max_n
         judge: {endpoint % 'judge'}}}
 reward: {{teacher: openai, teacher_endpoint: {endpoint % 'teacher'}, max_length: 128, max_prompt_length: 96,
           train: {{epochs: 1, lr: 1.0e-3, global_batch_size: 8}}}}
-locate: {{forget_ratio: 10, improve_ratio: 15}}
+locate: {{forget_ratio: 10, improve_ratio: 15, from_partitions: true}}
 warmup: {{train: {{lr: 1.0e-3}}}}
 """)
     torchrun(["run", str(recipe)], timeout=600)
     run = tmp_path / "run"
     assert json.loads((run / "sample" / "manifest.json").read_text())["skipped"].startswith("task.pairs")
+    # the masks came from the warm-up run's ZeRO-3 partitions and the locate step took them over
+    assert json.loads((run / "locate" / "manifest.json").read_text())["from_partitions"] is True
+    assert json.loads((run / "locate" / "n2.json").read_text())["from_partitions"] is True
     assert json.loads((run / "pairs" / "manifest.json").read_text())["pairs"] == 32
     data = json.loads((run / "reward-data" / "manifest.json").read_text())
     assert (data["items"], data["kept"], data["teacher_failed"]) == (32, 32, 0)

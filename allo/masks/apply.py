@@ -67,6 +67,21 @@ def optimizer_layout(engine: Any, named_params: list[tuple[str, torch.nn.Paramet
     return pieces
 
 
+def partition_slices(engine: Any, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, int, torch.Tensor]]:
+    """This rank's (parameter name, flat start, fp32 master values) under ZeRO-1/2/3: disjoint element ranges that
+    together cover every trainable parameter exactly once, padding cut off. What `locate_partitioned` scores."""
+    if engine.zero_optimization_stage() == 0:
+        raise RuntimeError("locating from partitions needs ZeRO-1/2/3 (under ZeRO-0 every rank holds everything)")
+    out = []
+    for piece in optimizer_layout(engine, named_params):
+        full = piece.param.ds_numel if hasattr(piece.param, "ds_numel") else piece.param.numel()
+        n = min(piece.numel, full - piece.start)
+        if n > 0:
+            flat = piece.target.view(-1)
+            out.append((piece.name, piece.start, flat[piece.target_offset:piece.target_offset + n]))
+    return out
+
+
 def find_optimizer(engine: Any, cls: type) -> Any:
     """The client optimizer of type `cls` inside DeepSpeed's wrappers (ZeRO and mixed-precision optimizers)."""
     opt = engine.optimizer

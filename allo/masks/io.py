@@ -44,22 +44,27 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def read_range(handle, name: str, start: int, numel: int) -> torch.Tensor:
-    """Elements [start, start+numel) of the flattened tensor `name`, reading only the rows that hold them.
-
-    Positions past the tensor's end (ZeRO-3 partition padding) come back False.
-    """
+def flat_range(handle, name: str, start: int, numel: int) -> torch.Tensor:
+    """Elements [start, min(start+numel, size)) of the flattened tensor `name` in a safetensors file, reading only
+    the rows that hold them."""
     sl = handle.get_slice(name)
     shape = sl.get_shape()
-    total = math.prod(shape)
-    out = torch.zeros(numel, dtype=torch.bool)
-    end = min(start + numel, total)
+    end = min(start + numel, math.prod(shape))
     if end <= start:
-        return out
-    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        return torch.zeros(0, dtype=torch.bool)
+    if not shape:  # a 0-d tensor cannot be sliced by rows
+        return sl[:].reshape(-1)[start:end]
+    row = math.prod(shape[1:])
     r0, r1 = start // row, -(-end // row)
-    rows = sl[r0:r1].reshape(-1)
-    out[: end - start] = rows[start - r0 * row: end - r0 * row].to(torch.bool)
+    return sl[r0:r1].reshape(-1)[start - r0 * row: end - r0 * row]
+
+
+def read_range(handle, name: str, start: int, numel: int) -> torch.Tensor:
+    """Mask elements [start, start+numel) of tensor `name`; positions past its end (ZeRO-3 partition padding) come
+    back False."""
+    out = torch.zeros(numel, dtype=torch.bool)
+    values = flat_range(handle, name, start, numel)
+    out[:len(values)] = values.to(torch.bool)
     return out
 
 

@@ -13,12 +13,14 @@ selects everything above it and the first `need` elements equal to it. Ties at t
 tensor (sorted names) and the lower flat index, so the selected count is exactly ⌊N·r/100⌋ and runs are
 reproducible. Peak memory is one pair of row chunks plus the histograms, never the model.
 
-Not here: locating from a ZeRO-3 run's partitions without a merged checkpoint (a planned collective path).
+`locate_partitioned.py` runs the same selection on a ZeRO run's partitions, with collectives, so no node ever
+holds the merged model.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -69,6 +71,13 @@ class Reader:
         with safe_open(str(self.files[name]), framework="pt") as h:
             sl = h.get_slice(name)
             return tuple(sl.get_shape()), sl.get_dtype()
+
+    def range(self, name: str, start: int, numel: int) -> torch.Tensor:
+        """Flat elements [start, start+numel) of tensor `name` (what one ZeRO partition holds of it)."""
+        from allo.masks.io import flat_range
+
+        with safe_open(str(self.files[name]), framework="pt") as h:
+            return flat_range(h, name, start, numel)
 
     def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows [r0, r1) of tensor `name` (the whole tensor if it is 0- or 1-dimensional), flattened."""
@@ -180,13 +189,22 @@ class LocateResult:
     summary: dict
 
 
-COLLECT_CAP = 1 << 22  # threshold bins up to this many elements are resolved from their collected keys
+def compute_cuts(groups: dict[str, tuple[int, torch.Tensor]], ratios: dict[str, float],
+                 band_start: float) -> dict[str, dict[str, tuple[Cut, Cut | None]]]:
+    """Per label and group: the cut for the top r% and, with a band, the cut for the top band_start% (or None)."""
+    cuts: dict[str, dict[str, tuple[Cut, Cut | None]]] = {}
+    for label, r in ratios.items():
+        cuts[label] = {}
+        for gname, (n, hist) in groups.items():
+            k_hi, k_lo = math.floor(n * r / 100), math.floor(n * band_start / 100)
+            if k_hi == 0:
+                raise LocateError(f"ratio {label}={r}% of {n} elements in group {gname} selects nothing")
+            h = hist.numpy()
+            cuts[label][gname] = (find_cut(h, k_hi), find_cut(h, k_lo) if k_lo > 0 else None)
+    return cuts
 
 
-def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[str, float], out_dir: str | Path,
-           scope: str = "global", band_start: float = 0.0, bottom: bool = False, bin_bits: int = 20,
-           collect_cap: int | None = None) -> LocateResult:
-    """Write one mask file per named ratio (e.g. {"n1": 5, "n2": 10}) from two reads of the checkpoints."""
+def check_ratios(ratios: dict[str, float], band_start: float, lr: float) -> None:
     for label, r in ratios.items():
         if not 0 < r <= 100:
             raise LocateError(f"ratio {label}={r} is outside (0, 100]")
@@ -194,6 +212,18 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
             raise LocateError(f"band_start {band_start} must be in [0, {label}={r})")
     if lr <= 0:
         raise LocateError(f"learning rate α must be > 0, got {lr}")
+
+
+# Threshold bins of up to this many elements are resolved from their collected keys (24 bytes each); bigger ones
+# take the exact low-bits pass. ALLO_LOCATE_COLLECT_CAP trades that memory for the extra pass (0: always the pass).
+COLLECT_CAP = int(os.environ.get("ALLO_LOCATE_COLLECT_CAP", 1 << 22))
+
+
+def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[str, float], out_dir: str | Path,
+           scope: str = "global", band_start: float = 0.0, bottom: bool = False, bin_bits: int = 20,
+           collect_cap: int | None = None) -> LocateResult:
+    """Write one mask file per named ratio (e.g. {"n1": 5, "n2": 10}) from two reads of the checkpoints."""
+    check_ratios(ratios, band_start, lr)
     t0 = time.perf_counter()
     base, tuned = Reader(base_dir), Reader(tuned_dir)
     names = paired_names(base, tuned)
@@ -220,17 +250,7 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     if not changed:
         raise LocateError("the two checkpoints are identical (every score is 0): nothing to rank; was the warm-up "
                           "run trained (lr, steps)?")
-    # cuts[label] = (cut for top-r%, cut for top-band_start% or None) per group
-    cuts: dict[str, dict[str, tuple[Cut, Cut | None]]] = {}
-    for label, r in ratios.items():
-        cuts[label] = {}
-        for gname, g in groups.items():
-            hist = g["hist"].numpy()
-            k_hi = math.floor(g["n"] * r / 100)
-            k_lo = math.floor(g["n"] * band_start / 100)
-            if k_hi == 0:
-                raise LocateError(f"ratio {label}={r}% of {g['n']} elements in group {gname} selects nothing")
-            cuts[label][gname] = (find_cut(hist, k_hi), find_cut(hist, k_lo) if k_lo > 0 else None)
+    cuts = compute_cuts({g: (v["n"], v["hist"]) for g, v in groups.items()}, ratios, band_start)
     # ---- pass 1b (only for threshold bins too big to collect): low-bits histograms pin the exact keys
     big = {(gname, c.bin) for per in cuts.values() for gname, pair in per.items() for c in pair
            if c is not None and not c.takes_whole_bin and c.count > cap}

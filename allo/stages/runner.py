@@ -38,11 +38,12 @@ def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict
 
 def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: Optional[str] = None,
               mask: Optional[str] = None, out_dir: Optional[str] = None,
-              train: Optional[TrainConfig] = None) -> Path:
+              train: Optional[TrainConfig] = None, locate_out: Optional[str] = None) -> Path:
     """Train `stage` from `init` (default model.path) on `data` (default data.train); returns the export dir.
 
     `train`: an already resolved train config (default: the stage's own section, `recipe.stage_train`), for
     callers that run a stage's objective with another section's settings (the reward model is an sft run).
+    `locate_out`: after training, write the N1/N2 masks there from the run's ZeRO partitions (`locate.from_partitions`).
     """
     import torch
 
@@ -87,6 +88,10 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
     trainer.setup()
     trainer.train()
+    if locate_out:
+        from allo.stages.locate import locate_in_run
+
+        locate_in_run(recipe, strategy, trainer.engine, list(model.named_parameters()), str(init_path), locate_out)
     exported = trainer.export()
     if strategy.is_rank0:
         write_json(out / "manifest.json", {
