@@ -67,3 +67,30 @@ def test_checkpoint_rotation_keeps_last(tmp_path, tiny_model, pairs_file):
     assert steps == list(range(1, 11)), "a fresh run replaces the metrics of an earlier one"
     ckpts = sorted(p.name for p in (tmp_path / "rot" / "dpo" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000006", "step_0000009"]
+
+
+def test_preemption_through_allo_run(tmp_path, tiny_model, pairs_file):
+    """SIGTERM during a pipeline training step: the step checkpoints and stops without a complete manifest, and
+    `allo run` again resumes that step from its checkpoint (every step logged once) and completes it."""
+    r = write_recipe(tmp_path / "run.yaml", tiny_model, pairs_file, tmp_path / "run",
+                     f"task: {{pairs: {pairs_file}, family: instruct}}\n"
+                     f"warmup: {{train: {{lr: 0.002, global_batch_size: 4, micro_batch_size: 1, max_steps: {STEPS}}}}}")
+    torchrun(["run", str(r), "--only", "pairs"])
+    metrics = tmp_path / "run" / "warmup" / "metrics.jsonl"
+    proc = subprocess.Popen(torchrun_command(["run", str(r), "--only", "warmup"], 2), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0, f"the step finished before SIGTERM arrived:\n{out[-2000:]}"
+    assert (tmp_path / "run" / "warmup" / "preempted.json").exists(), out[-4000:]
+    manifest = tmp_path / "run" / "warmup" / "manifest.json"
+    assert not manifest.exists() or not json.loads(manifest.read_text()).get("fingerprint")
+    torchrun(["run", str(r), "--only", "warmup"])
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))
+    assert json.loads(manifest.read_text())["complete"] and json.loads(manifest.read_text())["fingerprint"]
