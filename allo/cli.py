@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 STAGE_HELP = {
     "sft": "Supervised fine-tuning on {prompt, response} records (also trains the tiny model and the token "
@@ -144,8 +145,6 @@ def _distributed(args: argparse.Namespace, recipe) -> None:
     """The commands that run on every rank: one training stage, or pipeline steps."""
     if args.stage in TRAINING:
         from allo.stages.runner import run_stage
-
-        from pathlib import Path
 
         out = args.out or str(Path(recipe.output_dir) / args.stage)
         masks = str(Path(out) / "masks") if args.stage == "warmup" and recipe.locate.from_partitions else None

@@ -24,20 +24,27 @@ def recipe(tmp_path, tiny_model, pairs_file, name):
                         f" save_every: 0}}}}")
 
 
-def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_file):
-    torchrun(["dpo", str(recipe(tmp_path, tiny_model, pairs_file, "straight"))])
-
-    r = recipe(tmp_path, tiny_model, pairs_file, "stopped")
-    metrics = tmp_path / "stopped" / "dpo" / "metrics.jsonl"
-    proc = subprocess.Popen(torchrun_command(["dpo", str(r)], 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def sigterm_after_steps(args: list[str], metrics, steps: int = 3) -> str:
+    """Start `allo ARGS` on 2 ranks, SIGTERM torchrun once `metrics` logs `steps` steps; the run's output."""
+    proc = subprocess.Popen(torchrun_command(args, 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode != 0, f"the run finished before SIGTERM arrived:\n{out[-2000:]}"
+    return out
+
+
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_file):
+    torchrun(["dpo", str(recipe(tmp_path, tiny_model, pairs_file, "straight"))])
+
+    r = recipe(tmp_path, tiny_model, pairs_file, "stopped")
+    metrics = tmp_path / "stopped" / "dpo" / "metrics.jsonl"
+    out = sigterm_after_steps(["dpo", str(r)], metrics)
     marker = tmp_path / "stopped" / "dpo" / "preempted.json"
     assert marker.exists(), f"no preempted.json after SIGTERM (exit {proc.returncode}):\n{out[-4000:]}"
     stopped_at = json.loads(marker.read_text())["step"]
@@ -77,16 +84,7 @@ def test_preemption_through_allo_run(tmp_path, tiny_model, pairs_file):
                      f"warmup: {{train: {{lr: 0.002, global_batch_size: 4, micro_batch_size: 1, max_steps: {STEPS}}}}}")
     torchrun(["run", str(r), "--only", "pairs"])
     metrics = tmp_path / "run" / "warmup" / "metrics.jsonl"
-    proc = subprocess.Popen(torchrun_command(["run", str(r), "--only", "warmup"], 2), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode != 0, f"the step finished before SIGTERM arrived:\n{out[-2000:]}"
+    out = sigterm_after_steps(["run", str(r), "--only", "warmup"], metrics)
     assert (tmp_path / "run" / "warmup" / "preempted.json").exists(), out[-4000:]
     manifest = tmp_path / "run" / "warmup" / "manifest.json"
     assert not manifest.exists() or not json.loads(manifest.read_text()).get("fingerprint")
