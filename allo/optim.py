@@ -23,11 +23,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.sparse_state = sparse_state
         self._masks: dict[int, torch.Tensor] = {}
+        self._drops: dict[int, torch.Tensor] = {}
         self._index: dict[int, torch.Tensor] = {}
 
     def attach_masks(self, masks: dict[int, torch.Tensor]) -> None:
         """`masks` maps id(optimizer tensor) -> flat bool mask of the same numel."""
         self._masks = {k: v.to(torch.bool) for k, v in masks.items()}
+        self._drops = {k: ~v.flatten() for k, v in self._masks.items()}  # inverted once, not every step
         # Indices are cached outside `state`: torch's load_state_dict would cast them to float.
         # int32 indices (4 bytes per selected element; ZeRO partitions stay below 2**31 elements).
         self._index = {k: v.flatten().nonzero().squeeze(1).to(torch.int32 if v.numel() < 2 ** 31 else torch.int64)
@@ -47,7 +49,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                mask = self._masks.get(id(p))
+                drop = self._drops.get(id(p))
                 index = self._index.get(id(p))
                 flat_p, flat_g = p.view(-1), p.grad.view(-1)
                 if index is not None:  # sparse moments: gather, update, scatter
@@ -71,8 +73,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                     update.add_(values, alpha=-lr * wd)
                 if index is not None:
                     flat_p.index_add_(0, index, update.to(flat_p.dtype))
-                elif mask is not None:
-                    flat_p.add_(update.masked_fill_(~mask.view(-1), 0).to(flat_p.dtype))
+                elif drop is not None:
+                    flat_p.add_(update.masked_fill_(drop, 0).to(flat_p.dtype))
                 else:
                     flat_p.add_(update.to(flat_p.dtype))
         return loss

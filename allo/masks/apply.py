@@ -116,14 +116,14 @@ class GradMasker:
         self.stage = engine.zero_optimization_stage()
         self.handles = []
         trainable = [(n, p) for n, p in named_params if p.requires_grad]
-        if self.stage == 3:
-            self.params = [(p, local[n].to(p.ds_tensor.device)) for n, p in trainable if n in local]
+        if self.stage == 3:  # the masked-out positions, inverted once rather than at every step
+            self.params = [(p, ~local[n].to(p.ds_tensor.device)) for n, p in trainable if n in local]
             return
         # ZeRO-0/1/2 hold full gradients before reduction: one full mask per parameter, read once.
         with safe_open(mask_file, framework="pt") as f:
             for n, p in trainable:
-                keep = f.get_tensor(n).to(device=p.device, dtype=torch.bool)
-                self.handles.append(p.register_hook(lambda g, keep=keep: g.masked_fill(~keep, 0)))
+                drop = ~f.get_tensor(n).to(device=p.device, dtype=torch.bool)
+                self.handles.append(p.register_hook(lambda g, drop=drop: g.masked_fill(drop, 0)))
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -132,7 +132,7 @@ class GradMasker:
             return
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-        for p, keep in self.params:
+        for p, drop in self.params:
             g = safe_get_local_grad(p)
             if g is not None:
-                safe_set_local_grad(p, g.masked_fill(~keep.view_as(g), 0))
+                safe_set_local_grad(p, g.masked_fill(drop.view_as(g), 0))
