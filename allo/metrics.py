@@ -82,3 +82,18 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.close()
         self.enabled = False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (MiB) since it started: VmHWM. Not getrusage's ru_maxrss, which Linux carries
+    over exec from the forking parent, so a child of a large parent reports at least the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

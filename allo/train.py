@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -311,7 +310,9 @@ def _fingerprint(stage: Stage) -> str:
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from allo.metrics import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _progress(total: int, initial: int, name: str, enabled: bool):

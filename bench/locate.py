@@ -4,8 +4,9 @@ Writes two synthetic sharded safetensors checkpoints (random fp32 "base" and "tu
 --params parameters with Llama-like tensor shapes, then, each in a fresh subprocess so peak RSS is its own:
   read    : read every tensor of both checkpoints once (the bandwidth reference; locate reads them twice),
   locate  : `allo.masks.locate.locate` with two ratios (N1 5%, N2 10%).
-Prints both times, the ratio read_time / locate_time ("fraction of read bandwidth", goal >= 0.5), and peak RSS
-against the goal 2 × largest tensor + 1 GiB.
+Each runs twice, alternating, and the faster run of each counts. Prints both times, the ratio read_time /
+locate_time ("fraction of read bandwidth", goal >= 0.5), and peak RSS (VmHWM of the child itself) against the
+goal 2 × largest tensor + 1 GiB.
 Usage: python bench/locate.py [--params 1e9] [--dir /tmp/allo_locate_bench] [--keep]
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -67,6 +67,10 @@ def write_checkpoints(d: Path, params: float) -> tuple[int, int]:
 def child(mode: str, d: Path) -> None:
     from safetensors import safe_open
 
+    sys.path.insert(0, str(ROOT))
+    from allo.masks.locate import locate  # imported before the clock starts, like safetensors for the read
+    from allo.metrics import peak_rss_mb
+
     t0 = time.perf_counter()
     if mode == "read":
         for name in ("base", "tuned"):
@@ -75,12 +79,9 @@ def child(mode: str, d: Path) -> None:
                     for k in h.keys():
                         h.get_tensor(k).sum()  # touch every byte
     else:
-        sys.path.insert(0, str(ROOT))
-        from allo.masks.locate import locate
-
         locate(d / "base", d / "tuned", 1e-6, {"n1": 5, "n2": 10}, d / "masks")
     print(json.dumps({"seconds": time.perf_counter() - t0,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_rss_mb()}))
 
 
 def measure(params: float, d: Path, keep: bool = False) -> dict:
@@ -91,10 +92,11 @@ def measure(params: float, d: Path, keep: bool = False) -> dict:
     print(f"wrote 2 × {total / 1e9:.2f} B fp32 parameters ({2 * total * 4 / 2 ** 30:.1f} GiB) in "
           f"{time.perf_counter() - t0:.0f} s; largest tensor {largest * 4 / 2 ** 20:.0f} MiB")
     res: dict = {"params": total, "largest_tensor_mb": largest * 4 / 2 ** 20}
-    for mode in ("read", "locate"):
+    for mode in ("read", "locate", "read", "locate"):  # alternated twice; the faster of each counts
         out = subprocess.run([sys.executable, __file__, "--dir", str(d), "--child", mode], check=True,
                              capture_output=True, text=True).stdout
-        res[mode] = json.loads(out.strip().splitlines()[-1])
+        got = json.loads(out.strip().splitlines()[-1])
+        res[mode] = min(res.get(mode, got), got, key=lambda r: r["seconds"])
     res["fraction_of_read_bandwidth"] = res["read"]["seconds"] / res["locate"]["seconds"]
     res["rss_goal_mb"] = (2 * largest * 4 + 2 ** 30) / 2 ** 20
     if not keep:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,9 +28,12 @@ def main() -> None:
     p.add_argument("--precompute", action="store_true")
     args = p.parse_args()
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+
+    from allo.metrics import peak_rss_mb
 
     rows = [json.loads(x) for x in open(args.pairs) if x.strip()]
     ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
@@ -54,7 +58,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     steps = [b - a for a, b in zip(stamps, stamps[1:])][2:]
     print(json.dumps({"step_s": statistics.median(steps), "pairs_per_s": args.batch / statistics.median(steps),
-                      "train_s": total, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "train_s": total, "peak_rss_mb": peak_rss_mb(),
                       "steps": len(stamps)}))
 
 
