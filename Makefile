@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 install: $(STAMP)
 
@@ -31,6 +31,17 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Side-by-side benchmarks (bench/run_all.py); TRL is installed only here, as the baseline.
+$(VENV)/.bench: $(STAMP) bench/requirements.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -r bench/requirements.txt
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python bench/run_all.py
+
+bench-quick: $(VENV)/.bench
+	$(BIN)/python bench/run_all.py --quick
 
 clean:
 	rm -rf runs .pytest_cache

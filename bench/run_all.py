@@ -95,9 +95,12 @@ def main() -> None:
         ratios.append(("3", f"masked dense {r}% / DPO step time (ZeRO-3, 2 ranks)",
                        dense["step_s"] / res["zero3_dpo"]["step_s"], "<= 1.05"))
     loc = res["locate"]
-    ratios.append(("4", "locate / read bandwidth", loc["fraction_of_read_bandwidth"], ">= 0.5"))
-    ratios.append(("4", "locate peak RSS / (2 x largest tensor + 1 GiB)", loc["locate"]["peak_rss_mb"] /
-                   loc["rss_goal_mb"], "< 1.0"))
+    ratios.append(("4", "locate / read bandwidth, files in page cache", loc["fraction_of_read_bandwidth"], ">= 0.5"))
+    if "cold" in loc:
+        ratios.append(("4", "locate / read bandwidth, from storage", loc["cold"]["fraction_of_read_bandwidth"],
+                       ">= 0.5"))
+    peak = max(loc["locate"]["peak_rss_mb"], loc.get("cold", loc)["locate"]["peak_rss_mb"])
+    ratios.append(("4", "locate peak RSS / (2 x largest tensor + 1 GiB)", peak / loc["rss_goal_mb"], "< 1.0"))
     res["ratios"] = {name: value for _, name, value, _ in ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))

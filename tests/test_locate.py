@@ -16,15 +16,15 @@ SHAPES = {"model.embed_tokens.weight": (50, 7), "model.layers.0.mlp.up_proj.weig
           "lm_head.weight": (50, 7)}
 
 
-def make_pair(tmp_path, seed=0, ties=False, shard=False):
+def make_pair(tmp_path, seed=0, ties=False, shard=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    base = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    base = {n: torch.randn(s, generator=g).to(dtype) for n, s in SHAPES.items()}
     tuned = {}
     for n, w in base.items():
         delta = torch.randn(w.shape, generator=g) * 1e-3
         if ties:  # many exactly equal scores: quantise the changes to a few levels
             delta = torch.round(delta * 2e3) / 2e3
-        tuned[n] = w + delta
+        tuned[n] = (w.float() + delta).to(dtype)
     for name, weights in (("base", base), ("tuned", tuned)):
         d = tmp_path / name
         d.mkdir()
@@ -72,6 +72,16 @@ def test_global_topk_matches_torch(tmp_path, ties, shard, bin_bits, cap):
             assert torch.equal(got[n], want[n]), f"{label} {n}"
         meta = json.loads((tmp_path / "masks" / f"{label}.json").read_text())
         assert meta["selected"] == int(total * r / 100) and meta["counts"] == mask_counts(res.paths[label])
+
+
+def test_bf16_checkpoints(tmp_path):
+    """bf16 weights (the usual HF export) go through the mixed-dtype scoring path and still match torch.topk."""
+    base, tuned = make_pair(tmp_path, dtype=torch.bfloat16, shard=True)
+    total = sum(w.numel() for w in base.values())
+    res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"n2": 10}, tmp_path / "masks")
+    got, want = load_masks(res.paths["n2"]), reference(base, tuned, int(total * 0.10))
+    for n in SHAPES:
+        assert torch.equal(got[n], want[n]), n
 
 
 @pytest.mark.parametrize("cap", [None, 0])

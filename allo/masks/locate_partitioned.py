@@ -19,9 +19,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, StreamingMaskWriter, _resolve,
-                               _select, check_finite, check_ratios, compute_cuts, group_of, heap_gives_back_big_blocks,
-                               keys_of, pin_exact_key)
+from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, Scratch, StreamingMaskWriter,
+                               _resolve, check_finite, check_ratios, compute_cuts, group_of, heap_gives_back_big_blocks,
+                               pin_exact_key, select_band)
 
 
 def _agree(comm: Any, error: str | None) -> None:
@@ -56,13 +56,15 @@ def _locate_partitioned(local, shapes, base_dir, lr, ratios, out_dir, comm, scop
     local = sorted(local, key=lambda x: (order[x[0]], x[1]))
     shift = KEY_BITS - bin_bits
     cap = COLLECT_CAP if collect_cap is None else collect_cap
+    scratch = Scratch(bottom)
 
     def pieces() -> Iterator[tuple[int, str, int, torch.Tensor]]:
-        """(slice index, name, global flat offset, key) over this rank's elements, in chunks."""
+        """(slice index, name, global flat offset, key) over this rank's elements, in chunks; a key is valid until
+        the next one is produced."""
         for i, (name, start, tuned) in enumerate(local):
             for c0 in range(0, tuned.numel(), CHUNK):
-                t = tuned[c0:c0 + CHUNK].detach().float().cpu()
-                yield i, name, start + c0, keys_of(base.range(name, start + c0, t.numel()), t, bottom)
+                t = tuned[c0:c0 + CHUNK].detach().cpu()
+                yield i, name, start + c0, scratch.keys(base.range(name, start + c0, t.numel()), t)
 
     groups = sorted({group_of(n, scope) for n in names})
     gidx = {g: j for j, g in enumerate(groups)}
@@ -73,7 +75,7 @@ def _locate_partitioned(local, shapes, base_dir, lr, ratios, out_dir, comm, scop
     error = None
     try:
         for _, name, _, key in pieces():
-            chunk_hist = torch.bincount(key >> shift, minlength=2 ** bin_bits)
+            chunk_hist = torch.bincount(scratch.bins_of(key, shift), minlength=2 ** bin_bits)
             check_finite(chunk_hist, shift, bottom, name)
             j = gidx[group_of(name, scope)]
             hist[j] += chunk_hist
@@ -120,16 +122,13 @@ def _locate_partitioned(local, shapes, base_dir, lr, ratios, out_dir, comm, scop
                 before += counts[m]
                 if r == comm.rank:  # pre-charge the slot so `_select` takes exactly this slice's share
                     i = next(i for i, (n, st, _) in enumerate(local) if order[n] == o and st == s)
-                    taken[(label, g, which, i)] = c.need_at_key - share
+                    taken[(label, g, i, which)] = c.need_at_key - share
     # ---- pass 2: local selections (N / world bytes per label)
     sels = {label: [torch.zeros(t.numel(), dtype=torch.bool) for _, _, t in local] for label in ratios}
     for i, name, offset, key in pieces():
         g, rel = group_of(name, scope), offset - local[i][1]
         for label in ratios:
-            hi, lo = cuts[label][g]
-            sel = _select(key, hi, shift, taken, (label, g, "hi", i), order[name], offset)
-            if lo is not None:
-                sel &= ~_select(key, lo, shift, taken, (label, g, "lo", i), order[name], offset)
+            sel = select_band(key, cuts[label][g], shift, taken, (label, g, i), order[name], offset, scratch)
             sels[label][i][rel:rel + key.numel()] = sel
     # small threshold bins: gather their keys from every rank, resolve identically, apply to the local slices
     for label, g, which, c in slots:
