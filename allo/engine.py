@@ -232,8 +232,14 @@ class Strategy:
         return float(norm) if norm is not None else float("nan")
 
     # --- collectives (every rank must call these) -------------------------------------------------------
+    # With one rank they return at once. Not only to save a call: on CPU a large gloo all-gather copies its output
+    # on one of gloo's threads, which starts a second OpenMP team; from then on libgomp counts more threads than
+    # cores and its workers sleep between parallel regions, for the rest of the process. One all_gather_object of
+    # the reference log-probs made every later DPO step 1.5x slower (bench/RESULTS.md, "Profiling notes").
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         """Collective: sum/mean/max over ranks, in place."""
+        if self.world == 1:
+            return tensor
         reduce_op = self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM
         self.dist.all_reduce(tensor, op=reduce_op)
         if op == "mean":
@@ -242,12 +248,16 @@ class Strategy:
 
     def all_gather_object(self, obj: Any) -> list:
         """Collective: every rank's object, in rank order."""
+        if self.world == 1:
+            return [obj]
         out = [None] * self.world
         self.dist.all_gather_object(out, obj)
         return out
 
     def gather_object(self, obj: Any) -> list | None:
         """Collective: every rank's object, in rank order, on rank 0 only (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
         import torch.distributed as tdist  # deepspeed.comm has no gather_object
 
         out = [None] * self.world if self.is_rank0 else None

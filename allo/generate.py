@@ -1,10 +1,14 @@
 """Generation backends: vLLM when it is installed and a GPU is present, else batched Hugging Face generate.
 
-Both take rendered prompt strings and return, per prompt, `n` completions (text only, stop strings cut).
+Both take rendered prompt strings and return, per prompt, `n` completions (text only, stop strings cut). Both
+see the same token ids: the prompt is tokenised here, without the tokenizer's special tokens, and gets exactly
+one BOS, as in training, so a template that already renders BOS text does not end up with two.
+`ALLO_GENERATE_BACKEND=hf|vllm` overrides the automatic choice (e.g. vLLM's CPU build, which has no GPU).
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -31,29 +35,60 @@ def _cut(text: str, stop: Sequence[str]) -> str:
     return text
 
 
-def vllm_available() -> bool:
+def backend() -> str:
+    """'vllm' or 'hf': ALLO_GENERATE_BACKEND if set, else vLLM when it imports and a GPU is present."""
+    forced = os.environ.get("ALLO_GENERATE_BACKEND", "auto")
+    if forced not in ("auto", "hf", "vllm"):
+        raise ValueError(f"ALLO_GENERATE_BACKEND={forced!r}: expected auto, hf or vllm")
+    if forced != "auto":
+        return forced
     try:
         import vllm  # noqa: F401
     except ImportError:
-        return False
-    return torch.cuda.is_available()
+        return "hf"
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def vllm_available() -> bool:
+    return backend() == "vllm"
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt with exactly one leading BOS (when the tokenizer has one)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + ids
 
 
 def generate(model_dir: str, prompts: Sequence[str], sampling: Sampling, batch_size: int = 64,
              model: Any = None, tokenizer: Any = None, progress: bool = True) -> list[list[str]]:
     """`n` completions per prompt. Pass `model`/`tokenizer` to reuse loaded ones (HF backend)."""
     if model is None and vllm_available():
-        return _generate_vllm(model_dir, prompts, sampling)
+        return _generate_vllm(model_dir, prompts, sampling, tokenizer)
     return _generate_hf(model_dir, prompts, sampling, batch_size, model, tokenizer, progress)
 
 
-def _generate_vllm(model_dir: str, prompts: Sequence[str], s: Sampling) -> list[list[str]]:
+_ENGINES: dict[str, Any] = {}  # one vLLM engine per model for the life of the process (start-up takes minutes)
+
+
+def _generate_vllm(model_dir: str, prompts: Sequence[str], s: Sampling, tokenizer: Any) -> list[list[str]]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, seed=s.seed)
+    if model_dir not in _ENGINES:
+        _ENGINES[model_dir] = LLM(model=model_dir, seed=s.seed, dtype=os.environ.get("ALLO_VLLM_DTYPE", "auto"),
+                                  tensor_parallel_size=int(os.environ.get("ALLO_VLLM_TP", "1")))
+    llm = _ENGINES[model_dir]
+    tokenizer = tokenizer or llm.get_tokenizer()
     params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                             stop=list(s.stop) or None, seed=s.seed)
-    return [[o.text for o in out.outputs] for out in llm.generate(list(prompts), params)]
+    requests = [{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts]
+    return [[_cut(o.text, s.stop) for o in out.outputs] for out in llm.generate(requests, params)]
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    return torch.device("cpu"), torch.float32
 
 
 @torch.no_grad()
@@ -63,17 +98,17 @@ def _generate_hf(model_dir: str, prompts: Sequence[str], s: Sampling, batch_size
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
-    model = model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if model is None:
+        device, dtype = device_and_dtype()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     model.eval()
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(s.seed)
     outputs: list[list[str]] = []
     jobs = [p for p in prompts for _ in range(s.n)]
     for i in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
-        chunk = jobs[i:i + batch_size]
-        enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        bos = tokenizer.bos_token_id
-        enc = [([bos] if bos is not None and (not e or e[0] != bos) else []) + e for e in enc]
+        enc = [prompt_ids(tokenizer, p) for p in jobs[i:i + batch_size]]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
@@ -84,7 +119,7 @@ def _generate_hf(model_dir: str, prompts: Sequence[str], s: Sampling, batch_size
                       eos_token_id=tokenizer.eos_token_id)
         if s.temperature > 0:
             kwargs.update(temperature=s.temperature, top_p=s.top_p)
-        out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
         for row in out[:, width:]:
             outputs.append(_cut(tokenizer.decode(row, skip_special_tokens=True), s.stop))
     return [outputs[i * s.n:(i + 1) * s.n] for i in range(len(prompts))]

@@ -283,12 +283,14 @@ class Pipeline:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from allo.generate import device_and_dtype
         from allo.model import load_tokenizer
         from allo.reward.model import keep_probs
 
         rm_dir = str(self.step_dir("reward-train") / "model")
         tok = load_tokenizer(replace(self.r.model, tokenizer=rm_dir, path=rm_dir))
-        rm = AutoModelForCausalLM.from_pretrained(rm_dir, dtype=torch.float32)
+        # fp32 on any device: keep-probabilities become token weights, bf16 would quantise them
+        rm = AutoModelForCausalLM.from_pretrained(rm_dir, dtype=torch.float32).to(device_and_dtype()[0])
         items = self._reward_items()
         probs = keep_probs(rm, tok, items, self.r.data.template)
         rows = [{"prompt": it["prompt"], "rejected": it["wrong"], "keep_probs": p} for it, p in zip(items, probs)]

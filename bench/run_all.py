@@ -9,8 +9,8 @@
      dense), and peak process memory of each 2-rank ZeRO-3 run.
   4. Locate throughput vs a plain read of the same checkpoint files (goal >= 0.5 of the read bandwidth) and its
      peak RSS (goal < 2 x largest tensor + 1 GiB).
-Prints a table last and writes bench/results/run_all.json. `--quick` (under 5 minutes on 2 cores): fewer steps
-and a 0.1 B-parameter locate checkpoint instead of 1 B.
+Prints a table last and writes bench/results/run_all.json. `--quick` (under 5 minutes on 2 cores): fewer steps,
+one round of figures 1-2 instead of three, and a 0.17 B-parameter locate checkpoint instead of 1 B.
 Usage: python bench/run_all.py [--quick] [--threads 2]
 """
 from __future__ import annotations
@@ -52,13 +52,15 @@ def main() -> None:
         model = masked_step.build(tmp)
         mask10 = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
         single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json", env=one)
-        # 1 + 2: one process each, two rounds in opposite orders; the faster run of each configuration counts
+        # 1 + 2: one process each, in rounds of alternating order; the fastest run of each configuration counts
+        # (interference from other load only ever slows a run down)
         runs = {"trl_precomputed": lambda r: trl(tmp, steps, True, one),
                 "allo_dpo": lambda r: masked_step.run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
                 "trl_live_reference": lambda r: trl(tmp, steps, False, one),
                 "allo_improve_10": lambda r: masked_step.run(tmp, f"allo_improve{r}", "improve", steps,
                                                              ["--mask", mask10], **single)}
-        for r, order in enumerate((list(runs), list(runs)[::-1])):
+        orders = [list(runs), list(runs)[::-1]] * 2
+        for r, order in enumerate(orders[:1 if args.quick else 3]):
             for name in order:
                 got = runs[name](r)
                 res[name] = min(res.get(name, got), got, key=lambda x: x["step_s"])

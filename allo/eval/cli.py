@@ -122,14 +122,14 @@ def _bench(args) -> dict:
 
 
 def _load(model: str):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from allo.generate import vllm_available
+    from allo.generate import device_and_dtype, vllm_available
 
     if vllm_available():
         return None
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), AutoTokenizer.from_pretrained(model)
+    device, dtype = device_and_dtype()
+    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device), AutoTokenizer.from_pretrained(model)
 
 
 def _score(args) -> dict:

@@ -72,7 +72,9 @@ def keep_probs(model: Any, tokenizer: Any, items: Sequence[dict], template: str,
             ids[j, :len(p) + len(r)] = torch.tensor(p + r)
             labels[j, len(p):len(p) + len(r)] = torch.tensor(r)
             attn[j, :len(p) + len(r)] = 1
-        logps = token_logps(model(input_ids=ids, attention_mask=attn).logits, labels)
+        dev = next(model.parameters()).device
+        logps = token_logps(model(input_ids=ids.to(dev), attention_mask=attn.to(dev)).logits.float(),
+                            labels.to(dev)).cpu()
         for j, (p, r) in enumerate(rows):
             out.append(logps[j, len(p):len(p) + len(r)].exp().tolist())
     return out
