@@ -220,6 +220,12 @@ def check_finite(chunk_hist: torch.Tensor, shift: int, bottom: bool, name: str) 
         raise LocateError(f"{name}: NaN or Inf in the checkpoint weights")
 
 
+def count_into(hist: torch.Tensor, values: torch.Tensor) -> None:
+    """hist[v] += 1 for each v, in place: a threshold bin holds few of a chunk's keys, and a bincount would
+    allocate the whole low-bits histogram for every chunk."""
+    hist.index_put_((values.long(),), torch.ones(len(values), dtype=hist.dtype), accumulate=True)
+
+
 def find_cut(hist: np.ndarray, k: int) -> Cut:
     """The bin holding the k-th largest key, counting from the top, and how many of its elements are needed."""
     from_top = np.cumsum(hist[::-1])
@@ -348,7 +354,7 @@ def _locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict
             for _, key in scored(base, tuned, name, scratch):
                 bins = scratch.bins_of(key, shift)
                 for bn in wanted:
-                    low_hists[(gname, bn)] += torch.bincount(key[bins == bn] & low_mask, minlength=2 ** shift)
+                    count_into(low_hists[(gname, bn)], key[bins == bn] & low_mask)
         for per in cuts.values():
             for gname, pair in per.items():
                 for c in pair:

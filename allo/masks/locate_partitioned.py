@@ -20,8 +20,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, Scratch, StreamingMaskWriter,
-                               _resolve, check_finite, check_ratios, compute_cuts, group_of, heap_gives_back_big_blocks,
-                               pin_exact_key, select_band)
+                               _resolve, check_finite, check_ratios, compute_cuts, count_into, group_of,
+                               heap_gives_back_big_blocks, pin_exact_key, select_band)
 
 
 def _agree(comm: Any, error: str | None) -> None:
@@ -104,7 +104,7 @@ def _locate_partitioned(local, shapes, base_dir, lr, ratios, out_dir, comm, scop
         for _, name, _, key in pieces():
             for m, (_, g, _, c) in enumerate(big):
                 if g == group_of(name, scope):
-                    low[m] += torch.bincount(key[(key >> shift) == c.bin] & ((1 << shift) - 1), minlength=2 ** shift)
+                    count_into(low[m], key[scratch.bins_of(key, shift) == c.bin] & ((1 << shift) - 1))
         comm.all_reduce(low, "sum")
         for m, (_, _, _, c) in enumerate(big):
             pin_exact_key(c, low[m].numpy(), shift)
