@@ -163,6 +163,16 @@ def scored(base: Reader, tuned: Reader, name: str, scratch: Scratch, hashes: dic
             yield off, scratch.keys(bc, tc)
 
 
+def progress(names: Sequence[str], sizes: dict[str, int], desc: str) -> Iterator[str]:
+    """The names, with a progress bar counted in elements (a 70 B checkpoint takes a while per pass)."""
+    from tqdm import tqdm
+
+    with tqdm(total=sum(sizes[n] for n in names), desc=desc, unit="elem", unit_scale=True, mininterval=2) as bar:
+        for n in names:
+            yield n
+            bar.update(sizes[n])
+
+
 def paired_names(base: Reader, tuned: Reader) -> list[str]:
     """Sorted tensor names; raises LocateError listing names, shapes or dtypes that differ."""
     problems = []
@@ -316,6 +326,7 @@ def _locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict
     t0 = time.perf_counter()
     base, tuned = Reader(base_dir), Reader(tuned_dir)
     names = paired_names(base, tuned)
+    sizes = {n: math.prod(base.meta(n)[0]) for n in names}
     shift = KEY_BITS - bin_bits
     groups: dict[str, dict] = {}
     cap = COLLECT_CAP if collect_cap is None else collect_cap
@@ -326,7 +337,7 @@ def _locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict
     hashes = {"base": xxhash.xxh3_128(), "tuned": xxhash.xxh3_128()}  # of the weights, at no extra read
     scratch = Scratch(bottom)
     following = dict(zip(names, names[1:]))
-    for name in names:
+    for name in progress(names, sizes, "locate pass 1 (histograms)"):
         g = groups.setdefault(group_of(name, scope), {"n": 0, "hist": torch.zeros(2 ** bin_bits, dtype=torch.int64)})
         for _, key in scored(base, tuned, name, scratch, hashes, following.get(name)):
             chunk_hist = torch.bincount(scratch.bins_of(key, shift), minlength=2 ** bin_bits)
@@ -346,7 +357,7 @@ def _locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict
     if big:
         low_hists = {gb: torch.zeros(2 ** shift, dtype=torch.int64) for gb in big}
         low_mask = (1 << shift) - 1
-        for name in names:
+        for name in progress(names, sizes, "locate pass 1b (threshold keys)"):
             gname = group_of(name, scope)
             wanted = [b for g2, b in big if g2 == gname]
             if not wanted:
@@ -366,7 +377,7 @@ def _locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict
                                           [(n, base.meta(n)[0]) for n in names]) for label in ratios}
     taken: dict[tuple, int] = {}
     counts: dict[str, dict[str, int]] = {label: {} for label in ratios}
-    for order, name in enumerate(names):
+    for order, name in enumerate(progress(names, sizes, "locate pass 2 (masks)")):
         gname = group_of(name, scope)
         for offset, key in scored(base, tuned, name, scratch, then=following.get(name)):
             for label in ratios:
