@@ -19,7 +19,6 @@ holds the merged model.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -291,37 +290,10 @@ def check_ratios(ratios: dict[str, float], band_start: float, lr: float) -> None
 COLLECT_CAP = int(os.environ.get("ALLO_LOCATE_COLLECT_CAP", 1 << 22))
 
 
-@contextmanager
-def heap_gives_back_big_blocks() -> Iterator[None]:
-    """Keep the resident set at the working set while streaming chunk-sized buffers.
-
-    glibc raises its mmap threshold after the first large free (up to 32 MiB); from then on the chunk-sized
-    temporaries come from the heap, which fragments and keeps growing: at 1 B parameters locate's resident set
-    grew from 0.4 GiB to 2.3 GiB (`bench/locate.py --params 1e9`). A fixed 1 MiB threshold returns every large
-    buffer to the system when it is freed, at no measurable cost in time. Other C libraries: no change."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        yield
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
-    try:
-        yield
-    finally:
-        libc.mallopt(m_mmap_threshold, 128 * 1024)  # glibc's default value (its dynamic adjustment stays off)
-
-
 def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[str, float], out_dir: str | Path,
            scope: str = "global", band_start: float = 0.0, bottom: bool = False, bin_bits: int = 20,
            collect_cap: int | None = None) -> LocateResult:
     """Write one mask file per named ratio (e.g. {"n1": 5, "n2": 10}) from two reads of the checkpoints."""
-    with heap_gives_back_big_blocks():
-        return _locate(base_dir, tuned_dir, lr, ratios, out_dir, scope, band_start, bottom, bin_bits, collect_cap)
-
-
-def _locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[str, float], out_dir: str | Path,
-            scope: str, band_start: float, bottom: bool, bin_bits: int, collect_cap: int | None) -> LocateResult:
     check_ratios(ratios, band_start, lr)
     t0 = time.perf_counter()
     base, tuned = Reader(base_dir), Reader(tuned_dir)

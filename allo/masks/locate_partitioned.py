@@ -21,7 +21,7 @@ import torch
 
 from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, Scratch, StreamingMaskWriter,
                                _resolve, check_finite, check_ratios, compute_cuts, count_into, group_of,
-                               heap_gives_back_big_blocks, pin_exact_key, select_band)
+                               pin_exact_key, select_band)
 
 
 def _agree(comm: Any, error: str | None) -> None:
@@ -37,13 +37,6 @@ def locate_partitioned(local: Sequence[tuple[str, int, torch.Tensor]], shapes: d
                        collect_cap: int | None = None, source: str = "") -> dict[str, Path]:
     """Masks from this rank's slices `local` = [(name, flat start, θ' values)]; every rank calls it together.
     `shapes`: every parameter's full shape. Returns the mask paths (written by rank 0)."""
-    with heap_gives_back_big_blocks():
-        return _locate_partitioned(local, shapes, base_dir, lr, ratios, out_dir, comm, scope, band_start, bottom,
-                                   bin_bits, collect_cap, source)
-
-
-def _locate_partitioned(local, shapes, base_dir, lr, ratios, out_dir, comm, scope, band_start, bottom, bin_bits,
-                        collect_cap, source) -> dict[str, Path]:
     check_ratios(ratios, band_start, lr)
     base = Reader(base_dir)
     names = sorted(shapes)
