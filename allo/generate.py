@@ -1,8 +1,8 @@
 """Generation backends: vLLM when it is installed and a GPU is present, else batched Hugging Face generate.
 
 Both take rendered prompt strings and return, per prompt, `n` completions (text only, stop strings cut). Both
-see the same token ids: the prompt is tokenised here, without the tokenizer's special tokens, and gets exactly
-one BOS, as in training, so a template that already renders BOS text does not end up with two.
+see the same token ids: the prompt is tokenised by `encode_prompt`, the training code's own, with exactly one
+BOS, so a template that already renders BOS text does not end up with two.
 `ALLO_GENERATE_BACKEND=hf|vllm` overrides the automatic choice (e.g. vLLM's CPU build, which has no GPU).
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from allo.data.tokenize import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +55,6 @@ def vllm_available() -> bool:
     return backend() == "vllm"
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a rendered prompt with exactly one leading BOS (when the tokenizer has one)."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + ids
-
-
 def generate(model_dir: str, prompts: Sequence[str], sampling: Sampling, batch_size: int = 64,
              model: Any = None, tokenizer: Any = None, progress: bool = True) -> list[list[str]]:
     """`n` completions per prompt. Pass `model`/`tokenizer` to reuse loaded ones (HF backend)."""
@@ -81,7 +76,7 @@ def _generate_vllm(model_dir: str, prompts: Sequence[str], s: Sampling, tokenize
     tokenizer = tokenizer or llm.get_tokenizer()
     params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                             stop=list(s.stop) or None, seed=s.seed)
-    requests = [{"prompt_token_ids": prompt_ids(tokenizer, p)} for p in prompts]
+    requests = [{"prompt_token_ids": encode_prompt(tokenizer, p)} for p in prompts]
     return [[_cut(o.text, s.stop) for o in out.outputs] for out in llm.generate(requests, params)]
 
 
@@ -108,7 +103,7 @@ def _generate_hf(model_dir: str, prompts: Sequence[str], s: Sampling, batch_size
     outputs: list[list[str]] = []
     jobs = [p for p in prompts for _ in range(s.n)]
     for i in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
-        enc = [prompt_ids(tokenizer, p) for p in jobs[i:i + batch_size]]
+        enc = [encode_prompt(tokenizer, p) for p in jobs[i:i + batch_size]]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)

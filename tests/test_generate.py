@@ -9,6 +9,7 @@ import types
 import pytest
 
 import allo.generate as g
+from allo.data.tokenize import encode_prompt
 
 
 def test_backend_choice(monkeypatch):
@@ -28,8 +29,8 @@ def test_prompt_ids_have_exactly_one_bos(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    plain = g.prompt_ids(tok, "Tom has 3 apples.")
-    with_bos_text = g.prompt_ids(tok, tok.bos_token + "Tom has 3 apples.")
+    plain = encode_prompt(tok, "Tom has 3 apples.")
+    with_bos_text = encode_prompt(tok, tok.bos_token + "Tom has 3 apples.")
     assert plain[0] == tok.bos_token_id and plain.count(tok.bos_token_id) == 1
     assert with_bos_text == plain
 
@@ -62,6 +63,6 @@ def test_vllm_path_sends_the_hf_token_ids(tiny_model, monkeypatch):
     g.generate(str(tiny_model), prompts, s)
     assert len(made) == 1 and made[0]["model"] == str(tiny_model)  # one engine per model, reused
     requests, params = seen[0]
-    assert [r["prompt_token_ids"] for r in requests] == [g.prompt_ids(tok, p) for p in prompts]
+    assert [r["prompt_token_ids"] for r in requests] == [encode_prompt(tok, p) for p in prompts]
     assert (params.n, params.temperature, params.top_p, params.max_tokens, params.seed) == (2, 0.7, 0.9, 16, 3)
     assert out == [["4 apples. "] * 2] * 2  # stop strings cut, n per prompt

@@ -298,7 +298,8 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     t0 = time.perf_counter()
     base, tuned = Reader(base_dir), Reader(tuned_dir)
     names = paired_names(base, tuned)
-    sizes = {n: math.prod(base.meta(n)[0]) for n in names}
+    shapes = {n: base.meta(n)[0] for n in names}
+    sizes = {n: math.prod(shape) for n, shape in shapes.items()}
     shift = KEY_BITS - bin_bits
     groups: dict[str, dict] = {}
     cap = COLLECT_CAP if collect_cap is None else collect_cap
@@ -346,7 +347,7 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     # ---- pass 2: stream masks out; collected threshold bins are patched at the end
     out_dir = Path(out_dir)
     writers = {label: StreamingMaskWriter(out_dir / f"{label}.safetensors",
-                                          [(n, base.meta(n)[0]) for n in names]) for label in ratios}
+                                          list(shapes.items())) for label in ratios}
     taken: dict[tuple, int] = {}
     counts: dict[str, dict[str, int]] = {label: {} for label in ratios}
     for order, name in enumerate(progress(names, sizes, "locate pass 2 (masks)")):
