@@ -5,7 +5,7 @@ sub-group (``fp32_partitioned_groups_flat``, each parameter's slice at ``grad_po
 one flat partition per group (``single_partition_of_fp32_groups``, each parameter's fragment at
 ``_hp_mapping``), under ZeRO-0 the parameters (or their fp32 copies) themselves. ``optimizer_layout`` lists,
 for every piece, which element range of which named parameter lives where; each rank then reads only those
-ranges of the mask file (``read_range``), so no rank ever holds a full mask under ZeRO-1/2/3.
+ranges of the mask file (``MaskFile.range``), so no rank ever holds a full mask under ZeRO-1/2/3.
 
 Two things use the layout:
 - the optimizer (``MaskedAdamW``) masks the Adam update and weight decay of every element it owns;
@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from allo.masks.io import read_range
+from allo.masks.io import MaskFile
 
 
 @dataclass
@@ -96,12 +95,12 @@ def build_masks(mask_file: str, pieces: list[Piece]) -> tuple[dict[int, torch.Te
     """Read this rank's mask ranges. Returns (flat mask per optimizer tensor id, local mask per parameter)."""
     target_masks: dict[int, torch.Tensor] = {}
     local: dict[str, torch.Tensor] = {}
-    with safe_open(mask_file, framework="pt") as f:
+    with MaskFile(mask_file) as f:
         for piece in pieces:
             flat = target_masks.get(id(piece.target))
             if flat is None:
                 flat = target_masks[id(piece.target)] = torch.zeros(piece.target.numel(), dtype=torch.bool)
-            m = read_range(f, piece.name, piece.start, piece.numel)
+            m = f.range(piece.name, piece.start, piece.numel)
             flat[piece.target_offset: piece.target_offset + piece.numel] = m
             local[piece.name] = m
     return target_masks, local
@@ -120,9 +119,9 @@ class GradMasker:
             self.params = [(p, ~local[n].to(p.ds_tensor.device)) for n, p in trainable if n in local]
             return
         # ZeRO-0/1/2 hold full gradients before reduction: one full mask per parameter, read once.
-        with safe_open(mask_file, framework="pt") as f:
+        with MaskFile(mask_file) as f:
             for n, p in trainable:
-                drop = ~f.get_tensor(n).to(device=p.device, dtype=torch.bool)
+                drop = ~f.get(n).to(p.device)
                 self.handles.append(p.register_hook(lambda g, drop=drop: g.masked_fill(drop, 0)))
 
     @torch.no_grad()

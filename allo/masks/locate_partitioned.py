@@ -19,8 +19,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, Scratch, StreamingMaskWriter,
-                               _resolve, check_finite, check_ratios, compute_cuts, count_into, group_of,
+from allo.masks.io import MaskWriter
+from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, Scratch, _resolve, check_finite, check_ratios, compute_cuts, count_into, group_of,
                                pin_exact_key, select_band)
 
 
@@ -138,7 +138,7 @@ def locate_partitioned(local: Sequence[tuple[str, int, torch.Tensor]], shapes: d
     out_dir = Path(out_dir)
     paths = {}
     for label, r in ratios.items():
-        writer = StreamingMaskWriter(out_dir / f"{label}.safetensors", [(n, shapes[n]) for n in names]) \
+        writer = MaskWriter(out_dir / f"{label}.safetensors", [(n, shapes[n]) for n in names]) \
             if comm.rank == 0 else None
         counts: dict[str, int] = {}
         for n in names:
