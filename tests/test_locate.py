@@ -170,6 +170,12 @@ def test_source_hashes_are_of_the_weights(tmp_path):
     meta_b = json.loads((tmp_path / "mb" / "n.json").read_text())
     assert meta_a["base_hash"] == meta_b["base_hash"] and meta_a["tuned_hash"] == meta_b["tuned_hash"]
     assert meta_a["base_hash"] != meta_a["tuned_hash"]
+    import xxhash
+
+    want = xxhash.xxh3_128()  # the documented definition: every tensor's bytes, tensors in sorted-name order
+    for n in sorted(base):
+        want.update(base[n].contiguous().view(torch.uint8).numpy().tobytes())
+    assert meta_a["base_hash"] == want.hexdigest()
     tuned["lm_head.weight"][0, 0] += 1.0
     (tmp_path / "c").mkdir()
     save_file(tuned, str(tmp_path / "c" / "model.safetensors"))

@@ -111,30 +111,38 @@ READ_AHEAD = 1 << 30  # bytes of both checkpoints paged in ahead of the tensor b
 
 class ReadAhead:
     """A background thread that pages both checkpoints in from storage, tensor by tensor, up to READ_AHEAD bytes
-    ahead of the tensor being scored, so a cold pass waits on the disk or on the CPU, not on both in turn. It
+    ahead of the tensor being scored, so a cold pass waits on the disk or on the CPU, not on both in turn; given
+    `hashers` (one per reader), it hashes each tensor's bytes on the way, off the scoring thread. Otherwise it
     touches one byte per page in numpy, which releases the GIL and starts no OpenMP threads of its own (a torch
     toucher did: it competed with the scoring threads and gained nothing). posix_fadvise(WILLNEED) of whole
-    tensors did not help either: at 1 B parameters from storage, pass 1 took 17–20 s without a toucher and 13–16 s
-    with this one, against 12 s for a plain read of the files on the same disk that hour."""
+    tensors did not help either. At 1 B parameters from storage, locate took 24.5 and 25.9 s without this thread
+    and 20.1 and 21.3 s with it, alternated."""
 
-    def __init__(self, readers: Sequence[Reader], names: Sequence[str]):
-        self.readers, self.names = readers, list(names)
+    def __init__(self, readers: Sequence[Reader], names: Sequence[str], hashers: Sequence | None = None):
+        self.readers, self.names, self.hashers = readers, list(names), hashers
         sizes = [sum(r.span(n)[2] - r.span(n)[1] for r in readers) for n in self.names]
         self.starts = [0] + list(itertools.accumulate(sizes))
-        self.consumed, self.stopped = 0, False
+        self.consumed, self.stopped, self.error = 0, False, None
         self.cv = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="locate-read-ahead", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        for i, name in enumerate(self.names):
-            with self.cv:
-                self.cv.wait_for(lambda: self.stopped or self.starts[i] - self.consumed < READ_AHEAD)
-                if self.stopped:
-                    return
-            for r in self.readers:
-                with r.mapped(name) as t:
-                    t.view(torch.uint8).numpy()[::4096].sum()
+        try:
+            for i, name in enumerate(self.names):
+                with self.cv:
+                    self.cv.wait_for(lambda: self.stopped or self.starts[i] - self.consumed < READ_AHEAD)
+                    if self.stopped:
+                        return
+                for j, r in enumerate(self.readers):
+                    with r.mapped(name) as t:
+                        raw = t.view(torch.uint8).numpy()
+                        if self.hashers is not None:
+                            self.hashers[j].update(raw.data)
+                        else:
+                            raw[::4096].sum()
+        except BaseException as e:  # surfaced on the scoring thread by __exit__
+            self.error = e
 
     def at(self, i: int) -> None:
         """The consumer has reached tensor i."""
@@ -145,11 +153,16 @@ class ReadAhead:
     def __enter__(self) -> "ReadAhead":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        """After a complete pass, waits for the thread to finish (the hashes need every tensor); after an error,
+        stops it."""
         with self.cv:
-            self.stopped = True
+            self.stopped = exc_type is not None
+            self.consumed = self.starts[-1]
             self.cv.notify()
         self.thread.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
 
 
 class Scratch:
@@ -188,16 +201,12 @@ class Scratch:
         return self.bools[role][:n]
 
 
-def scored(base: Reader, tuned: Reader, name: str, scratch: Scratch,
-           hashes: dict | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def scored(base: Reader, tuned: Reader, name: str, scratch: Scratch) -> Iterator[tuple[int, torch.Tensor]]:
     """(flat offset, keys) over tensor `name` in chunks of CHUNK elements. The weights stay inside this generator,
-    so their mapped pages are released when it moves on to the next tensor; `hashes` are updated on the way."""
+    so their mapped pages are released when it moves on to the next tensor."""
     with base.mapped(name) as b, tuned.mapped(name) as t:
         for off in range(0, b.numel(), CHUNK):
             bc, tc = b[off:off + CHUNK], t[off:off + CHUNK]
-            if hashes is not None:
-                hashes["base"].update(bc.view(torch.uint8).numpy().data)
-                hashes["tuned"].update(tc.view(torch.uint8).numpy().data)
             yield off, scratch.keys(bc, tc)
 
 
@@ -346,14 +355,16 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     changed = bottom  # whether any weight differs (the `bottom` ranking is meaningful either way)
     import xxhash
 
-    hashes = {"base": xxhash.xxh3_128(), "tuned": xxhash.xxh3_128()}  # of the weights, at no extra read
+    hashes = {"base": xxhash.xxh3_128(), "tuned": xxhash.xxh3_128()}  # of the weights, by the read-ahead thread
     scratch = Scratch(bottom)
-    with ReadAhead([base, tuned], names) as ahead:
+    with ReadAhead([base, tuned], names, [hashes["base"], hashes["tuned"]]) as ahead:
         for i, name in enumerate(progress(names, sizes, "locate pass 1 (histograms)")):
             ahead.at(i)
-            g = groups.setdefault(group_of(name, scope), {"n": 0, "hist": torch.zeros(2 ** bin_bits,
-                                                                                          dtype=torch.int64)})
-            for _, key in scored(base, tuned, name, scratch, hashes):
+            gname = group_of(name, scope)
+            if gname not in groups:
+                groups[gname] = {"n": 0, "hist": torch.zeros(2 ** bin_bits, dtype=torch.int64)}
+            g = groups[gname]
+            for _, key in scored(base, tuned, name, scratch):
                 chunk_hist = torch.bincount(scratch.bins_of(key, shift), minlength=2 ** bin_bits)
                 check_finite(chunk_hist, shift, bottom, name)
                 g["n"] += key.numel()
