@@ -27,9 +27,38 @@ class MaskError(ValueError):
     """A mask that does not fit the model, phrased with the offending names and shapes."""
 
 
-def pack_bits(mask: torch.Tensor) -> np.ndarray:
+def pack_bits(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     """Flat bool mask -> uint8, element i in bit i % 8 of byte i // 8."""
-    return np.packbits(mask.reshape(-1).cpu().numpy().view(np.uint8), bitorder="little")
+    flat = mask.reshape(-1).cpu().numpy() if isinstance(mask, torch.Tensor) else mask.reshape(-1)
+    return np.packbits(flat.view(np.uint8), bitorder="little")
+
+
+def set_bits(packed: np.ndarray, idx: np.ndarray, value: bool) -> None:
+    """packed[element idx] = value, in place (idx may repeat a byte)."""
+    bits = np.left_shift(np.uint8(1), (idx & 7).astype(np.uint8))
+    if value:
+        np.bitwise_or.at(packed, idx >> 3, bits)
+    else:
+        np.bitwise_and.at(packed, idx >> 3, ~bits)
+
+
+def first_set_bits(packed: np.ndarray, k: int) -> np.ndarray:
+    """A copy of a packed mask keeping only its first k set elements (lowest index first)."""
+    counts = np.cumsum(np.bitwise_count(packed), dtype=np.int64)
+    if k <= 0 or not len(counts):
+        return np.zeros_like(packed)
+    if counts[-1] <= k:
+        return packed.copy()
+    j = int(np.searchsorted(counts, k))  # the byte where the running count reaches k
+    out = packed.copy()
+    out[j + 1:] = 0
+    keep, byte = k - (int(counts[j - 1]) if j else 0), 0
+    for bit in range(8):
+        if keep and out[j] >> bit & 1:
+            byte |= 1 << bit
+            keep -= 1
+    out[j] = byte
+    return out
 
 
 def unpack_bits(packed: np.ndarray, skip: int, count: int) -> torch.Tensor:
@@ -131,21 +160,20 @@ class MaskWriter:
     def write(self, name: str, mask: torch.Tensor, offset: int = 0) -> None:
         """Write the flat elements [offset, offset + mask.numel()) of tensor `name`, in file order. `offset` is a
         multiple of 8 (only a tensor's last piece may end mid-byte)."""
+        self.write_packed(name, pack_bits(mask), offset)
+
+    def write_packed(self, name: str, packed: np.ndarray, offset: int = 0) -> None:
+        """`write`, of a mask already packed by `pack_bits`."""
         assert offset % 8 == 0 and self.f.tell() == self.data_start + self.offsets[name] + offset // 8, \
             f"{name} written out of order"
-        self.f.write(pack_bits(mask).data)
+        self.f.write(packed.data)
 
     def patch(self, name: str, flat_idx: torch.Tensor, value: bool) -> None:
         """Set elements of a tensor already written (a resolved threshold bin) to `value`, in one vectorised write."""
         self.f.flush()
         m = np.memmap(self.tmp, dtype=np.uint8, mode="r+", offset=self.data_start + self.offsets[name],
                       shape=(-(-self.sizes[name] // 8),))
-        idx = flat_idx.numpy()
-        bits = np.left_shift(np.uint8(1), (idx & 7).astype(np.uint8))
-        if value:
-            np.bitwise_or.at(m, idx >> 3, bits)
-        else:
-            np.bitwise_and.at(m, idx >> 3, ~bits)
+        set_bits(m, flat_idx.numpy(), value)
         del m  # a shared mapping: the page cache has the bytes now; close() makes them durable with one fsync
 
     def close(self) -> None:

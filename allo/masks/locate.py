@@ -26,6 +26,8 @@ import os
 import re
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from allo.masks.io import MaskWriter
+from allo.masks.io import MaskWriter, first_set_bits, pack_bits, unpack_bits
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 KEY_BITS = 31  # non-negative float32 bit patterns fit in 31 bits
@@ -168,25 +170,23 @@ class ReadAhead:
 class Scratch:
     """Chunk-sized buffers reused for every chunk: a fresh 32 MiB temporary costs more in page faults than the
     arithmetic done in it (8 M-element subtraction: 30 ms into a new tensor, 10 ms into a reused one), so keys,
-    bins and selections are computed in place. What `keys` and `buf` return is valid until their next call."""
+    bins and selections are computed in place. One per scoring thread. What `keys`, `bins_of` and `buf` return is
+    valid until their next call."""
 
     def __init__(self, bottom: bool):
         self.bottom = bottom
-        self.size = 0
+        self.bufs: dict[str, torch.Tensor] = {}
 
-    def _grow(self, n: int) -> None:
-        if n > self.size:
-            self.size = n
-            self.diff = torch.empty(n)
-            self.bins = torch.empty(n, dtype=torch.int32)
-            self.bools = {role: torch.empty(n, dtype=torch.bool) for role in ("hi", "lo", "tmp")}
+    def _get(self, role: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.bufs.get(role)
+        if t is None or t.numel() < n:
+            t = self.bufs[role] = torch.empty(n, dtype=dtype)
+        return t[:n]
 
     def keys(self, base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
         """Integer rank keys of |θ' − θ| (the 1/α factor does not change the order): the float32 bits, which sort
         like the values; for `bottom` their complement. A NaN or Inf in either weight gives a key >= NONFINITE."""
-        n = base.numel()
-        self._grow(n)
-        d = self.diff[:n]
+        d = self._get("diff", base.numel(), torch.float32)
         if base.dtype == tuned.dtype == torch.float32:
             torch.sub(tuned.reshape(-1), base.reshape(-1), out=d)
         else:  # bf16/fp16 weights: subtract in float32, where the difference of two of them is exact
@@ -195,29 +195,63 @@ class Scratch:
         return key.bitwise_xor_(2 ** KEY_BITS - 1) if self.bottom else key  # = 2^31 − 1 − key, in place
 
     def bins_of(self, key: torch.Tensor, shift: int) -> torch.Tensor:
-        return torch.bitwise_right_shift(key, shift, out=self.bins[:key.numel()])
+        return torch.bitwise_right_shift(key, shift, out=self._get("bins", key.numel(), torch.int32))
 
     def buf(self, role: str, n: int) -> torch.Tensor:
-        return self.bools[role][:n]
+        return self._get(role, n, torch.bool)
 
 
-def scored(base: Reader, tuned: Reader, name: str, scratch: Scratch) -> Iterator[tuple[int, torch.Tensor]]:
-    """(flat offset, keys) over tensor `name` in chunks of CHUNK elements. The weights stay inside this generator,
-    so their mapped pages are released when it moves on to the next tensor."""
-    with base.mapped(name) as b, tuned.mapped(name) as t:
-        for off in range(0, b.numel(), CHUNK):
-            bc, tc = b[off:off + CHUNK], t[off:off + CHUNK]
-            yield off, scratch.keys(bc, tc)
+Chunk = tuple[int, str, int, torch.Tensor, torch.Tensor]  # tensor order, name, flat offset, base and tuned views
 
 
-def progress(names: Sequence[str], sizes: dict[str, int], desc: str) -> Iterator[str]:
-    """The names, with a progress bar counted in elements (a 70 B checkpoint takes a while per pass)."""
+def chunks(base: Reader, tuned: Reader, names: Sequence[str], ahead: "ReadAhead | None" = None) -> Iterator[Chunk]:
+    """Both checkpoints' tensors in chunks of CHUNK elements, as views of their memory maps; a map is released
+    once no view of it is left. Tells `ahead` where the scoring has got to."""
+    for order, name in enumerate(names):
+        if ahead is not None:
+            ahead.at(order)
+        with base.mapped(name) as b, tuned.mapped(name) as t:
+            for off in range(0, b.numel(), CHUNK):
+                yield order, name, off, b[off:off + CHUNK], t[off:off + CHUNK]
+
+
+def scoring_threads() -> int:
+    """Threads that score chunks side by side: every core this process may use (ALLO_LOCATE_THREADS overrides), at
+    most 8, as each holds ~90 MB of scratch."""
+    return int(os.environ.get("ALLO_LOCATE_THREADS") or min(8, len(os.sched_getaffinity(0))))
+
+
+def in_order(jobs: Iterator, work, threads: int, bottom: bool) -> Iterator:
+    """work(job, scratch) over `jobs` on `threads` threads, each with its own Scratch; results in job order, at most
+    2 × threads jobs in flight. Most of a chunk's work (bincount, numpy comparisons, nonzero, packing) runs on one
+    core whatever torch's thread count, so chunks go side by side instead, with torch ops on one thread each."""
+    local = threading.local()
+
+    def run(job):
+        if not hasattr(local, "scratch"):
+            local.scratch = Scratch(bottom)
+        return work(job, local.scratch)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="locate-score") as pool:
+            pending: deque = deque()
+            for job in jobs:
+                pending.append(pool.submit(run, job))
+                if len(pending) >= 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(before)
+
+
+def progress(total: int, desc: str):
+    """A progress bar counted in elements (a 70 B checkpoint takes a while per pass)."""
     from tqdm import tqdm
 
-    with tqdm(total=sum(sizes[n] for n in names), desc=desc, unit="elem", unit_scale=True, mininterval=2) as bar:
-        for n in names:
-            yield n
-            bar.update(sizes[n])
+    return tqdm(total=total, desc=desc, unit="elem", unit_scale=True, mininterval=2)
 
 
 def paired_names(base: Reader, tuned: Reader) -> list[str]:
@@ -356,21 +390,27 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     import xxhash
 
     hashes = {"base": xxhash.xxh3_128(), "tuned": xxhash.xxh3_128()}  # of the weights, by the read-ahead thread
-    scratch = Scratch(bottom)
-    with ReadAhead([base, tuned], names, [hashes["base"], hashes["tuned"]]) as ahead:
-        for i, name in enumerate(progress(names, sizes, "locate pass 1 (histograms)")):
-            ahead.at(i)
+    threads = scoring_threads()
+
+    def histogram(job: Chunk, scratch: Scratch) -> tuple[str, int, torch.Tensor, bool]:
+        _, name, _, b, t = job
+        n = b.numel()
+        chunk_hist = torch.bincount(scratch.keys(b, t).bitwise_right_shift_(shift), minlength=2 ** bin_bits)
+        # a key outside bin 0 is nonzero; only a chunk of tiny keys is scored again to look for one
+        nonzero = int(chunk_hist[0]) < n or bool(torch.count_nonzero(scratch.keys(b, t)))
+        return name, n, chunk_hist, nonzero
+
+    with ReadAhead([base, tuned], names, [hashes["base"], hashes["tuned"]]) as ahead, \
+            progress(sum(sizes.values()), "locate pass 1 (histograms)") as bar:
+        for name, n, chunk_hist, nonzero in in_order(chunks(base, tuned, names, ahead), histogram, threads, bottom):
+            check_finite(chunk_hist, shift, bottom, name)
             gname = group_of(name, scope)
             if gname not in groups:
                 groups[gname] = {"n": 0, "hist": torch.zeros(2 ** bin_bits, dtype=torch.int64)}
-            g = groups[gname]
-            for _, key in scored(base, tuned, name, scratch):
-                chunk_hist = torch.bincount(scratch.bins_of(key, shift), minlength=2 ** bin_bits)
-                check_finite(chunk_hist, shift, bottom, name)
-                g["n"] += key.numel()
-                g["hist"] += chunk_hist
-                # a key in a bin above 0 is nonzero: the full scan is only needed while every key is tiny
-                changed = changed or int(chunk_hist[0]) < key.numel() or bool(key.any())
+            groups[gname]["n"] += n
+            groups[gname]["hist"] += chunk_hist
+            changed = changed or nonzero
+            bar.update(n)
     total = sum(g["n"] for g in groups.values())
     if not changed:
         raise LocateError("the two checkpoints are identical (every score is 0): nothing to rank; was the warm-up "
@@ -382,15 +422,16 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     if big:
         low_hists = {gb: torch.zeros(2 ** shift, dtype=torch.int64) for gb in big}
         low_mask = (1 << shift) - 1
-        for name in progress(names, sizes, "locate pass 1b (threshold keys)"):
-            gname = group_of(name, scope)
-            wanted = [b for g2, b in big if g2 == gname]
-            if not wanted:
-                continue
-            for _, key in scored(base, tuned, name, scratch):
+        scratch = Scratch(bottom)
+        wanted = [n for n in names if any(g == group_of(n, scope) for g, _ in big)]
+        with progress(sum(sizes[n] for n in wanted), "locate pass 1b (threshold keys)") as bar:
+            for _, name, _, b, t in chunks(base, tuned, wanted):
+                key = scratch.keys(b, t)
                 bins = scratch.bins_of(key, shift)
-                for bn in wanted:
-                    count_into(low_hists[(gname, bn)], key[bins == bn] & low_mask)
+                for g, bn in big:
+                    if g == group_of(name, scope):
+                        count_into(low_hists[(g, bn)], key[bins == bn] & low_mask)
+                bar.update(key.numel())
         for per in cuts.values():
             for gname, pair in per.items():
                 for c in pair:
@@ -401,15 +442,23 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     writers = {label: MaskWriter(out_dir / f"{label}.safetensors", list(shapes.items())) for label in ratios}
     taken: dict[tuple, int] = {}
     counts: dict[str, dict[str, int]] = {label: {} for label in ratios}
-    with ReadAhead([base, tuned], names) as ahead:  # a checkpoint larger than memory comes from storage again
-        for order, name in enumerate(progress(names, sizes, "locate pass 2 (masks)")):
-            ahead.at(order)
+
+    def select(job: Chunk, scratch: Scratch) -> tuple[int, str, int, int, dict]:
+        order, name, offset, b, t = job
+        key = scratch.keys(b, t).numpy()
+        pair_parts = {label: band_parts(key, cuts[label][group_of(name, scope)], shift, order, offset, scratch)
+                      for label in ratios}
+        return order, name, offset, len(key), pair_parts
+
+    with ReadAhead([base, tuned], names) as ahead, \
+            progress(sum(sizes.values()), "locate pass 2 (masks)") as bar:  # from storage again if larger than memory
+        for order, name, offset, n, pair_parts in in_order(chunks(base, tuned, names, ahead), select, threads, bottom):
             gname = group_of(name, scope)
-            for offset, key in scored(base, tuned, name, scratch):
-                for label in ratios:
-                    sel = select_band(key, cuts[label][gname], shift, taken, (label, gname), order, offset, scratch)
-                    writers[label].write(name, sel, offset)
-                    counts[label][name] = counts[label].get(name, 0) + int(np.count_nonzero(sel.numpy()))
+            for label, parts in pair_parts.items():
+                sel = resolve_band(parts, cuts[label][gname], taken, (label, gname))
+                writers[label].write_packed(name, sel, offset)
+                counts[label][name] = counts[label].get(name, 0) + int(np.bitwise_count(sel).sum())
+            bar.update(n)
     # collected threshold bins: resolve the exact cut among their keys and patch the files
     for label in ratios:
         for gname, (hi_cut, lo_cut) in cuts[label].items():
@@ -439,33 +488,54 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
                                 "achieved": {lb: 100 * sum(c.values()) / total for lb, c in counts.items()}})
 
 
+Parts = list  # per cut of a band (top, then band start): (packed selection, packed ties or None)
+
+
+def band_parts(key: np.ndarray, pair: tuple[Cut, Cut | None], shift: int, order: int, offset: int,
+               scratch: Scratch) -> Parts:
+    """A chunk's selection for one label, as far as it can be made without the chunks before it: per cut, the
+    elements above it (packed) and, at a pinned exact key, the elements tied at it (packed), which only the in-order
+    `resolve_band` can share out. Runs on the scoring threads; numpy on views of the scratch buffers, several times
+    cheaper than torch for counting and for finding a few True among millions."""
+    parts = []
+    for cut, role in zip(pair, ("hi", "lo")):
+        if cut is not None:
+            sel, ties = compare(key, cut, shift, order, offset, scratch, role)
+            parts.append((pack_bits(sel), None if ties is None else pack_bits(ties)))
+    return parts
+
+
+def resolve_band(parts: Parts, pair: tuple[Cut, Cut | None], taken: dict, slot: tuple) -> np.ndarray:
+    """The chunk's packed selection for one label: ties at an exact key go to the first chunks in order (`taken`
+    counts what the chunks before this one took), then a band's start cut is taken out. Call in chunk order."""
+    done = []
+    for (sel, ties), cut, role in zip(parts, pair, ("hi", "lo")):
+        if ties is not None:
+            left = cut.need_at_key - taken.get(slot + (role,), 0)
+            got = first_set_bits(ties, left)
+            sel |= got
+            taken[slot + (role,)] = taken.get(slot + (role,), 0) + int(np.bitwise_count(got).sum())
+        done.append(sel)
+    return done[0] & ~done[1] if len(done) == 2 else done[0]
+
+
 def select_band(key: torch.Tensor, pair: tuple[Cut, Cut | None], shift: int, taken: dict, slot: tuple, order: int,
                 offset: int, scratch: Scratch) -> torch.Tensor:
-    """The chunk's selection for one label: in the top cut and, with a band, not in the top `band_start` cut.
-    The result is a scratch buffer, valid until the next call. The comparisons run in numpy on views of the
-    buffers: several times cheaper than torch's for counting and for finding a few True among millions."""
-    hi_cut, lo_cut = pair
-    sel = _select(key.numpy(), hi_cut, shift, taken, slot + ("hi",), order, offset, scratch, "hi")
-    if lo_cut is not None:
-        top = _select(key.numpy(), lo_cut, shift, taken, slot + ("lo",), order, offset, scratch, "lo")
-        np.logical_and(sel, np.logical_not(top, out=top), out=sel)
-    return torch.from_numpy(sel)
+    """`band_parts` and `resolve_band` in one, unpacked: for callers that go through their chunks in order."""
+    packed = resolve_band(band_parts(key.numpy(), pair, shift, order, offset, scratch), pair, taken, slot)
+    return unpack_bits(packed, 0, key.numel())
 
 
-def _select(key: np.ndarray, cut: Cut, shift: int, taken: dict, slot: tuple, order: int, offset: int,
-            scratch: Scratch, role: str) -> np.ndarray:
+def compare(key: np.ndarray, cut: Cut, shift: int, order: int, offset: int, scratch: Scratch,
+            role: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(keys surely above the cut, keys tied at its exact key or None); the elements of a collected threshold bin
+    are appended to `cut.candidates` (list.append is atomic, and `_resolve` sorts them, so any thread may)."""
     lo, hi = cut.bin << shift, (cut.bin + 1) << shift
     sel, tmp = scratch.buf(role, len(key)).numpy(), scratch.buf("tmp", len(key)).numpy()
     if cut.takes_whole_bin:
-        return np.greater_equal(key, lo, out=sel)
+        return np.greater_equal(key, lo, out=sel), None
     if cut.exact_key >= 0:  # big bin, threshold key known: all above it, the first `need_at_key` equal to it
-        np.greater(key, cut.exact_key, out=sel)
-        left = cut.need_at_key - taken.get(slot, 0)
-        if left > 0:
-            idx = np.flatnonzero(np.equal(key, cut.exact_key, out=tmp))[:left]
-            sel[idx] = True
-            taken[slot] = taken.get(slot, 0) + len(idx)
-        return sel
+        return np.greater(key, cut.exact_key, out=sel), np.equal(key, cut.exact_key, out=tmp)
     if hi < 2 ** 31:  # int32 compare, no overflow
         np.greater_equal(key, hi, out=sel)
     else:
@@ -476,7 +546,7 @@ def _select(key: np.ndarray, cut: Cut, shift: int, taken: dict, slot: tuple, ord
         idx_t = torch.from_numpy(idx)
         cut.candidates.append((torch.from_numpy(key[idx].astype(np.int64)), torch.full_like(idx_t, order),
                                idx_t + offset))
-    return sel
+    return sel, None
 
 
 def _resolve(cut: Cut) -> Iterator[tuple[int, torch.Tensor]]:
