@@ -494,15 +494,9 @@ Parts = list  # per cut of a band (top, then band start): (packed selection, pac
 def band_parts(key: np.ndarray, pair: tuple[Cut, Cut | None], shift: int, order: int, offset: int,
                scratch: Scratch) -> Parts:
     """A chunk's selection for one label, as far as it can be made without the chunks before it: per cut, the
-    elements above it (packed) and, at a pinned exact key, the elements tied at it (packed), which only the in-order
-    `resolve_band` can share out. Runs on the scoring threads; numpy on views of the scratch buffers, several times
-    cheaper than torch for counting and for finding a few True among millions."""
-    parts = []
-    for cut, role in zip(pair, ("hi", "lo")):
-        if cut is not None:
-            sel, ties = compare(key, cut, shift, order, offset, scratch, role)
-            parts.append((pack_bits(sel), None if ties is None else pack_bits(ties)))
-    return parts
+    elements above it and, at a pinned exact key, the elements tied at it, both packed; only the in-order
+    `resolve_band` can share the ties out. Runs on the scoring threads."""
+    return [compare(key, cut, shift, order, offset, scratch) for cut in pair if cut is not None]
 
 
 def resolve_band(parts: Parts, pair: tuple[Cut, Cut | None], taken: dict, slot: tuple) -> np.ndarray:
@@ -526,27 +520,28 @@ def select_band(key: torch.Tensor, pair: tuple[Cut, Cut | None], shift: int, tak
     return unpack_bits(packed, 0, key.numel())
 
 
-def compare(key: np.ndarray, cut: Cut, shift: int, order: int, offset: int, scratch: Scratch,
-            role: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(keys surely above the cut, keys tied at its exact key or None); the elements of a collected threshold bin
-    are appended to `cut.candidates` (list.append is atomic, and `_resolve` sorts them, so any thread may)."""
+def compare(key: np.ndarray, cut: Cut, shift: int, order: int, offset: int,
+            scratch: Scratch) -> tuple[np.ndarray, np.ndarray | None]:
+    """(keys surely above the cut, keys tied at its exact key or None), packed. The elements of a collected
+    threshold bin are appended to `cut.candidates` (list.append is atomic and `_resolve` sorts them, so any thread
+    may). Comparisons run in numpy on a view of a scratch buffer (numpy's are cheaper than torch's), and the bin's
+    few elements are found in the packed masks, an eighth of the bytes to scan."""
     lo, hi = cut.bin << shift, (cut.bin + 1) << shift
-    sel, tmp = scratch.buf(role, len(key)).numpy(), scratch.buf("tmp", len(key)).numpy()
+    buf = scratch.buf("cmp", len(key)).numpy()
     if cut.takes_whole_bin:
-        return np.greater_equal(key, lo, out=sel), None
+        return pack_bits(np.greater_equal(key, lo, out=buf)), None
     if cut.exact_key >= 0:  # big bin, threshold key known: all above it, the first `need_at_key` equal to it
-        return np.greater(key, cut.exact_key, out=sel), np.equal(key, cut.exact_key, out=tmp)
-    if hi < 2 ** 31:  # int32 compare, no overflow
-        np.greater_equal(key, hi, out=sel)
-    else:
-        sel.fill(False)
-    in_bin = np.logical_xor(np.greater_equal(key, lo, out=tmp), sel, out=tmp)
-    idx = np.flatnonzero(in_bin)  # the bin's own elements (a few per chunk): collect them
-    if len(idx):
-        idx_t = torch.from_numpy(idx)
-        cut.candidates.append((torch.from_numpy(key[idx].astype(np.int64)), torch.full_like(idx_t, order),
-                               idx_t + offset))
-    return sel, None
+        above = pack_bits(np.greater(key, cut.exact_key, out=buf))
+        return above, pack_bits(np.equal(key, cut.exact_key, out=buf))
+    above = pack_bits(np.greater_equal(key, hi, out=buf)) if hi < 2 ** 31 else np.zeros(-(-len(key) // 8), np.uint8)
+    in_bin = np.bitwise_xor(pack_bits(np.greater_equal(key, lo, out=buf)), above)
+    nz = np.flatnonzero(in_bin)  # bytes holding the bin's elements (a few per chunk): collect them
+    if len(nz):
+        rows, bits = np.nonzero(np.unpackbits(in_bin[nz], bitorder="little").reshape(-1, 8))
+        idx = torch.from_numpy(nz[rows] * 8 + bits)
+        cut.candidates.append((torch.from_numpy(key[idx.numpy()].astype(np.int64)), torch.full_like(idx, order),
+                               idx + offset))
+    return above, None
 
 
 def _resolve(cut: Cut) -> Iterator[tuple[int, torch.Tensor]]:
