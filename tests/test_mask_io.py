@@ -77,3 +77,18 @@ def test_streamed_chunks_and_patches(tmp_path):
     assert all(torch.equal(got[n], want[n]) for n in SHAPES)
     assert not list(tmp_path.glob(".*.tmp"))
     assert np.count_nonzero(got["a.weight"].numpy()) == int(want["a.weight"].sum())
+
+
+def test_first_set_bits_keeps_the_lowest_indices():
+    """Ties at an exact threshold key go to the lowest flat indices; on packed masks that is first_set_bits."""
+    from allo.masks.io import first_set_bits, pack_bits, unpack_bits
+
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 7, 8, 9, 64, 203):
+        mask = torch.rand(n, generator=g) < 0.5
+        on = torch.nonzero(mask).flatten()
+        for k in (0, 1, 2, 5, len(on) - 1, len(on), len(on) + 3):
+            want = torch.zeros(n, dtype=torch.bool)
+            want[on[:max(k, 0)]] = True
+            got = unpack_bits(first_set_bits(pack_bits(mask), k), 0, n)
+            assert torch.equal(got, want), (n, k)
