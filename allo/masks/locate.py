@@ -4,15 +4,20 @@ Scores are non-negative float32, whose bit patterns sort like their values, so a
 by an integer key (the bits; for `bottom` their complement). Pass 1 reads both checkpoints tensor by tensor
 and builds, per selection group (the whole model, a layer, or a tensor), a histogram of the keys' top bits.
 That gives, for every k wanted, the bin holding the k-th key and how many elements of that bin are needed.
-Pass 2 reads the checkpoints again and streams each mask tensor straight into its safetensors file: elements
+Pass 2 reads the checkpoints again and streams each mask tensor, bit-packed, straight into its file: elements
 above the bin are selected, and the bin itself is resolved exactly. A bin of at most COLLECT_CAP elements (the
 usual case: 2^20 bins spread a continuous distribution thin) has its keys collected during pass 2 and the exact
 cut patched into the file at the end; a larger one (massive ties, e.g. many unchanged weights under `bottom`)
 first gets a histogram of its keys' low bits in an extra pass, which pins the exact threshold key, so pass 2
 selects everything above it and the first `need` elements equal to it. Ties at the threshold go to the earlier
 tensor (sorted names) and the lower flat index, so the selected count is exactly ⌊N·r/100⌋ and runs are
-reproducible. Tensors are memory-mapped, one pair at a time, and scored in chunks into reused buffers, so peak
-memory is the largest tensor's pages in both checkpoints plus the histograms, never the model.
+reproducible, whatever the number of threads.
+
+Tensors are memory-mapped and cut into chunks, which one thread per core scores into its own reused buffers;
+results are consumed in chunk order. A read-ahead thread pages the checkpoints in from storage ahead of the
+scoring (and hashes the weights in pass 1), so a cold pass costs about the disk's time, not the disk's plus the
+CPU's. Peak memory is the chunks in flight, the mapped pages of the tensors being read and the histograms,
+never the model.
 
 `locate_partitioned.py` runs the same selection on a ZeRO run's partitions, with collectives, so no node ever
 holds the merged model.

@@ -20,8 +20,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from allo.masks.io import MaskWriter
-from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, Scratch, _resolve, check_finite, check_ratios, compute_cuts, count_into, group_of,
-                               pin_exact_key, select_band)
+from allo.masks.locate import (CHUNK, COLLECT_CAP, KEY_BITS, LocateError, Reader, Scratch, _resolve, check_finite,
+                               check_ratios, compute_cuts, count_into, group_of, pin_exact_key, select_band)
 
 
 def _agree(comm: Any, error: str | None) -> None:
