@@ -204,3 +204,32 @@ def test_masks_show_table_and_heatmap(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "45.000% of elements selected (ratio 10" in out and "100.00%" in out and "lm_head.weight: 50.00%" in out
     assert (tmp_path / "h.png").stat().st_size > 5000
+
+
+def test_thread_count_setting(monkeypatch):
+    from allo.masks.locate import LocateError, scoring_threads
+
+    monkeypatch.setenv("ALLO_LOCATE_THREADS", "3")
+    assert scoring_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("ALLO_LOCATE_THREADS", bad)
+        with pytest.raises(LocateError, match="ALLO_LOCATE_THREADS"):
+            scoring_threads()
+    monkeypatch.delenv("ALLO_LOCATE_THREADS")
+    assert 1 <= scoring_threads() <= 8
+
+
+@pytest.mark.parametrize("cap", [None, 0])
+def test_same_masks_whatever_the_thread_count(tmp_path, monkeypatch, cap):
+    """Chunks are scored side by side but ties are shared out in chunk order: 1 and 4 threads, byte-identical."""
+    import allo.masks.locate as loc
+
+    monkeypatch.setattr(loc, "CHUNK", 16)
+    base, tuned = make_pair(tmp_path, ties=True)
+    files = {}
+    for threads in ("1", "4"):
+        monkeypatch.setenv("ALLO_LOCATE_THREADS", threads)
+        res = locate(tmp_path / "base", tmp_path / "tuned", 1e-6, {"n": 10, "b": 12}, tmp_path / f"m{threads}",
+                     band_start=4, bin_bits=6, collect_cap=cap)
+        files[threads] = {k: p.read_bytes() for k, p in res.paths.items()}
+    assert files["1"] == files["4"]

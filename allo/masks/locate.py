@@ -222,8 +222,14 @@ def chunks(base: Reader, tuned: Reader, names: Sequence[str], ahead: "ReadAhead 
 
 def scoring_threads() -> int:
     """Threads that score chunks side by side: every core this process may use (ALLO_LOCATE_THREADS overrides), at
-    most 8, as each holds ~90 MB of scratch."""
-    return int(os.environ.get("ALLO_LOCATE_THREADS") or min(8, len(os.sched_getaffinity(0))))
+    most 8, as each holds ~40 MB of chunk buffers."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not macOS
+    raw = os.environ.get("ALLO_LOCATE_THREADS", "")
+    if not raw:
+        return min(8, cores)
+    if not raw.isdigit() or int(raw) < 1:
+        raise LocateError(f"ALLO_LOCATE_THREADS={raw!r}: expected a whole number >= 1")
+    return int(raw)
 
 
 def in_order(jobs: Iterator, work, threads: int, bottom: bool) -> Iterator:
