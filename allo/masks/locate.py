@@ -403,17 +403,28 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
     hashes = {"base": xxhash.xxh3_128(), "tuned": xxhash.xxh3_128()}  # of the weights, by the read-ahead thread
     threads = scoring_threads()
 
-    def histogram(job: Chunk, scratch: Scratch) -> tuple[str, int, torch.Tensor, bool]:
-        _, name, _, b, t = job
+    def histogram(job: Chunk, scratch: Scratch) -> tuple[int, str, int, int, torch.Tensor, bool]:
+        order, name, offset, b, t = job
         n = b.numel()
         chunk_hist = torch.bincount(scratch.keys(b, t).bitwise_right_shift_(shift), minlength=2 ** bin_bits)
         # a key outside bin 0 is nonzero; only a chunk of tiny keys is scored again to look for one
         nonzero = int(chunk_hist[0]) < n or bool(torch.count_nonzero(scratch.keys(b, t)))
-        return name, n, chunk_hist, nonzero
+        return order, name, offset, n, chunk_hist, nonzero
+
+    # a group's cuts are computed as soon as its last tensor is in, and its histogram (8 MB) dropped: with the
+    # per_tensor scope a 70 B model would otherwise hold ~700 of them
+    last = {group_of(n, scope): i for i, n in enumerate(names)}
+    cuts: dict[str, dict[str, tuple[Cut, Cut | None]]] = {label: {} for label in ratios}
+
+    def close_group(gname: str) -> None:
+        g = groups[gname]
+        for label, per in compute_cuts({gname: (g["n"], g.pop("hist"))}, ratios, band_start).items():
+            cuts[label].update(per)
 
     with ReadAhead([base, tuned], names, [hashes["base"], hashes["tuned"]]) as ahead, \
             progress(sum(sizes.values()), "locate pass 1 (histograms)") as bar:
-        for name, n, chunk_hist, nonzero in in_order(chunks(base, tuned, names, ahead), histogram, threads, bottom):
+        for order, name, offset, n, chunk_hist, nonzero in in_order(chunks(base, tuned, names, ahead), histogram,
+                                                                   threads, bottom):
             check_finite(chunk_hist, shift, bottom, name)
             gname = group_of(name, scope)
             if gname not in groups:
@@ -422,11 +433,15 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
             groups[gname]["hist"] += chunk_hist
             changed = changed or nonzero
             bar.update(n)
+            if order == last[gname] and offset + n == sizes[name]:
+                close_group(gname)
     total = sum(g["n"] for g in groups.values())
     if not changed:
         raise LocateError("the two checkpoints are identical (every score is 0): nothing to rank; was the warm-up "
                           "run trained (lr, steps)?")
-    cuts = compute_cuts({g: (v["n"], v["hist"]) for g, v in groups.items()}, ratios, band_start)
+    for gname, g in groups.items():  # groups whose last tensor is empty
+        if "hist" in g:
+            close_group(gname)
     # ---- pass 1b (only for threshold bins too big to collect): low-bits histograms pin the exact keys
     big = {(gname, c.bin) for per in cuts.values() for gname, pair in per.items() for c in pair
            if c is not None and not c.takes_whole_bin and c.count > cap}
