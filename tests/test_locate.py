@@ -233,3 +233,21 @@ def test_same_masks_whatever_the_thread_count(tmp_path, monkeypatch, cap):
                      band_start=4, bin_bits=6, collect_cap=cap)
         files[threads] = {k: p.read_bytes() for k, p in res.paths.items()}
     assert files["1"] == files["4"]
+
+
+def test_an_error_mid_pass_stops_the_threads(tmp_path):
+    """A NaN raises while chunks are in flight; the scoring and read-ahead threads stop and torch's thread count is
+    restored before the error reaches the caller."""
+    import threading
+
+    base, tuned = make_pair(tmp_path)
+    bad = dict(tuned)
+    bad["lm_head.weight"] = bad["lm_head.weight"].clone()
+    bad["lm_head.weight"][0, 0] = float("nan")
+    (tmp_path / "bad").mkdir()
+    save_file(bad, str(tmp_path / "bad" / "model.safetensors"))
+    before = torch.get_num_threads()
+    with pytest.raises(LocateError, match="NaN"):
+        locate(tmp_path / "base", tmp_path / "bad", 1e-6, {"n": 10}, tmp_path / "m")
+    assert torch.get_num_threads() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith(("locate-score", "locate-read-ahead"))]

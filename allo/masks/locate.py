@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -422,9 +422,9 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
             cuts[label].update(per)
 
     with ReadAhead([base, tuned], names, [hashes["base"], hashes["tuned"]]) as ahead, \
-            progress(sum(sizes.values()), "locate pass 1 (histograms)") as bar:
-        for order, name, offset, n, chunk_hist, nonzero in in_order(chunks(base, tuned, names, ahead), histogram,
-                                                                   threads, bottom):
+            progress(sum(sizes.values()), "locate pass 1 (histograms)") as bar, \
+            closing(in_order(chunks(base, tuned, names, ahead), histogram, threads, bottom)) as results:
+        for order, name, offset, n, chunk_hist, nonzero in results:  # closing: threads stop at once on an error
             check_finite(chunk_hist, shift, bottom, name)
             gname = group_of(name, scope)
             if gname not in groups:
@@ -477,8 +477,9 @@ def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[
         return order, name, offset, len(key), pair_parts
 
     with ReadAhead([base, tuned], names) as ahead, \
-            progress(sum(sizes.values()), "locate pass 2 (masks)") as bar:  # from storage again if larger than memory
-        for order, name, offset, n, pair_parts in in_order(chunks(base, tuned, names, ahead), select, threads, bottom):
+            progress(sum(sizes.values()), "locate pass 2 (masks)") as bar, \
+            closing(in_order(chunks(base, tuned, names, ahead), select, threads, bottom)) as results:
+        for order, name, offset, n, pair_parts in results:  # read from storage again if larger than memory
             gname = group_of(name, scope)
             for label, parts in pair_parts.items():
                 sel = resolve_band(parts, cuts[label][gname], taken, (label, gname))
