@@ -17,6 +17,12 @@ from typing import Iterable
 import torch
 
 
+# Second moments are clamped to the smallest normal float32 before the square root: torch's CPU sqrt is ~7x slower
+# on zeros (3.7 M elements, one thread: 20.6 ms against 2.7 ms), and under a 10% mask 90% of the moments are 0.
+# The result is unchanged: sqrt(TINY) / sqrt(1 − β2) ≤ 3.4e-18 for β2 ≤ 0.999, below half an ulp of any eps ≥ 1e-9.
+TINY = torch.finfo(torch.float32).tiny
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, sparse_state: bool = False):
@@ -67,7 +73,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = lr / (1 - beta1 ** step)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+                denom = (v.clamp_min(TINY).sqrt_() / math.sqrt(1 - beta2 ** step)).add_(eps)
                 update = (m / denom).mul_(-step_size)
                 if wd:
                     update.add_(values, alpha=-lr * wd)
