@@ -79,24 +79,29 @@ class Reader:
 
     def __init__(self, directory: str | Path):
         self.files = checkpoint_files(directory)
-        self._spans: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._headers: dict[Path, dict[str, dict]] = {}
 
-    def span(self, name: str) -> tuple[Path, int, int]:
-        """(file, first byte, end byte) of tensor `name`'s data, from the shard's safetensors header: 8 bytes of
-        header length, the JSON header, then the data."""
+    def _entry(self, name: str) -> dict:
+        """Tensor `name`'s safetensors header entry, each shard's header parsed once: 8 bytes of header length, the
+        JSON header (dtype, shape, data offsets relative to its end), then the data."""
         path = self.files[name]
-        if path not in self._spans:
+        if path not in self._headers:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
-            self._spans[path] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-                                 for k, v in header.items() if k != "__metadata__"}
-        return (path, *self._spans[path][name])
+            self._headers[path] = {k: {**v, "start": 8 + n + v["data_offsets"][0], "end": 8 + n + v["data_offsets"][1]}
+                                   for k, v in header.items() if k != "__metadata__"}
+        return self._headers[path][name]
+
+    def span(self, name: str) -> tuple[Path, int, int]:
+        """(file, first byte, end byte) of tensor `name`'s data."""
+        e = self._entry(name)
+        return self.files[name], e["start"], e["end"]
 
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:
-        with safe_open(str(self.files[name]), framework="pt") as h:
-            sl = h.get_slice(name)
-            return tuple(sl.get_shape()), sl.get_dtype()
+        """(shape, safetensors dtype code such as "F32"), from the cached header: no file is opened per tensor."""
+        e = self._entry(name)
+        return tuple(e["shape"]), e["dtype"]
 
     def range(self, name: str, start: int, numel: int) -> torch.Tensor:
         """Flat elements [start, start+numel) of tensor `name` (what one ZeRO partition holds of it)."""
@@ -127,7 +132,7 @@ class ReadAhead:
 
     def __init__(self, readers: Sequence[Reader], names: Sequence[str], hashers: Sequence | None = None):
         self.readers, self.names, self.hashers = readers, list(names), hashers
-        sizes = [sum(r.span(n)[2] - r.span(n)[1] for r in readers) for n in self.names]
+        sizes = [sum(end - start for _, start, end in (r.span(n) for r in readers)) for n in self.names]
         self.starts = [0] + list(itertools.accumulate(sizes))
         self.consumed, self.stopped, self.error = 0, False, None
         self.cv = threading.Condition()
