@@ -9,8 +9,9 @@
      dense), and peak process memory of each 2-rank ZeRO-3 run.
   4. Locate throughput vs a plain read of the same checkpoint files (goal >= 0.5 of the read bandwidth) and its
      peak RSS (goal < 2 x largest tensor + 1 GiB).
-Prints a table last and writes bench/results/run_all.json. `--quick` (under 5 minutes on 2 cores): fewer steps,
-one round of figures 1-2 instead of three, and a 0.17 B-parameter locate checkpoint instead of 1 B.
+Figures 1-3 run each configuration in rounds of alternating order and keep the fastest run (three rounds for
+1-2, two for 3). Prints a table last and writes bench/results/run_all.json. `--quick` (under 5 minutes on 2
+cores): fewer steps, one round of everything, and a 0.17 B-parameter locate checkpoint instead of 1 B.
 Usage: python bench/run_all.py [--quick] [--threads 2]
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -37,13 +39,24 @@ def trl(tmp: Path, steps: int, precompute: bool, env: dict) -> dict:
     return json.loads([x for x in out.splitlines() if x.startswith('{"step_s"')][-1])
 
 
+def fastest(res: dict, runs: dict[str, Callable[[int], dict]], rounds: int) -> None:
+    """Run every configuration `rounds` times, in alternating order, and keep the fastest run of each in `res`
+    (interference from other load only ever slows a run down); every step time goes to res["step_s_all"]."""
+    orders = [list(runs), list(runs)[::-1]]
+    for r in range(rounds):
+        for name in orders[r % 2]:
+            got = runs[name](r)
+            res.setdefault("step_s_all", {}).setdefault(name, []).append(got["step_s"])
+            res[name] = min(res.get(name, got), got, key=lambda x: x["step_s"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each single-process run (figure 1, 2)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "run_all.json"))
     args = p.parse_args()
-    steps = 12 if args.quick else 60
+    steps, rounds = (12, 1) if args.quick else (60, 3)
     one = dict(masked_step.ENV, OMP_NUM_THREADS=str(args.threads))
     res: dict = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "threads": args.threads}
     t0 = time.time()
@@ -52,26 +65,21 @@ def main() -> None:
         model = masked_step.build(tmp)
         mask10 = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
         single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json", env=one)
-        # 1 + 2: one process each, in rounds of alternating order; the fastest run of each configuration counts
-        # (interference from other load only ever slows a run down)
-        runs = {"trl_precomputed": lambda r: trl(tmp, steps, True, one),
-                "allo_dpo": lambda r: masked_step.run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
-                "trl_live_reference": lambda r: trl(tmp, steps, False, one),
-                "allo_improve_10": lambda r: masked_step.run(tmp, f"allo_improve{r}", "improve", steps,
-                                                             ["--mask", mask10], **single)}
-        orders = [list(runs), list(runs)[::-1]] * 2
-        for r, order in enumerate(orders[:1 if args.quick else 3]):
-            for name in order:
-                got = runs[name](r)
-                res[name] = min(res.get(name, got), got, key=lambda x: x["step_s"])
+        # 1 + 2: one process each
+        fastest(res, {"trl_precomputed": lambda r: trl(tmp, steps, True, one),
+                      "allo_dpo": lambda r: masked_step.run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
+                      "trl_live_reference": lambda r: trl(tmp, steps, False, one),
+                      "allo_improve_10": lambda r: masked_step.run(tmp, f"allo_improve{r}", "improve", steps,
+                                                                   ["--mask", mask10], **single)}, rounds)
         # 3: 2 ranks, ZeRO-3
-        res["zero3_dpo"] = masked_step.run(tmp, "z3_dpo", "dpo", steps, [])
-        for r in (5, 10, 20):
-            m = str(masked_step.mask(model, r, tmp / f"m{r}.safetensors"))
+        z3 = {"zero3_dpo": lambda r: masked_step.run(tmp, f"z3_dpo{r}", "dpo", steps, [])}
+        for ratio in (5, 10, 20):
+            m = str(masked_step.mask(model, ratio, tmp / f"m{ratio}.safetensors"))
             for mode in ("dense", "sparse"):
-                res[f"zero3_improve_{mode}_{r}"] = masked_step.run(
-                    tmp, f"z3_{mode}_{r}", "improve", steps,
+                z3[f"zero3_improve_{mode}_{ratio}"] = lambda r, m=m, mode=mode, ratio=ratio: masked_step.run(
+                    tmp, f"z3_{mode}_{ratio}_{r}", "improve", steps,
                     ["--mask", m, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
+        fastest(res, z3, max(1, rounds - 1))
     # 4
     res["locate"] = locate_bench.measure(1e8 if args.quick else 1e9, Path(tempfile.gettempdir()) / "allo_locate_bench")
     res["wall_s"] = round(time.time() - t0, 1)
