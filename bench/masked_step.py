@@ -5,7 +5,8 @@
 2. Adam-moment bytes, dense masked vs sparse, at mask ratios 5/10/20% (sparse goal at 10%: ~10% of dense).
 
 Each configuration is a real `allo` run under torchrun; times are medians of the steps after the first two.
-Usage: python bench/masked_step.py [--steps 12] [--out bench/results/masked_step.json]
+Usage: python bench/masked_step.py [--steps 12] [--only improve_dense_10] [--out bench/results/masked_step.json]
+(`--only` runs the named configurations alone, e.g. under py-spy: see bench/RESULTS.md, profiling notes.)
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from allo.launch import torchrun_command  # noqa: E402
 
 BENCH_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+CONFIGS = ["dpo"] + [f"improve_{mode}_{r}" for r in (5, 10, 20) for mode in ("dense", "sparse")]
 
 
 def build(tmp: Path) -> Path:
@@ -78,17 +82,26 @@ train: {{micro_batch_size: {micro}, global_batch_size: {global_batch}, lr: 1.0e-
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--only", action="append", choices=CONFIGS, help="run only this configuration (repeatable)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "masked_step.json"))
     args = p.parse_args()
+    wanted = args.only or CONFIGS
+    res = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = build(tmp)
-        res = {"dpo": run(tmp, "dpo", "dpo", args.steps, [])}
+        if "dpo" in wanted:
+            res["dpo"] = run(tmp, "dpo", "dpo", args.steps, [])
         for r in (5, 10, 20):
-            m = str(mask(model, r, tmp / f"m{r}.safetensors"))
             for mode in ("dense", "sparse"):
-                res[f"improve_{mode}_{r}"] = run(tmp, f"improve_{mode}_{r}", "improve", args.steps, [
-                    "--mask", m, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
+                name = f"improve_{mode}_{r}"
+                if name in wanted:
+                    m = str(mask(model, r, tmp / f"m{r}.safetensors"))
+                    res[name] = run(tmp, name, "improve", args.steps, ["--mask", m, "--set",
+                                    f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
+    if "dpo" not in res:
+        print(json.dumps(res, indent=2))
+        return res
     dense_full = res["dpo"]["optim_state_mb"]
     table = ["| run | step s (median) | step time / DPO | Adam moments MB | moments / dense masked |",
              "|---|---|---|---|---|"]

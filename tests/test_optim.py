@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from allo.optim import TINY, MaskedAdamW
+from allo.optim import TINY, MaskedAdamW, keep_only
 
 
 @pytest.mark.parametrize("beta2", [0.95, 0.999, 0.9999])
@@ -36,3 +36,28 @@ def test_without_masks_it_follows_torch_adamw():
             opt.step()
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("inplace", [True, False])
+def test_keep_only_is_masked_fill_bit_for_bit(dtype, inplace):
+    """Random mask over values that include NaN, ±Inf, −0.0 and subnormals: the same bits as masked_fill(~keep, 0)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4099, generator=g).to(dtype)
+    x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, torch.finfo(dtype).tiny / 4, -1e-3])
+    keep = torch.rand(4099, generator=g) < 0.3
+    keep[:6] = torch.tensor([True, True, True, True, True, False])
+    keep[6:12] = False  # and the dropped NaN/Inf case
+    x[6:9] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    want = x.masked_fill(~keep, 0)
+    src = x.clone()
+    got = keep_only(src, keep, inplace=inplace)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # bits, so NaN == NaN and -0.0 != +0.0
+    assert torch.equal(src.view(torch.uint8), (want if inplace else x).view(torch.uint8))
+
+
+def test_keep_only_falls_back_for_other_layouts():
+    x = torch.randn(8, 6)[:, ::2]  # not contiguous
+    keep = torch.rand(8, 3) < 0.5
+    assert torch.equal(keep_only(x.clone(), keep), x.masked_fill(~keep, 0))

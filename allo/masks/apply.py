@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from allo.masks.io import MaskFile
+from allo.optim import keep_only
 
 
 @dataclass
@@ -115,14 +116,14 @@ class GradMasker:
         self.stage = engine.zero_optimization_stage()
         self.handles = []
         trainable = [(n, p) for n, p in named_params if p.requires_grad]
-        if self.stage == 3:  # the masked-out positions, inverted once rather than at every step
-            self.params = [(p, ~local[n].to(p.ds_tensor.device)) for n, p in trainable if n in local]
+        if self.stage == 3:
+            self.params = [(p, local[n].to(p.ds_tensor.device)) for n, p in trainable if n in local]
             return
         # ZeRO-0/1/2 hold full gradients before reduction: one full mask per parameter, read once.
         with MaskFile(mask_file) as f:
             for n, p in trainable:
-                drop = ~f.get(n).to(p.device)
-                self.handles.append(p.register_hook(lambda g, drop=drop: g.masked_fill(drop, 0)))
+                keep = f.get(n).to(p.device)
+                self.handles.append(p.register_hook(lambda g, keep=keep: keep_only(g, keep, inplace=False)))
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -131,7 +132,7 @@ class GradMasker:
             return
         from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-        for p, drop in self.params:
+        for p, keep in self.params:
             g = safe_get_local_grad(p)
-            if g is not None:
-                safe_set_local_grad(p, g.masked_fill(drop.view_as(g), 0))
+            if g is not None:  # in place: g is this rank's grad partition itself or a copy that is set back
+                safe_set_local_grad(p, keep_only(g, keep.view_as(g)))
