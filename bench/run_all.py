@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -38,17 +37,6 @@ def trl(tmp: Path, steps: int, precompute: bool, env: dict) -> dict:
     out = subprocess.run(cmd + (["--precompute"] if precompute else []), cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout
     return json.loads([x for x in out.splitlines() if x.startswith('{"step_s"')][-1])
-
-
-def fastest(res: dict, runs: dict[str, Callable[[int], dict]], rounds: int) -> None:
-    """Run every configuration `rounds` times, in alternating order, and keep the fastest run of each in `res`
-    (interference from other load only ever slows a run down); every step time goes to res["step_s_all"]."""
-    orders = [list(runs), list(runs)[::-1]]
-    for r in range(rounds):
-        for name in orders[r % 2]:
-            got = runs[name](r)
-            res.setdefault("step_s_all", {}).setdefault(name, []).append(got["step_s"])
-            res[name] = min(res.get(name, got), got, key=lambda x: x["step_s"])
 
 
 def ratios_of(res: dict) -> list[tuple[str, str, float, float | None, str]]:
@@ -111,7 +99,7 @@ def main() -> None:
         mask10 = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
         single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json", env=one)
         # 1 + 2: one process each
-        fastest(res, {"trl_precomputed": lambda r: trl(tmp, steps, True, one),
+        masked_step.fastest(res, {"trl_precomputed": lambda r: trl(tmp, steps, True, one),
                       "allo_dpo": lambda r: masked_step.run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
                       "trl_live_reference": lambda r: trl(tmp, steps, False, one),
                       "allo_improve_10": lambda r: masked_step.run(tmp, f"allo_improve{r}", "improve", steps,
@@ -124,7 +112,7 @@ def main() -> None:
                 z3[f"zero3_improve_{mode}_{ratio}"] = lambda r, m=m, mode=mode, ratio=ratio: masked_step.run(
                     tmp, f"z3_{mode}_{ratio}_{r}", "improve", steps,
                     ["--mask", m, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
-        fastest(res, z3, max(1, rounds - 1))
+        masked_step.fastest(res, z3, max(1, rounds - 1))
     # 4
     res["locate"] = locate_bench.measure(1e8 if args.quick else 1e9, Path(tempfile.gettempdir()) / "allo_locate_bench")
     res["wall_s"] = round(time.time() - t0, 1)
