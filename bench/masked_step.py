@@ -91,6 +91,22 @@ def fastest(res: dict, runs: dict[str, Callable[[int], dict]], rounds: int) -> N
             res[name] = min(res.get(name, got), got, key=lambda x: x["step_s"])
 
 
+def configs(tmp: Path, model: Path, steps: int, wanted: list[str]) -> dict[str, Callable[[int], dict]]:
+    """The 2-rank ZeRO-3 runs named in `wanted` (from CONFIGS), each a function of the round number; each mask
+    ratio's file is written once, for its dense and sparse runs alike."""
+    runs: dict[str, Callable[[int], dict]] = {}
+    if "dpo" in wanted:
+        runs["dpo"] = lambda i: run(tmp, f"dpo_{i}", "dpo", steps, [])
+    for r in (5, 10, 20):
+        modes = [mode for mode in ("dense", "sparse") if f"improve_{mode}_{r}" in wanted]
+        m = str(mask(model, r, tmp / f"m{r}.safetensors")) if modes else ""
+        for mode in modes:
+            name = f"improve_{mode}_{r}"
+            runs[name] = lambda i, name=name, m=m, mode=mode: run(tmp, f"{name}_{i}", "improve", steps, [
+                "--mask", m, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
+    return runs
+
+
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=12)
@@ -104,16 +120,7 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = build(tmp)
-        runs = {}
-        if "dpo" in wanted:
-            runs["dpo"] = lambda i: run(tmp, f"dpo_{i}", "dpo", args.steps, [])
-        for r in (5, 10, 20):
-            for mode in ("dense", "sparse"):
-                name = f"improve_{mode}_{r}"
-                if name in wanted:
-                    m = str(mask(model, r, tmp / f"m{r}.safetensors"))
-                    runs[name] = lambda i, name=name, m=m, mode=mode: run(tmp, f"{name}_{i}", "improve", args.steps, [
-                        "--mask", m, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
+        runs = configs(tmp, model, args.steps, wanted)
         fastest(res, runs, args.rounds)
     if "dpo" not in res:
         print(json.dumps(res, indent=2))

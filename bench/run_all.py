@@ -10,8 +10,9 @@
   4. Locate throughput vs a plain read of the same checkpoint files (goal >= 0.5 of the read bandwidth) and its
      peak RSS (goal < 2 x largest tensor + 1 GiB).
 Figures 1-3 run each configuration in rounds of alternating order and keep the fastest run (three rounds for
-1-2, two for 3); the table also gives each step-time ratio from the median round of each configuration. Prints a table last and writes bench/results/run_all.json. `--quick` (under 5 minutes on 2
-cores): fewer steps, one round of everything, and a 0.17 B-parameter locate checkpoint instead of 1 B.
+1-2, two for 3); the table also gives each step-time ratio from the median round of each configuration. Prints a
+table last and writes bench/results/run_all.json. `--quick` (under 5 minutes on 2 cores): fewer steps, one round
+of everything, and a 0.17 B-parameter locate checkpoint instead of 1 B.
 Usage: python bench/run_all.py [--quick] [--threads 2]
 """
 from __future__ import annotations
@@ -99,20 +100,15 @@ def main() -> None:
         mask10 = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
         single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json", env=one)
         # 1 + 2: one process each
-        masked_step.fastest(res, {"trl_precomputed": lambda r: trl(tmp, steps, True, one),
-                      "allo_dpo": lambda r: masked_step.run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
-                      "trl_live_reference": lambda r: trl(tmp, steps, False, one),
-                      "allo_improve_10": lambda r: masked_step.run(tmp, f"allo_improve{r}", "improve", steps,
-                                                                   ["--mask", mask10], **single)}, rounds)
+        masked_step.fastest(res, {
+            "trl_precomputed": lambda r: trl(tmp, steps, True, one),
+            "allo_dpo": lambda r: masked_step.run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
+            "trl_live_reference": lambda r: trl(tmp, steps, False, one),
+            "allo_improve_10": lambda r: masked_step.run(tmp, f"allo_improve{r}", "improve", steps, ["--mask", mask10],
+                                                         **single)}, rounds)
         # 3: 2 ranks, ZeRO-3
-        z3 = {"zero3_dpo": lambda r: masked_step.run(tmp, f"z3_dpo{r}", "dpo", steps, [])}
-        for ratio in (5, 10, 20):
-            m = str(masked_step.mask(model, ratio, tmp / f"m{ratio}.safetensors"))
-            for mode in ("dense", "sparse"):
-                z3[f"zero3_improve_{mode}_{ratio}"] = lambda r, m=m, mode=mode, ratio=ratio: masked_step.run(
-                    tmp, f"z3_{mode}_{ratio}_{r}", "improve", steps,
-                    ["--mask", m, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"])
-        masked_step.fastest(res, z3, max(1, rounds - 1))
+        z3 = masked_step.configs(tmp, model, steps, masked_step.CONFIGS)
+        masked_step.fastest(res, {f"zero3_{name}": f for name, f in z3.items()}, max(1, rounds - 1))
     # 4
     res["locate"] = locate_bench.measure(1e8 if args.quick else 1e9, Path(tempfile.gettempdir()) / "allo_locate_bench")
     res["wall_s"] = round(time.time() - t0, 1)
