@@ -233,12 +233,14 @@ class Recipe:
     task: TaskConfig = knob(factory=TaskConfig)
     sample: SampleConfig = knob(factory=SampleConfig)
     reward: RewardConfig = knob(factory=RewardConfig)
+    # Keys the recipe sets in its `train` section (they win over the stages' spec defaults). Filled by
+    # `load_recipe`; a field, so `dataclasses.replace` keeps it; not a knob (`to_dict` and `--doc` leave it out).
+    train_keys: frozenset = field(default=frozenset(), repr=False, metadata={"internal": True})
 
     def stage_train(self, stage: str) -> TrainConfig:
         """A stage's training config, resolved by specificity (see the module docstring)."""
         section = getattr(self, stage)
-        explicit = getattr(self, "_explicit_train", set())
-        spec = {k: v for k, v in section.SPEC_TRAIN.items() if k not in explicit}
+        spec = {k: v for k, v in section.SPEC_TRAIN.items() if k not in self.train_keys}
         return dataclasses.replace(self.train, **{**spec, **section.train})
 
 
@@ -336,7 +338,7 @@ def _build(cls: type, data: Any, path: tuple, where: "_Where") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(where.at(path, f"expected a mapping of {cls.__name__} keys, got {type(data).__name__}"))
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = [k for k in data if k not in fields]
     if unknown:
         k = str(unknown[0])
@@ -424,8 +426,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
                 raise ConfigError(f"--set {item}: {k} is not a section")
         node[keys[-1]] = value
         where.overridden.add(tuple(keys))
-    recipe = _build(Recipe, data, (), where)
-    recipe._explicit_train = set(data.get("train") or {})
+    recipe = dataclasses.replace(_build(Recipe, data, (), where), train_keys=frozenset(data.get("train") or {}))
     if recipe.reward.teacher == "openai" and not (recipe.reward.teacher_endpoint.base_url and
                                                   recipe.reward.teacher_endpoint.model):
         raise ConfigError(where.at(("reward", "teacher"), "openai needs reward.teacher_endpoint.base_url and .model"))
@@ -436,7 +437,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
 
 
 def to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
+    """The recipe's knobs as plain data (what `allo config` prints and every stage saves)."""
+    return {k: v for k, v in dataclasses.asdict(recipe).items() if not _internal(Recipe, k)}
+
+
+def _internal(cls: type, name: str) -> bool:
+    return any(f.name == name and f.metadata.get("internal") for f in dataclasses.fields(cls))
 
 
 def save_resolved(recipe: Recipe, path: str | Path, stage: Optional[str] = None,
@@ -456,6 +462,8 @@ def describe(cls: type = Recipe, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     inst = cls()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
         tp, name = hints[f.name], prefix + f.name
         if dataclasses.is_dataclass(tp):
             out += describe(tp, name + ".")

@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic writes of text, JSON and JSONL.
+"""Small file helpers every stage shares: atomic writes of text, JSON and JSONL, and the one JSONL reader.
 
 Atomic writes go to a temporary file in the same directory and are renamed into place, so a crash never
 leaves a half-written file under the final name.
@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -37,3 +37,26 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for each non-empty line. Lines are split on "\n" only (U+2028 may sit inside
+    a JSON string); a line that is not UTF-8 or not JSON raises ValueError naming `file:line`."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                    from None
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_jsonl(path: str | Path) -> list:
+    """Every record of a JSONL file (see `iter_jsonl` for what an error names)."""
+    return [rec for _, rec in iter_jsonl(path)]

@@ -11,7 +11,7 @@ import sys
 
 from allo.config import ConfigError, load_recipe
 from allo.engine import LaunchError, batch_arithmetic, fit_micro_batch, free_port
-from allo.stages import STAGES
+from allo.steps import REGISTRY
 
 
 def torchrun_command(args: list[str], nproc: int) -> list[str]:
@@ -26,7 +26,7 @@ def plan(recipe_path: str, nodes: int, gpus_per_node: int, overrides: list[str] 
         raise LaunchError(f"--nodes {nodes} and --gpus-per-node {gpus_per_node} must both be >= 1")
     recipe = load_recipe(recipe_path, list(overrides))
     world = nodes * gpus_per_node
-    sections = {**{name: s.section for name, s in STAGES.items()}, "reward-train": "reward"}
+    sections = {name: s.train.section for name, s in REGISTRY.items() if s.train}
     unknown = [s for s in stages or () if s not in sections]
     if unknown:
         raise LaunchError(f"unknown stage {unknown[0]!r} (training stages: {', '.join(sections)})")

@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-STAGE_ORDER = ("sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo")
+from allo.steps import TRAINING as STAGE_ORDER  # the training steps, in run order
 
 
 def _plt():

@@ -44,7 +44,7 @@ def test_quick_demo_runs_every_stage(quick_run):
         keep = load_masks(run / "locate" / f"{mask}.safetensors")
         for name, m in keep.items():
             assert torch.equal(before[name][~m], after[name][~m]), f"{stage}: {name} moved outside {mask}"
-    from allo.pipeline import STEPS
+    from allo.steps import STEPS
 
     assert all(json.loads((run / s / "manifest.json").read_text())["complete"] for s in STEPS)
     forget = [json.loads(x) for x in (run / "reward-score" / "forget.jsonl").read_text().splitlines()]
@@ -59,7 +59,7 @@ def test_quick_demo_runs_every_stage(quick_run):
 def test_manifests_skip_and_from_reruns(quick_run):
     """After a finished run, `allo run` skips every step; `--from improve` reruns improve..eval; a changed setting
     reruns exactly its step and the steps downstream of it."""
-    from allo.pipeline import STEPS
+    from allo.steps import STEPS
 
     run, _ = quick_run
     sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", "seed=7",

@@ -1,12 +1,15 @@
 """`allo locate`: resolve checkpoints and ratios from a recipe (or flags), run the streaming locator, log."""
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
 from allo.config import Recipe
 from allo.masks.locate import locate
+from allo.steps import Context
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,50 @@ def run_locate(recipe: Recipe, *, base: Optional[str] = None, tuned: Optional[st
     log.info("locate: %d elements in %.1f s; achieved %s", res.summary["elements"], res.summary["seconds"],
              {k: f"{v:.4f}%" for k, v in res.summary["achieved"].items()})
     return res.paths
+
+
+def locate_step(ctx: Context) -> dict:
+    """The pipeline's locate step: the warm-up run's own masks when it made them from its partitions
+    (`locate.from_partitions`) and they match the recipe, else the streaming locator on the exported models."""
+    if ctx.recipe.locate.from_partitions:
+        taken = _masks_from_warmup(ctx)
+        if taken:
+            return taken
+    paths = run_locate(ctx.recipe, base=ctx.sft_model, tuned=ctx.path("warmup/model"), out_dir=str(ctx.dir("locate")))
+    return {"masks": {k: str(v) for k, v in paths.items()}}
+
+
+def _masks_from_warmup(ctx: Context) -> Optional[dict]:
+    """The masks the warm-up run computed from its partitions, if they match the recipe's ratios and scope."""
+    src, dst, loc = ctx.dir("warmup") / "masks", ctx.dir("locate"), ctx.recipe.locate
+    want = {"n1": loc.forget_ratio, "n2": loc.improve_ratio}
+    for label, ratio in want.items():
+        meta = src / f"{label}.json"
+        m = json.loads(meta.read_text()) if meta.exists() else {}
+        if (m.get("ratio"), m.get("scope"), m.get("band_start"), m.get("bottom")) != (
+                ratio, loc.scope, loc.band_start, loc.bottom):
+            log.info("locate: the warm-up run's masks do not match the recipe (%s); locating from the exported "
+                     "model instead", meta)
+            return None
+    dst.mkdir(parents=True, exist_ok=True)
+    for label in want:
+        for ext in (".safetensors", ".json"):
+            shutil.copyfile(src / f"{label}{ext}", dst / f"{label}{ext}")
+    return {"masks": {label: str(dst / f"{label}.safetensors") for label in want}, "from_partitions": True}
+
+
+def add_arguments(parser) -> None:
+    """`allo locate`'s own flags: it runs on one process, on any two checkpoints."""
+    parser.add_argument("--base", help="starting checkpoint θ (default: OUTPUT_DIR/sft/model, else model.path)")
+    parser.add_argument("--tuned", help="warm-up checkpoint θ' (default: OUTPUT_DIR/warmup/model)")
+    parser.add_argument("--lr", type=float, help="warm-up learning rate α (default: the recipe's warmup lr)")
+    parser.add_argument("--ratio", type=float, nargs="+", help="percentages to select; writes topR.safetensors "
+                        "each (default: the recipe's N1 forget_ratio and N2 improve_ratio as n1/n2)")
+    parser.add_argument("--out", help="output directory (default: OUTPUT_DIR/locate)")
+
+
+def main(recipe: Recipe, args) -> None:
+    run_locate(recipe, base=args.base, tuned=args.tuned, lr=args.lr, ratios=args.ratio, out_dir=args.out)
 
 
 def locate_in_run(recipe: Recipe, strategy, engine, named: list, base: str, out_dir: str) -> dict[str, Path]:

@@ -8,11 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from allo.config import Recipe, TrainConfig, save_resolved
+from allo.config import Recipe, save_resolved
 from allo.data.records import DataError, read_records
 from allo.data.tokenize import TruncationPolicy, tokenize_records
-from allo.io import write_json
 from allo.stages import STAGES
+from allo.steps import Context, Step, lookup, resolve
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,13 @@ def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict
 
 
 def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: Optional[str] = None,
-              mask: Optional[str] = None, out_dir: Optional[str] = None,
-              train: Optional[TrainConfig] = None, locate_out: Optional[str] = None) -> Path:
-    """Train `stage` from `init` (default model.path) on `data` (default data.train); returns the export dir.
+              mask: Optional[str] = None, out_dir: Optional[str] = None, section: Optional[str] = None,
+              locate_out: Optional[str] = None) -> dict:
+    """Train `stage` from `init` (default model.path) on `data` (default data.train) into OUT/model; returns the
+    fields of the step's manifest (on every rank; rank 0 writes it).
 
-    `train`: an already resolved train config (default: the stage's own section, `recipe.stage_train`), for
-    callers that run a stage's objective with another section's settings (the reward model is an sft run).
+    `section`: the recipe section whose train overrides apply (default: the stage's own), for steps that run a
+    stage's objective with another section's settings (the reward model is an sft run with the reward section).
     `locate_out`: after training, write the N1/N2 masks there from the run's ZeRO partitions (`locate.from_partitions`).
     """
     import torch
@@ -52,7 +53,8 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     from allo.train import Stage, Trainer
 
     d = STAGES[stage]
-    train_cfg = train or recipe.stage_train(d.section)
+    section = section or d.section
+    train_cfg = recipe.stage_train(section)
     data = data or recipe.data.train
     if data is None:
         raise DataError(f"stage {stage}: no data (set data.train in the recipe or pass --data)")
@@ -78,13 +80,12 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     torch.manual_seed(recipe.seed)
     with strategy.model_init_context():
         model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed)
-    section = getattr(recipe, d.section)
-    needs_ref = d.needs_reference and getattr(section, "loss_type", "") != "simpo"
+    needs_ref = d.needs_reference and getattr(getattr(recipe, d.section), "loss_type", "") != "simpo"
     spec = Stage(stage, examples, d.objective(recipe), d.token_arrays, needs_ref, mask,
                  reference_key=str(init_path))
     if strategy.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
-        save_resolved(recipe, out / "config.yaml", stage=d.section, train=train_cfg)
+        save_resolved(recipe, out / "config.yaml", stage=section, train=train_cfg)
     trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
     trainer.setup()
     trainer.train()
@@ -93,11 +94,37 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
 
         locate_in_run(recipe, strategy, trainer.engine, list(model.named_parameters()), str(init_path), locate_out)
     exported = trainer.export()
-    if strategy.is_rank0:
-        write_json(out / "manifest.json", {
-            "stage": stage, "init": init_path, "data": data, "mask": mask, "model": str(exported),
+    strategy.release()  # `allo run` loads and trains more models in this process after this stage
+    return {"stage": stage, "init": init_path, "data": data, "mask": mask, "model": str(exported),
             "steps": trainer.pos.step, "examples": len(examples), "world": strategy.world,
             "zero_stage": strategy.zero_stage, "trainable_fraction": trainer.trainable_fraction,
-            "wall_s": round(time.time() - started, 2), "complete": True})
-    strategy.release()  # `allo run` loads and trains more models in this process after this stage
-    return exported
+            "wall_s": round(time.time() - started, 2)}
+
+
+def train_step(ctx: Context, step: Step) -> dict:
+    """A declared training step of `allo run`: its data, starting weights and mask from its inputs."""
+    t = step.train
+    recipe = resolve(t.recipe)(ctx.recipe) if t.recipe else ctx.recipe
+    locate_out = str(ctx.dir(step.name) / "masks") if t.locate_out and lookup(recipe, t.locate_out) else None
+    return run_stage(recipe, t.stage, data=ctx.path(t.data), init=ctx.path(t.init),
+                     mask=ctx.path(t.mask) if t.mask else None, out_dir=str(ctx.dir(step.name)), section=t.section,
+                     locate_out=locate_out)
+
+
+def run_standalone(recipe: Recipe, step: Step, args) -> None:
+    """`allo STAGE RECIPE [--data --init --out --mask]`: one training stage with explicit inputs."""
+    from allo.pipeline import write_manifest
+
+    out = args.out or str(Path(recipe.output_dir) / step.name)
+    t = step.train
+    locate_out = str(Path(out) / "masks") if t.locate_out and lookup(recipe, t.locate_out) else None
+    info = run_stage(recipe, t.stage, data=args.data, init=args.init, mask=args.mask, out_dir=out,
+                     locate_out=locate_out)
+    if _rank0():
+        write_manifest(Path(out), step.name, info)
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,16 +1,20 @@
 """`allo sample`, `allo pairs` and greedy accuracy: problems -> labelled samples -> (correct, wrong) pairs.
 
 A problem is {prompt, answer}. Samples are labelled with the same checker the eval uses (allo.tasks).
+`sample_step` and `pairs_step` are the bodies of the pipeline's steps (declared in `allo.steps`).
 """
 from __future__ import annotations
 
 import logging
 import random
 from collections import defaultdict
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from allo.data.templates import render_prompt
 from allo.generate import Sampling, generate
+from allo.io import read_jsonl, write_jsonl
+from allo.steps import Context
 from allo.tasks import is_correct
 
 log = logging.getLogger(__name__)
@@ -58,3 +62,64 @@ def accuracy(model_dir: str, problems: Sequence[dict], template: str, family: st
     samples = sample(model_dir, problems, template, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens),
                      family)
     return sum(s["correct"] for s in samples) / max(1, len(samples))
+
+
+def load_problems(path: Optional[str], key: str) -> list[dict]:
+    """Problems {prompt, answer, reference?} from a records file; the answer may be a number in the file."""
+    from allo.data.records import DataError, read_records
+
+    if not path:
+        raise ValueError(f"{key} is not set in the recipe")
+    records, _ = read_records(path, ("prompt",), optional=("answer", "reference", "response"))
+    out = []
+    for rec in records:
+        if rec.get("answer") is None:
+            raise DataError(f"{rec['source']}: missing field 'answer'")
+        item = {"prompt": rec["prompt"], "answer": str(rec["answer"])}
+        ref = rec.get("reference", rec.get("response"))
+        if ref is not None:
+            item["reference"] = ref
+        out.append(item)
+    return out
+
+
+def sample_step(ctx: Context) -> dict:
+    """n labelled samples per training problem from the SFT model -> sample/samples.jsonl."""
+    r, s = ctx.recipe, ctx.recipe.sample
+    problems = load_problems(r.task.problems, "task.problems")
+    samples = sample(ctx.sft_model, problems, r.data.template,
+                     Sampling(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                              seed=r.seed), r.task.family)
+    for row, problem in zip(samples, [p for p in problems for _ in range(s.n)]):
+        if "reference" in problem:
+            row["reference"] = problem["reference"]
+    write_jsonl(ctx.dir("sample") / "samples.jsonl", samples)
+    return {"problems": len(problems), "samples": len(samples), "correct": sum(x["correct"] for x in samples)}
+
+
+def pairs_step(ctx: Context) -> dict:
+    """(correct, wrong) pairs from the samples, or the recipe's own pairs (task.pairs) -> pairs/pairs.jsonl."""
+    r = ctx.recipe
+    out = ctx.dir("pairs") / "pairs.jsonl"
+    if r.task.pairs:
+        return _given_pairs(ctx, out)
+    samples = read_jsonl(ctx.path("sample/samples.jsonl"))
+    reference = {x["prompt"]: x["reference"] for x in samples if "reference" in x}
+    pairs, stats = make_pairs(samples, r.sample.max_pairs_per_problem, r.seed)
+    for p in pairs:
+        if p["prompt"] in reference:
+            p["reference"] = reference[p["prompt"]]
+    write_jsonl(out, pairs)
+    return stats
+
+
+def _given_pairs(ctx: Context, out: Path) -> dict:
+    """task.pairs, validated (data.columns / data.split / data.on_bad_record apply) into pairs/pairs.jsonl."""
+    from allo.data.records import read_records
+
+    d, path = ctx.recipe.data, ctx.recipe.task.pairs
+    records, stats = read_records(path, split=d.split, columns=d.columns, on_bad_record=d.on_bad_record,
+                                  optional=("reference", "answer"))
+    rows = [{k: v for k, v in r.items() if k != "source"} for r in records]
+    write_jsonl(out, rows)
+    return {"pairs": len(rows), "source": path, "read": stats.read, "skipped": dict(stats.skipped)}

@@ -29,7 +29,7 @@ from allo.data.tokenize import encode_response  # noqa: E402
 from allo.io import write_jsonl  # noqa: E402
 from allo.launch import torchrun_command  # noqa: E402
 from allo.model import train_tokenizer  # noqa: E402
-from allo.pipeline import STEPS  # noqa: E402
+from allo.steps import STEPS  # noqa: E402
 from allo.reward.programmatic import keep_probs_from_diff, rewrite  # noqa: E402
 from allo.report import report  # noqa: E402
 from allo.tasks.arith import make_splits  # noqa: E402

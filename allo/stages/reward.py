@@ -1,0 +1,84 @@
+"""The token reward model's steps (spec §2): teacher rewrites -> reward-model data, and per-token scoring.
+
+The reward model itself trains as an ordinary training step (`reward-train` in `allo.steps`: the sft objective
+with the `reward` section's settings and `reward_model_recipe`'s data settings).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from allo.config import Recipe
+from allo.io import read_jsonl, write_jsonl
+from allo.steps import Context
+
+log = logging.getLogger(__name__)
+
+
+def reward_model_recipe(recipe: Recipe) -> Recipe:
+    """The reward model reads rewrite prompts as they are, with the reward section's lengths."""
+    rw = recipe.reward
+    return replace(recipe, data=replace(recipe.data, template="raw", max_length=rw.max_length,
+                                        max_prompt_length=rw.max_prompt_length))
+
+
+def reward_items(ctx: Context) -> list[dict]:
+    """Wrong responses with their reference: the problem's reference solution, else the chosen response
+    (spec §2: for instruction following the chosen response is what the teacher edits towards)."""
+    return [{"prompt": _text(p["prompt"], "user"), "wrong": _text(p["rejected"]),
+             "reference": _text(p.get("reference", p["chosen"])), "answer": p.get("answer", "")}
+            for p in read_jsonl(ctx.path("pairs/pairs.jsonl"))]
+
+
+def reward_data_step(ctx: Context) -> dict:
+    """The teacher's minimum-edit rewrites, kept when right, plus "keep" copies -> reward-data/reward.jsonl."""
+    from allo.reward.model import reward_data
+    from allo.reward.teacher import llm_rewrites, programmatic_rewrites
+    from allo.tasks import is_correct
+
+    r = ctx.recipe
+    items = reward_items(ctx)
+    if r.reward.teacher == "openai":
+        from allo.openai_client import ChatClient
+
+        client = ChatClient(r.reward.teacher_endpoint.endpoint("reward.teacher_endpoint"),
+                            cache_dir=r.reward.teacher_cache or str(ctx.dir("reward-data") / "cache"))
+        rewrites = llm_rewrites(client, items)
+    else:
+        rewrites = programmatic_rewrites(items)
+    family = r.task.family
+    is_right = (lambda text, gold: bool(text.strip())) if family == "instruct" else (
+        lambda text, gold: is_correct(text, gold, family))
+    records, counts = reward_data(items, rewrites, is_right)
+    write_jsonl(ctx.dir("reward-data") / "reward.jsonl", records)
+    log.info("reward data: %s", counts)
+    return counts
+
+
+def reward_score_step(ctx: Context) -> dict:
+    """p_ij for every token of every wrong response -> reward-score/forget.jsonl (the forget step's records)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from allo.generate import device_and_dtype
+    from allo.model import load_tokenizer
+    from allo.reward.model import keep_probs
+
+    rm_dir = ctx.path("reward-train/model")
+    tok = load_tokenizer(replace(ctx.recipe.model, tokenizer=rm_dir, path=rm_dir))
+    # fp32 on any device: keep-probabilities become token weights, bf16 would quantise them
+    rm = AutoModelForCausalLM.from_pretrained(rm_dir, dtype=torch.float32).to(device_and_dtype()[0])
+    items = reward_items(ctx)
+    probs = keep_probs(rm, tok, items, ctx.recipe.data.template)
+    rows = [{"prompt": it["prompt"], "rejected": it["wrong"], "keep_probs": p} for it, p in zip(items, probs)]
+    write_jsonl(ctx.dir("reward-score") / "forget.jsonl", rows)
+    flat = [x for p in probs for x in p]
+    return {"responses": len(rows), "tokens": len(flat),
+            "unaligned_fraction": round(sum(x < 0.5 for x in flat) / max(1, len(flat)), 4)}
+
+
+def _text(x, role: str = "assistant") -> str:
+    """A string field as is; chat messages as the content of the last message with `role`."""
+    if isinstance(x, str):
+        return x
+    return next((m["content"] for m in reversed(x) if m.get("role") == role), x[-1]["content"])

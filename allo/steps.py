@@ -1,0 +1,214 @@
+"""Every step of `allo run`, declared once: the CLI, the scheduler, the launcher and the report all read this table.
+
+A step names its inputs as other steps' outputs (``"pairs/pairs.jsonl"``, ``"sft/model"``), its own outputs, the
+recipe keys its fingerprint covers and the recipe keys that name input files. The scheduler (`allo.pipeline`)
+orders steps by their inputs, fingerprints them from these declarations and writes every manifest; a step's
+body only computes and returns a small dict for its manifest.
+
+Two kinds of body:
+- ``train``: a training step, run on every rank by the shared loop (`allo.stages.runner.train_step`): which
+  objective (`allo.stages.STAGES`), which recipe section holds its train overrides, which data, starting weights
+  and mask.
+- ``run``: a ``module:function`` path called with the `Context`; with ``every_rank`` False it runs on rank 0
+  while the other ranks wait. Bodies are imported only when they run, so ``allo --help`` stays fast.
+
+Adding a baseline is one entry here plus its objective in `allo.stages` (README, "Adding a step").
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from allo.config import Recipe
+
+SFT_MODEL = "sft/model"  # the SFT model: sft/model, or model.path when task.sft_data is unset
+
+
+@dataclass(frozen=True)
+class Training:
+    """A training step: the shared loop with one objective, on every rank."""
+    stage: str                        # objective and record layout, a key of allo.stages.STAGES
+    section: str                      # recipe section whose `train` dict overrides the train section
+    data: str                         # records: an input ("pairs/pairs.jsonl") or "recipe:KEY"
+    init: str                         # starting weights: an input ("forget/model") or "recipe:KEY|FALLBACK"
+    mask: Optional[str] = None        # neuron mask, an input ("locate/n1.safetensors")
+    recipe: Optional[str] = None      # "module:function" adapting the recipe (the reward model's data settings)
+    locate_out: Optional[str] = None  # recipe flag that makes the run write masks from its partitions
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    help: str
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    config: tuple[str, ...] = ()      # recipe keys (dotted) that change the step's output
+    files: tuple[str, ...] = ()       # recipe keys naming input files; their size and mtime join the fingerprint
+    train: Optional[Training] = None
+    run: Optional[str] = None         # "module:function"(ctx) -> dict for the manifest
+    every_rank: bool = False          # run on every rank (training, collectives), else on rank 0 alone
+    skip: Optional[Callable[[Recipe], Optional[str]]] = None  # a reason to skip for this recipe, or None
+    label: Optional[str] = None       # row label of the model it produces in the eval tables ("+DPO")
+    command: Optional[str] = None     # module whose add_arguments(parser) and main(recipe, args) run `allo NAME`
+                                      # on one process with its own flags (default: `allo run --only NAME`)
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """The steps whose outputs this one reads, in declaration order."""
+        return tuple(dict.fromkeys(ref.split("/", 1)[0] for ref in self.inputs))
+
+    @property
+    def standalone(self) -> bool:
+        """A training step that `allo NAME` runs on its own, with --data/--init/--out/--mask."""
+        return self.train is not None and self.train.stage == self.name
+
+
+TRAIN_KEYS = ("model", "data", "train", "seed")
+
+
+def _declare() -> list[Step]:
+    steps = [
+        Step("sft", "Supervised fine-tuning on {prompt, response} records (also trains the tiny model and the token "
+                    "reward model). Full-parameter, on the shared DeepSpeed loop.",
+             outputs=("model",), config=TRAIN_KEYS + ("sft", "task.sft_data"), files=("task.sft_data", "model.path"),
+             train=Training("sft", "sft", data="recipe:task.sft_data", init="recipe:model.path"),
+             skip=lambda r: None if r.task.sft_data else "task.sft_data unset: model.path is the SFT model"),
+        Step("sample", "Sample n responses per training problem from the SFT model (vLLM when present with a GPU, "
+                       "else batched Hugging Face generation) and label each by its final answer.",
+             inputs=(SFT_MODEL,), outputs=("samples.jsonl",),
+             config=("sample", "task.problems", "task.family", "data.template", "seed"), files=("task.problems",),
+             run="allo.stages.sampling:sample_step",
+             skip=lambda r: "task.pairs is set: the pairs step reads them" if r.task.pairs else None),
+        Step("pairs", "Build (correct, wrong) preference pairs per problem from the samples, at most 5 per problem, "
+                      "seeded.",
+             inputs=("sample/samples.jsonl",), outputs=("pairs.jsonl",),
+             config=("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.columns"),
+             files=("task.pairs",), run="allo.stages.sampling:pairs_step"),
+        Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (spec §1): the reference run whose "
+                       "weight changes |θ'−θ|/α rank the neurons.",
+             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model", "masks"),
+             config=TRAIN_KEYS + ("warmup", "locate.from_partitions"),
+             train=Training("warmup", "warmup", data="pairs/pairs.jsonl", init=SFT_MODEL,
+                            locate_out="locate.from_partitions")),
+        Step("locate", "Rank every parameter element by |θ'−θ|/α and write the N1 (forget) and N2 (improve) masks.",
+             inputs=(SFT_MODEL, "warmup/model"), outputs=("n1.safetensors", "n2.safetensors"),
+             config=("locate", "warmup.train", "train.lr"), run="allo.stages.locate:locate_step",
+             command="allo.stages.locate"),
+        Step("reward-data", "Minimum-edit rewrites of wrong responses by a teacher (OpenAI-compatible endpoint or the "
+                            "programmatic teacher) for training the token reward model.",
+             inputs=("pairs/pairs.jsonl",), outputs=("reward.jsonl",),
+             config=("reward.teacher", "reward.teacher_endpoint.base_url", "reward.teacher_endpoint.model",
+                     "task.family"), run="allo.stages.reward:reward_data_step"),
+        Step("reward-train", "Train the small token reward model (an LM sharing the policy's tokenizer) on the "
+                             "rewrites.",
+             inputs=(SFT_MODEL, "reward-data/reward.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("reward",),
+             train=Training("sft", "reward", data="reward-data/reward.jsonl", init="recipe:reward.init|" + SFT_MODEL,
+                            recipe="allo.stages.reward:reward_model_recipe")),
+        Step("reward-score", "Score every token of every wrong response with the reward model's keep-probability "
+                             "p_ij.",
+             inputs=("reward-train/model", "pairs/pairs.jsonl"), outputs=("forget.jsonl",),
+             config=("data.template",), run="allo.stages.reward:reward_score_step"),
+        Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask (spec §3).",
+             inputs=(SFT_MODEL, "reward-score/forget.jsonl", "locate/n1.safetensors"), outputs=("model",),
+             config=TRAIN_KEYS + ("forget",),
+             train=Training("forget", "forget", data="reward-score/forget.jsonl", init=SFT_MODEL,
+                            mask="locate/n1.safetensors")),
+        Step("improve", "ALLO stage 3: DPO with noise-token masking, updating only the N2 mask (spec §4).",
+             inputs=("forget/model", "pairs/pairs.jsonl", "locate/n2.safetensors"), outputs=("model",),
+             config=TRAIN_KEYS + ("improve",), label="+ALLO",
+             train=Training("improve", "improve", data="pairs/pairs.jsonl", init="forget/model",
+                            mask="locate/n2.safetensors")),
+        Step("dpo", "Baseline DPO (or IPO / SimPO with dpo.loss_type) from the SFT model on the same loop.",
+             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo",), label="+DPO",
+             train=Training("dpo", "dpo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
+        Step("npo", "Baseline sequence-level NPO on the rejected responses on the same loop.",
+             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("npo",), label="+NPO",
+             train=Training("npo", "npo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
+    ]
+    evaluated = tuple(f"{s.name}/model" for s in steps if s.label)  # every model with a row in the tables
+    steps.append(
+        Step("eval", "Greedy accuracy of the run's SFT model and every model with a table row (DPO, NPO, ALLO, ...) "
+                     "on task.eval (the pipeline's eval step). The benchmark suite has subcommands: "
+                     "`allo eval bench|score|answer|alpaca|alpaca-score|arena --help`.",
+             inputs=(SFT_MODEL,) + evaluated, outputs=("results.json",), config=("task", "data.template"),
+             files=("task.eval", "task.alpaca_eval", "task.arena_hard"), run="allo.stages.evaluate:eval_step"))
+    return steps
+
+
+def _ordered(steps: list[Step]) -> dict[str, Step]:
+    """Steps in an order where each comes after its inputs' steps; ties keep declaration order."""
+    by_name = {s.name: s for s in steps}
+    for s in steps:
+        missing = [u for u in s.upstream if u not in by_name]
+        if missing:
+            raise ValueError(f"step {s.name}: input from unknown step {missing[0]!r}")
+    done: dict[str, Step] = {}
+    while len(done) < len(steps):
+        ready = [s for s in steps if s.name not in done and all(u in done for u in s.upstream if u != s.name)]
+        if not ready:
+            raise ValueError("the steps' inputs form a cycle: " + ", ".join(s.name for s in steps if s.name not in done))
+        done[ready[0].name] = ready[0]
+    return done
+
+
+REGISTRY: dict[str, Step] = _ordered(_declare())
+STEPS: tuple[str, ...] = tuple(REGISTRY)             # run order
+TRAINING: tuple[str, ...] = tuple(n for n, s in REGISTRY.items() if s.train)
+
+
+def resolve(path: str) -> Callable:
+    """``"module:function"`` -> the function."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class Context:
+    """What a step body sees: the recipe and where every step's outputs live."""
+    recipe: Recipe
+    recipe_path: str = "RECIPE.yaml"
+    out: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.recipe.output_dir)
+
+    def dir(self, step: str) -> Path:
+        return self.out / step
+
+    @property
+    def sft_model(self) -> str:
+        if self.recipe.task.sft_data:
+            return str(self.dir("sft") / "model")
+        if not self.recipe.model.path:
+            raise ValueError("model.path is empty and task.sft_data is unset: there is no SFT model to start from")
+        return self.recipe.model.path
+
+    def path(self, ref: str) -> str:
+        """An input: "STEP/NAME" under the output dir ("sft/model" is model.path when the sft step is skipped), or
+        "recipe:KEY" for a recipe value, "recipe:KEY|REF" falling back to REF when the value is unset."""
+        if ref.startswith("recipe:"):
+            key, _, fallback = ref[len("recipe:"):].partition("|")
+            value = lookup(self.recipe, key)
+            return value if value is not None or not fallback else self.path(fallback)
+        if ref == SFT_MODEL:
+            return self.sft_model
+        step, _, name = ref.partition("/")
+        return str(self.dir(step) / name)
+
+    def models(self) -> dict[str, str]:
+        """The models the eval step scores, by table label: SFT, then every labelled step's model that exists."""
+        out = {"SFT": self.sft_model}
+        out.update({s.label: self.path(f"{s.name}/model") for s in REGISTRY.values()
+                    if s.label and Path(self.path(f"{s.name}/model")).exists()})
+        return out
+
+
+def lookup(recipe: Recipe, dotted: str):
+    value = recipe
+    for key in dotted.split("."):
+        value = value[key] if isinstance(value, dict) else getattr(value, key)
+    return value
+
+
