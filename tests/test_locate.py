@@ -207,7 +207,7 @@ def test_masks_show_table_and_heatmap(tmp_path, capsys):
 
 
 def test_thread_count_setting(monkeypatch):
-    from allo.masks.locate import LocateError, scoring_threads
+    from allo.masks.select import LocateError, scoring_threads
 
     monkeypatch.setenv("ALLO_LOCATE_THREADS", "3")
     assert scoring_threads() == 3
