@@ -10,6 +10,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+from pathlib import Path
+from typing import Optional
 
 from allo.steps import REGISTRY, STEPS, resolve
 
@@ -83,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 0
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    terminal = logging.StreamHandler()
+    terminal.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                                            datefmt="%H:%M:%S"))
+    terminal.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=terminal.level, handlers=[terminal])
+    log_file = None
     try:
         if args.stage == "config" and args.doc:
             print("\n".join(describe()))
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path.read_text() if path.suffix == ".md" else path)
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
+        log_file = _log_to_file(recipe.output_dir, rank) if args.stage != "config" else None
         if args.stage == "config":
             import yaml
 
@@ -121,10 +129,36 @@ def main(argv: list[str] | None = None) -> int:
                 finish_distributed(EXIT_REQUEUE)
             raise
         finish_distributed(0)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"allo {args.stage}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # one line on the terminal; the stack goes to the run's log file
+        phrased = isinstance(e, (ConfigError, ValueError, OSError, RuntimeError))
+        where = _record_traceback(log_file) if log_file is not None else None
+        print(f"allo {args.stage}: error: {e if phrased else f'{type(e).__name__}: {e}'}"
+              + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+        return 2 if phrased else 1
     return 0
+
+
+def _log_to_file(output_dir: str, rank: int) -> Optional[Path]:
+    """Every log record of this rank also goes to OUTPUT_DIR/logs/allo-rankR.log (appended across runs)."""
+    path = Path(output_dir) / "logs" / f"allo-rank{rank}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:  # an unwritable output dir is reported by the step that writes there
+        return None
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)  # the terminal handler keeps its own level
+    errors = logging.getLogger("allo.errors")
+    errors.propagate = False
+    errors.addHandler(handler)
+    return path
+
+
+def _record_traceback(path: Path) -> Path:
+    logging.getLogger("allo.errors").error("command failed: %s\n%s", " ".join(sys.argv), traceback.format_exc())
+    return path
 
 
 def _distributed(args: argparse.Namespace, recipe) -> None:

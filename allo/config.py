@@ -45,7 +45,8 @@ class ModelConfig:
     init: Optional[dict] = knob(None, "LlamaConfig keyword arguments for a random-init model (tiny recipe, tests).")
     dtype: Literal["fp32", "bf16"] = knob("bf16", "Training precision: bf16 mixed precision or plain fp32.")
     trust_remote_code: bool = knob(False, "Run model code shipped with a checkpoint. Off unless you trust it.")
-    attn_implementation: str = knob("sdpa", "transformers attention backend (sdpa, eager, flash_attention_2).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = knob(
+        "sdpa", "transformers attention backend; flash_attention_2/3 need the flash-attn package and a GPU.")
     gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
 
 
@@ -87,6 +88,9 @@ class TrainConfig:
                            ge=0)
     keep_last: int = knob(2, "Checkpoints kept on disk; older ones are deleted after a new one completes.", ge=1)
     log_every: int = knob(1, "Write metrics every N optimizer steps.", ge=1)
+    preempt_marker: Optional[str] = knob(None, "A file written (JSON: step, stage, time) when a signal stops the run, "
+                                               "for a launcher to decide on requeue; slurm/allo.sbatch sets it per job "
+                                               "through ALLO_PREEMPT_MARKER, which overrides it.")
     ds_config: str = knob("ds_configs/zero3.json", "DeepSpeed JSON; its \"auto\" fields are filled from here.")
 
 
@@ -126,7 +130,13 @@ class LocateConfig:
     bottom: bool = knob(False, "Select the least important elements instead (the paper's control).")
     from_partitions: bool = knob(False, "Compute the masks at the end of the warm-up run from its ZeRO-1/2/3 "
                                         "partitions, with collectives (no rank reads the merged θ'); the locate step "
-                                        "then takes them over. For models too large to merge on one node.")
+                                        "then takes them over. This ranks the fp32 master drift (a bf16 export "
+                                        "rounds most changes at lr 1e-6 away) and never merges the model on one node.")
+    threads: int = knob(0, "Threads scoring chunks side by side (0: every core, at most 8). The environment "
+                           "variable ALLO_LOCATE_THREADS overrides it.", ge=0)
+    collect_cap: int = knob(1 << 22, "Threshold bins of up to this many elements are resolved from their collected "
+                                     "keys (24 bytes each); bigger ones take an extra exact pass over the data. "
+                                     "Trades that memory for the pass (0: always the pass).", ge=0)
 
 
 @dataclass
@@ -198,8 +208,24 @@ class SampleConfig:
     temperature: float = knob(0.7, "Sampling temperature (0: greedy).", ge=0)
     top_p: float = knob(0.95, "Nucleus sampling mass.", gt=0, le=1)
     max_new_tokens: int = knob(512, "Longest sampled response in tokens.", ge=1)
-    batch_size: int = knob(64, "Prompts per generation batch (Hugging Face backend).", ge=1)
     max_pairs_per_problem: int = knob(5, "At most this many (correct, wrong) pairs per problem.", ge=1)
+
+
+@dataclass
+class GenerationConfig:
+    """How the sample and eval steps generate (what they sample is `sample` / `task`)."""
+    backend: Literal["auto", "hf", "vllm"] = knob(
+        "auto", "vLLM when it is installed and a GPU is present (auto), or force one. The environment variable "
+        "ALLO_GENERATE_BACKEND overrides it (e.g. vLLM's CPU build, which has no GPU).")
+    batch_size: int = knob(64, "Prompts per generation batch (Hugging Face backend).", ge=1)
+    tensor_parallel: int = knob(1, "vLLM: GPUs per engine (tensor parallel).", ge=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = knob("auto", "vLLM: weight and activation dtype.")
+    gpu_memory_utilization: float = knob(0.9, "vLLM: share of the GPU's memory the engine may reserve (weights, "
+                                              "KV cache). The engine is shut down at the end of its step, so the "
+                                              "next training step gets the memory back.", gt=0, le=1)
+    max_model_len: Optional[int] = knob(None, "vLLM: context length (prompt + response); None: the model's. "
+                                              "Lower it when the KV cache for the model's full length does not fit.",
+                                        ge=16)
 
 
 @dataclass
@@ -232,6 +258,7 @@ class Recipe:
     improve: ImproveConfig = knob(factory=ImproveConfig)
     task: TaskConfig = knob(factory=TaskConfig)
     sample: SampleConfig = knob(factory=SampleConfig)
+    generation: GenerationConfig = knob(factory=GenerationConfig)
     reward: RewardConfig = knob(factory=RewardConfig)
     # Keys the recipe sets in its `train` section (they win over the stages' spec defaults). Filled by
     # `load_recipe`; a field, so `dataclasses.replace` keeps it; not a knob (`to_dict` and `--doc` leave it out).

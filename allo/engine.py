@@ -167,10 +167,8 @@ class Strategy:
         self.dist = dist
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.train = train
         self.precision = precision
         self.config = resolve_ds_config(ds_config, train, self.world, precision)
-        self.config_path = str(ds_config)
         self.zero_stage = int(self.config["zero_optimization"].get("stage", 0))
         self.device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
         self.engine = None
@@ -193,10 +191,6 @@ class Strategy:
 
             self._hf_ds = HfDeepSpeedConfig(self.config)
         return nullcontext()
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Any:
         import deepspeed
@@ -223,9 +217,6 @@ class Strategy:
 
     def step(self) -> None:
         self.engine.step()
-
-    def is_boundary(self) -> bool:
-        return self.engine.is_gradient_accumulation_boundary()
 
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()

@@ -2,18 +2,24 @@
 
 Both take rendered prompt strings and return, per prompt, `n` completions (text only, stop strings cut). Both
 see the same token ids: the prompt is tokenised by `encode_prompt`, the training code's own, with exactly one
-BOS, so a template that already renders BOS text does not end up with two.
-`ALLO_GENERATE_BACKEND=hf|vllm` overrides the automatic choice (e.g. vLLM's CPU build, which has no GPU).
+BOS, so a template that already renders BOS text does not end up with two. How to generate (backend, batch
+size, the vLLM engine's settings) is the recipe's `generation` section; what to sample is `Sampling`.
+
+A vLLM engine reserves most of the GPU while it lives. One engine is kept at a time (asking for another model
+shuts the previous one down) and `release()`, which the scheduler calls after every step, shuts it down, so a
+training step that follows gets the memory back.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from allo.config import GenerationConfig
 from allo.data.tokenize import encode_prompt
 
 log = logging.getLogger(__name__)
@@ -37,9 +43,10 @@ def _cut(text: str, stop: Sequence[str]) -> str:
     return text
 
 
-def backend() -> str:
-    """'vllm' or 'hf': ALLO_GENERATE_BACKEND if set, else vLLM when it imports and a GPU is present."""
-    forced = os.environ.get("ALLO_GENERATE_BACKEND", "auto")
+def backend(cfg: Optional[GenerationConfig] = None) -> str:
+    """'vllm' or 'hf': ALLO_GENERATE_BACKEND if set, else `cfg.backend`, where auto means vLLM when it imports and
+    a GPU is present."""
+    forced = os.environ.get("ALLO_GENERATE_BACKEND") or (cfg or GenerationConfig()).backend
     if forced not in ("auto", "hf", "vllm"):
         raise ValueError(f"ALLO_GENERATE_BACKEND={forced!r}: expected auto, hf or vllm")
     if forced != "auto":
@@ -51,28 +58,52 @@ def backend() -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def vllm_available() -> bool:
-    return backend() == "vllm"
+def vllm_available(cfg: Optional[GenerationConfig] = None) -> bool:
+    return backend(cfg) == "vllm"
 
 
-def generate(model_dir: str, prompts: Sequence[str], sampling: Sampling, batch_size: int = 64,
+def generate(model_dir: str, prompts: Sequence[str], sampling: Sampling, cfg: Optional[GenerationConfig] = None,
              model: Any = None, tokenizer: Any = None, progress: bool = True) -> list[list[str]]:
     """`n` completions per prompt. Pass `model`/`tokenizer` to reuse loaded ones (HF backend)."""
-    if model is None and vllm_available():
-        return _generate_vllm(model_dir, prompts, sampling, tokenizer)
-    return _generate_hf(model_dir, prompts, sampling, batch_size, model, tokenizer, progress)
+    cfg = cfg or GenerationConfig()
+    if model is None and vllm_available(cfg):
+        return _generate_vllm(model_dir, prompts, sampling, cfg, tokenizer)
+    return _generate_hf(model_dir, prompts, sampling, cfg.batch_size, model, tokenizer, progress)
 
 
-_ENGINES: dict[str, Any] = {}  # one vLLM engine per model for the life of the process (start-up takes minutes)
+_ENGINE: dict[tuple, Any] = {}  # at most one live vLLM engine: (model, settings) -> LLM
 
 
-def _generate_vllm(model_dir: str, prompts: Sequence[str], s: Sampling, tokenizer: Any) -> list[list[str]]:
-    from vllm import LLM, SamplingParams
+def _engine(model_dir: str, cfg: GenerationConfig, seed: int) -> Any:
+    from vllm import LLM
 
-    if model_dir not in _ENGINES:
-        _ENGINES[model_dir] = LLM(model=model_dir, seed=s.seed, dtype=os.environ.get("ALLO_VLLM_DTYPE", "auto"),
-                                  tensor_parallel_size=int(os.environ.get("ALLO_VLLM_TP", "1")))
-    llm = _ENGINES[model_dir]
+    key = (model_dir, cfg.tensor_parallel, cfg.dtype, cfg.gpu_memory_utilization, cfg.max_model_len, seed)
+    if key not in _ENGINE:
+        release()
+        _ENGINE[key] = LLM(model=model_dir, seed=seed, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel,
+                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
+    return _ENGINE[key]
+
+
+def release() -> None:
+    """Shut the live vLLM engine down and hand its GPU memory back (a no-op when there is none)."""
+    while _ENGINE:
+        _, llm = _ENGINE.popitem()
+        shutdown = getattr(getattr(llm, "llm_engine", None), "shutdown", None) or getattr(llm, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm
+        log.info("vLLM engine shut down; GPU memory released")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _generate_vllm(model_dir: str, prompts: Sequence[str], s: Sampling, cfg: GenerationConfig,
+                   tokenizer: Any) -> list[list[str]]:
+    from vllm import SamplingParams
+
+    llm = _engine(model_dir, cfg, s.seed)
     tokenizer = tokenizer or llm.get_tokenizer()
     params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                             stop=list(s.stop) or None, seed=s.seed)

@@ -7,17 +7,39 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from allo.data.tokenize import IGNORE
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N, T, V) logits and (N, T) labels -> (N, T) log-probs in float32 (0 outside responses)."""
+LOGP_CHUNK = 1 << 26  # logit elements upcast to float32 at a time (256 MiB)
+
+
+def _logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = LOGP_CHUNK) -> torch.Tensor:
+    """(N, T, V) logits and (N, T) labels -> (N, T) log-probs in float32 (0 outside responses).
+
+    The float32 upcast and log-softmax run over a few positions at a time (at most `chunk` logits), and under
+    autograd each piece is recomputed in backward instead of kept, so the extra memory is one piece, not N·T·V
+    floats (8 k tokens × a 128 k vocabulary would be 4 GiB per sequence)."""
     targets = labels[:, 1:]
     valid = targets != IGNORE
-    logits = logits[:, :-1].float()
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    logp = (picked - torch.logsumexp(logits, dim=-1)) * valid
-    return torch.nn.functional.pad(logp, (1, 0))
+    logits = logits[:, :-1]
+    n, t, v = logits.shape
+    step = max(1, chunk // max(1, n * v))
+    if step >= t:
+        logp = _logps(logits, targets)
+    else:
+        from torch.utils.checkpoint import checkpoint
+
+        keep = torch.is_grad_enabled() and logits.requires_grad
+        logp = torch.cat([checkpoint(_logps, logits[:, i:i + step], targets[:, i:i + step], use_reentrant=False)
+                          if keep else _logps(logits[:, i:i + step], targets[:, i:i + step])
+                          for i in range(0, t, step)], dim=1)
+    return torch.nn.functional.pad(logp * valid, (1, 0))
 
 
 def response_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -86,10 +86,16 @@ class Pipeline:
 
             info = train_step(self.ctx, step)
             _free_memory()
-        elif step.every_rank:
-            info = resolve(step.run)(self.ctx)
         else:
-            info = _on_rank0_with_all_cores(lambda: resolve(step.run)(self.ctx))
+            from allo.generate import release
+
+            try:
+                if step.every_rank:
+                    info = resolve(step.run)(self.ctx)
+                else:
+                    info = _on_rank0_with_all_cores(lambda: resolve(step.run)(self.ctx))
+            finally:  # a generation engine holds most of a GPU: the next step gets it back
+                release()
         return {**(info or {}), "wall_s": round(time.time() - started, 2)}
 
     def fingerprint(self, name: str) -> str:

@@ -233,8 +233,9 @@ class Trainer:
                 if s.is_rank0:
                     marker = {"step": self.pos.step, "time": time.time(), "stage": self.stage.name}
                     write_json(self.out_dir / "preempted.json", marker)
-                    if os.environ.get("ALLO_PREEMPT_MARKER"):  # set by slurm/allo.sbatch to decide on requeue
-                        write_json(Path(os.environ["ALLO_PREEMPT_MARKER"]), marker)
+                    extra = os.environ.get("ALLO_PREEMPT_MARKER") or cfg.preempt_marker  # the launcher's, per job
+                    if extra:
+                        write_json(Path(extra), marker)
                     log.warning("stopping on signal after step %d; checkpoint saved, exit %d (requeue)",
                                 self.pos.step, EXIT_REQUEUE)
                 self.metrics.close()

@@ -65,6 +65,31 @@ def test_stage_train_resolves_by_specificity(tmp_path):
     assert r.stage_train("forget").lr == 2e-7 and r.stage_train("improve").lr == 1e-5
 
 
+def test_explicit_train_keys_survive_replace():
+    """`dataclasses.replace` (how the reward model's recipe is made) keeps which train keys the recipe set."""
+    import dataclasses
+
+    r = load_recipe(None, ["train.global_batch_size=8"])
+    r2 = dataclasses.replace(r, data=dataclasses.replace(r.data, template="raw"))
+    assert r2.stage_train("improve").global_batch_size == 8 and r2.stage_train("reward").global_batch_size == 8
+    assert "train_keys" not in __import__("allo.config", fromlist=["to_dict"]).to_dict(r)
+    assert not any(line.startswith("train_keys") for line in describe(Recipe))
+    with pytest.raises(ConfigError, match="train_keys: unknown key"):
+        load_recipe(None, ["train_keys=[lr]"])
+
+
+def test_settings_that_were_environment_variables_are_knobs(tmp_path):
+    doc = "\n".join(describe(Recipe))
+    for key in ("locate.threads", "locate.collect_cap", "generation.backend", "generation.tensor_parallel",
+                "generation.dtype", "generation.gpu_memory_utilization", "generation.max_model_len",
+                "train.preempt_marker"):
+        assert f"\n{key} (" in doc, key
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: 'flash_attn' is not one of 'sdpa', 'eager'"):
+        load_recipe(None, ["model.attn_implementation=flash_attn"])
+    with pytest.raises(ConfigError, match="generation.gpu_memory_utilization: 1.5 is out of range"):
+        load_recipe(None, ["generation.gpu_memory_utilization=1.5"])
+
+
 def test_every_recipe_in_the_repo_validates():
     recipes = sorted(ROOT.glob("recipes/**/*.yaml"))
     assert recipes, "no recipes found"

@@ -2,12 +2,14 @@
 with a tiny model (resume included), `allo eval score`, and Bradley–Terry against hand-computed cases."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
 from allo.cli import main
+from allo.config import GenerationConfig
 from allo.eval import benchmarks, bradley_terry
-from allo.eval.run import GenerationConfig, evaluate
+from allo.eval.run import EVAL_SAMPLING, evaluate
 from allo.tasks import is_correct, last_boxed, math_equal
 
 FILES = {"ecqa": "ecqa/rlmec_test.jsonl", "qasc": "qasc/rlmec_validation.jsonl",
@@ -86,9 +88,10 @@ def test_hub_multiple_choice_format():
 
 
 def test_every_benchmark_slice_through_the_eval_with_a_tiny_model(shared_dir, tiny_model, tmp_path, monkeypatch):
-    gen = GenerationConfig(template="alpaca_cot", max_new_tokens=6, batch_size=4)
+    gen, engine = replace(EVAL_SAMPLING, max_new_tokens=6), GenerationConfig(batch_size=4)
     for name, rel in FILES.items():
-        r = evaluate(str(tiny_model), name, str(tmp_path), str(shared_dir / "benchdata" / rel), limit=3, gen=gen)
+        r = evaluate(str(tiny_model), name, str(tmp_path), str(shared_dir / "benchdata" / rel), limit=3, sampling=gen,
+                     engine=engine)
         assert r["n"] == 3 and r["data"]["sha256"] and r["model"] == str(tiny_model)
         assert r["generation"]["max_new_tokens"] == 6 and r["harness"].startswith("allo ") and r["date"]
         preds = [json.loads(x) for x in (tmp_path / f"{name}.predictions.jsonl").read_text().splitlines()]
@@ -102,9 +105,11 @@ def test_every_benchmark_slice_through_the_eval_with_a_tiny_model(shared_dir, ti
     import allo.generate as g
     real = g.generate
     monkeypatch.setattr(g, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
-    evaluate(str(tiny_model), "gsm8k", str(tmp_path), str(shared_dir / "benchdata" / FILES["gsm8k"]), 3, gen)
+    evaluate(str(tiny_model), "gsm8k", str(tmp_path), str(shared_dir / "benchdata" / FILES["gsm8k"]), 3, gen,
+             engine=engine)
     assert calls == [1] and len(path.read_text().splitlines()) == 3
-    evaluate(str(tiny_model), "gsm8k", str(tmp_path), str(shared_dir / "benchdata" / FILES["gsm8k"]), 3, gen)
+    evaluate(str(tiny_model), "gsm8k", str(tmp_path), str(shared_dir / "benchdata" / FILES["gsm8k"]), 3, gen,
+             engine=engine)
     assert calls == [1]
 
 
@@ -170,11 +175,11 @@ def test_answer_files_in_alpaca_eval_and_arena_formats(shared_dir, tiny_model, t
 
 
 def test_report_renders_table2_from_result_files(shared_dir, tiny_model, tmp_path, capsys):
-    gen = GenerationConfig(template="alpaca_cot", max_new_tokens=4, batch_size=4)
+    gen, engine = replace(EVAL_SAMPLING, max_new_tokens=4), GenerationConfig(batch_size=4)
     for model in ("sft", "allo"):
         for name in ("ecqa", "strategyqa", "gsm8k"):
             evaluate(str(tiny_model), name, str(tmp_path / "eval" / model), str(shared_dir / "benchdata" / FILES[name]),
-                     limit=2, gen=gen)
+                     limit=2, sampling=gen, engine=engine)
     # make the numbers distinguishable: rewrite ALLO's GSM8K accuracy in its result file
     f = tmp_path / "eval" / "allo" / "gsm8k.result.json"
     f.write_text(json.dumps({**json.loads(f.read_text()), "accuracy": 50.0}))

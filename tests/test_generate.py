@@ -9,6 +9,7 @@ import types
 import pytest
 
 import allo.generate as g
+from allo.config import GenerationConfig
 from allo.data.tokenize import encode_prompt
 
 
@@ -35,34 +36,73 @@ def test_prompt_ids_have_exactly_one_bos(tiny_model):
     assert with_bos_text == plain
 
 
-def test_vllm_path_sends_the_hf_token_ids(tiny_model, monkeypatch):
+class FakeLLM:
+    """A recording stand-in for vllm.LLM."""
+    made: list = []
+    shut: list = []
+
+    def __init__(self, **kw):
+        self.kw = kw
+        FakeLLM.made.append(kw)
+        self.llm_engine = types.SimpleNamespace(shutdown=lambda: FakeLLM.shut.append(kw["model"]))
+
+    def get_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.kw["model"])
+
+    def generate(self, requests, params):
+        FakeLLM.seen.append((requests, params))
+        out = types.SimpleNamespace(outputs=[types.SimpleNamespace(text="4 apples. STOP here")] * params.n)
+        return [out for _ in requests]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    FakeLLM.made, FakeLLM.shut, FakeLLM.seen = [], [], []
+    fake = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setenv("ALLO_GENERATE_BACKEND", "vllm")
+    monkeypatch.setattr(g, "_ENGINE", {})
+    return FakeLLM
+
+
+def test_vllm_path_sends_the_hf_token_ids(tiny_model, fake_vllm):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    made, seen = [], []
-
-    class LLM:
-        def __init__(self, **kw):
-            made.append(kw)
-
-        def get_tokenizer(self):
-            return tok
-
-        def generate(self, requests, params):
-            seen.append((requests, params))
-            out = types.SimpleNamespace(outputs=[types.SimpleNamespace(text="4 apples. STOP here")] * params.n)
-            return [out for _ in requests]
-
-    fake = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    monkeypatch.setenv("ALLO_GENERATE_BACKEND", "vllm")
-    monkeypatch.setattr(g, "_ENGINES", {})
     prompts = ["Tom has 3 apples.", tok.bos_token + "How many?"]
     s = g.Sampling(n=2, temperature=0.7, top_p=0.9, max_new_tokens=16, stop=("STOP",), seed=3)
-    out = g.generate(str(tiny_model), prompts, s)
-    g.generate(str(tiny_model), prompts, s)
-    assert len(made) == 1 and made[0]["model"] == str(tiny_model)  # one engine per model, reused
-    requests, params = seen[0]
+    cfg = GenerationConfig(tensor_parallel=2, dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=2048)
+    out = g.generate(str(tiny_model), prompts, s, cfg)
+    g.generate(str(tiny_model), prompts, s, cfg)
+    assert len(fake_vllm.made) == 1  # one engine per model, reused within a step
+    assert fake_vllm.made[0] == {"model": str(tiny_model), "seed": 3, "dtype": "bfloat16", "tensor_parallel_size": 2,
+                                 "gpu_memory_utilization": 0.5, "max_model_len": 2048}  # the recipe's settings
+    requests, params = fake_vllm.seen[0]
     assert [r["prompt_token_ids"] for r in requests] == [encode_prompt(tok, p) for p in prompts]
     assert (params.n, params.temperature, params.top_p, params.max_tokens, params.seed) == (2, 0.7, 0.9, 16, 3)
     assert out == [["4 apples. "] * 2] * 2  # stop strings cut, n per prompt
+
+
+def test_engines_are_shut_down_between_models_and_steps(tiny_model, fake_vllm, tmp_path):
+    """Another model shuts the live engine down first; the scheduler releases the engine after every step, so the
+    next (training) step starts with the GPU memory back."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    s = g.Sampling(max_new_tokens=4)
+    g.generate(str(tiny_model), ["a"], s)
+    assert fake_vllm.shut == []
+    g.generate(str(other), ["a"], s)
+    assert fake_vllm.shut == [str(tiny_model)] and len(g._ENGINE) == 1
+    from allo.config import load_recipe
+    from allo.pipeline import Pipeline
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"prompt": "1 + 1?", "answer": "2"}\n')
+    recipe = load_recipe(None, [f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model}",
+                                f"task.problems={problems}", "sample.n=1", "sample.max_new_tokens=4"])
+    Pipeline(recipe).run(only="sample")
+    assert fake_vllm.shut == [str(tiny_model), str(other), str(tiny_model)] and g._ENGINE == {}

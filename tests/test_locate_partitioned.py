@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("extra,env,offline", [
     ("locate: {from_partitions: true, forget_ratio: 10, improve_ratio: 15}", {}, {}),
-    ("locate: {from_partitions: true, forget_ratio: 12, improve_ratio: 20, scope: per_layer, band_start: 3}",
-     {"ALLO_LOCATE_COLLECT_CAP": "0"}, {"scope": "per_layer", "band_start": 3, "collect_cap": 0}),
+    ("locate: {from_partitions: true, forget_ratio: 12, improve_ratio: 20, scope: per_layer, band_start: 3, "
+     "collect_cap: 0}", {}, {"scope": "per_layer", "band_start": 3, "collect_cap": 0}),
 ])
 def test_zero3_partition_locate_matches_offline(tmp_path, tiny_model, pairs_file, extra, env, offline):
     import os

@@ -109,14 +109,18 @@ def main(argv: list[str]) -> int:
 
 
 def _bench(args) -> dict:
-    from allo.eval.run import GenerationConfig, evaluate
+    from dataclasses import replace
 
-    gen = GenerationConfig(template=args.template, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    from allo.config import GenerationConfig
+    from allo.eval.run import EVAL_SAMPLING, evaluate
+
+    gen = replace(EVAL_SAMPLING, max_new_tokens=args.max_new_tokens)
     loaded = _load(args.model)
     out = {}
     for spec in args.benchmark:
         name, _, data = spec.partition("=")
-        r = evaluate(args.model, name, args.out, data or None, args.limit, gen, loaded)
+        r = evaluate(args.model, name, args.out, data or None, args.limit, gen, args.template,
+                     GenerationConfig(batch_size=args.batch_size), loaded)
         out[name] = {"accuracy": r["accuracy"], "n": r["n"]}
     return out
 
@@ -157,6 +161,7 @@ def _score(args) -> dict:
 
 def _answer(args) -> dict:
     from allo.data.templates import render_prompt
+    from allo.config import GenerationConfig
     from allo.eval import instruct
     from allo.generate import Sampling, generate
 
@@ -167,8 +172,8 @@ def _answer(args) -> dict:
     rows = rows[:args.limit] if args.limit else rows
     texts = [r["instruction"] if args.alpaca else r["prompt"] for r in rows]
     prompts = [render_prompt(t, args.template, tokenizer) for t in texts]
-    outs = generate(args.model, prompts, Sampling(max_new_tokens=args.max_new_tokens), args.batch_size,
-                    *(loaded or (None, None)))
+    outs = generate(args.model, prompts, Sampling(max_new_tokens=args.max_new_tokens),
+                    GenerationConfig(batch_size=args.batch_size), *(loaded or (None, None)))
     answers = [o[0].strip() for o in outs]
     if args.alpaca:
         instruct.write_alpaca_outputs(args.out, rows, answers, name)

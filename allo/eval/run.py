@@ -6,27 +6,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from allo.config import GenerationConfig
 from allo.eval import benchmarks
 from allo.eval.provenance import harness
+from allo.generate import Sampling
 from allo.io import write_json
 from allo.tasks import final_answer, is_correct
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class GenerationConfig:
-    template: str = "alpaca_cot"     # spec §6: "### Instruction:\n{q}\n\n### Response: Let's think step by step."
-    max_new_tokens: int = 512
-    temperature: float = 0.0         # greedy
-    top_p: float = 1.0
-    stop: Sequence[str] = field(default_factory=lambda: ("### Instruction",))
-    batch_size: int = 32
-    seed: int = 0
+# spec §6: greedy, 512 new tokens, cut at the next "### Instruction" of the Alpaca template
+EVAL_SAMPLING = Sampling(max_new_tokens=512, stop=("### Instruction",))
 
 
 def score(records: Sequence[dict], family: str) -> dict:
@@ -64,11 +59,16 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = None, limit: Optional[int] = None,
-             gen: GenerationConfig = GenerationConfig(), loaded: Any = None) -> dict:
+             sampling: Sampling = EVAL_SAMPLING, template: str = "alpaca_cot",
+             engine: Optional[GenerationConfig] = None, loaded: Any = None) -> dict:
     """Write OUT/BENCH.predictions.jsonl (appended batch by batch) and OUT/BENCH.result.json; return the result.
-    `loaded`: an optional (model, tokenizer) pair to reuse across benchmarks."""
+    `sampling`: n is taken as 1; `engine`: how to generate; `loaded`: an optional (model, tokenizer) pair to reuse
+    across benchmarks."""
     from allo.data.templates import render_prompt
-    from allo.generate import Sampling, generate, vllm_available
+    from allo.generate import generate, vllm_available
+
+    engine = engine or GenerationConfig()
+    sampling = replace(sampling, n=1)
 
     bench = benchmarks.get(benchmark)
     items, source = benchmarks.load(benchmark, data, limit)
@@ -87,15 +87,12 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model)
-        sampling = Sampling(n=1, temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
-                            stop=tuple(gen.stop), seed=gen.seed)
-        step = len(todo) if vllm_available() and hf_model is None else gen.batch_size * 4
+        step = len(todo) if vllm_available(engine) and hf_model is None else engine.batch_size * 4
         with open(pred_path, "a") as f:
             for i in range(0, len(todo), step):
                 chunk = todo[i:i + step]
-                prompts = [render_prompt(it["prompt"], gen.template, tokenizer) for it in chunk]
-                outs = generate(model, prompts, sampling, batch_size=gen.batch_size, model=hf_model,
-                                tokenizer=tokenizer)
+                prompts = [render_prompt(it["prompt"], template, tokenizer) for it in chunk]
+                outs = generate(model, prompts, sampling, engine, model=hf_model, tokenizer=tokenizer)
                 for it, o in zip(chunk, outs):
                     f.write(json.dumps({"id": it["id"], "prompt": it["prompt"], "answer": it["answer"],
                                         "output": o[0]}, ensure_ascii=False) + "\n")
@@ -106,7 +103,8 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
     records = [by_id[it["id"]] for it in items]
     metrics = score(records, bench.family)
     result = {"benchmark": benchmark, "family": bench.family, "model": model, "data": source, **metrics,
-              "generation": {**asdict(gen), "stop": list(gen.stop), "backend": "vllm" if vllm_available() else "hf"},
+              "generation": {**asdict(sampling), "stop": list(sampling.stop), "template": template,
+                             "batch_size": engine.batch_size, "backend": "vllm" if vllm_available(engine) else "hf"},
               **harness()}
     write_json(out / f"{benchmark}.result.json", result)
     log.info("%s: %s%% (%d / %d)", benchmark, metrics["accuracy"], metrics["correct"], metrics["n"])

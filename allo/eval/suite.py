@@ -4,11 +4,13 @@ answers, judged in both orders)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from allo.eval import benchmarks
-from allo.eval.run import GenerationConfig, evaluate
+from allo.config import GenerationConfig
+from allo.eval.run import EVAL_SAMPLING, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -17,15 +19,17 @@ def slug(name: str) -> str:
     return name.strip("+").lower()
 
 
-def table2(models: dict[str, str], task: Any, template: str, out_dir: Path) -> dict[str, dict[str, float]]:
+def table2(models: dict[str, str], task: Any, template: str, out_dir: Path,
+           engine: Optional[GenerationConfig] = None) -> dict[str, dict[str, float]]:
     """{model: {benchmark: accuracy %}} plus QA / Math averages over the benchmarks present."""
-    gen = GenerationConfig(template=template, max_new_tokens=task.eval_max_new_tokens)
+    gen = replace(EVAL_SAMPLING, max_new_tokens=task.eval_max_new_tokens)
     table: dict[str, dict[str, float]] = {}
     for name, path in models.items():
         row = table.setdefault(name, {})
         for spec in task.benchmarks:
             bench, _, data = spec.partition("=")
-            row[bench] = evaluate(path, bench, str(out_dir / slug(name)), data or None, task.eval_limit, gen)["accuracy"]
+            row[bench] = evaluate(path, bench, str(out_dir / slug(name)), data or None, task.eval_limit, gen,
+                                  template, engine)["accuracy"]
         for group in ("qa", "math"):
             accs = [row[b.partition("=")[0]] for b in task.benchmarks if benchmarks.get(b.partition("=")[0]).group == group]
             if accs:
@@ -33,7 +37,8 @@ def table2(models: dict[str, str], task: Any, template: str, out_dir: Path) -> d
     return table
 
 
-def table3(models: dict[str, str], task: Any, template: str, out_dir: Path) -> dict[str, dict[str, float]]:
+def table3(models: dict[str, str], task: Any, template: str, out_dir: Path,
+           engine: Optional[GenerationConfig] = None) -> dict[str, dict[str, float]]:
     """Win rate (%) of each model against the first model (SFT), judged by `task.judge` in both orders."""
     from allo.data.templates import render_prompt
     from allo.eval import bradley_terry, instruct, judges
@@ -53,7 +58,7 @@ def table3(models: dict[str, str], task: Any, template: str, out_dir: Path) -> d
         for suite, prompts in suites.items():
             prompts = prompts[:task.eval_limit] if task.eval_limit else prompts
             outs = generate(path, [render_prompt(p, template, tok) for p in prompts],
-                            Sampling(max_new_tokens=task.eval_max_new_tokens))
+                            Sampling(max_new_tokens=task.eval_max_new_tokens), engine)
             answers.setdefault(suite, {})[name] = [o[0].strip() for o in outs]
     base = next(iter(models))
     table: dict[str, dict[str, float]] = {name: {} for name in models}

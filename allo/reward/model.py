@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from allo.data.tokenize import encode_prompt, encode_response
+from allo.data.tokenize import IGNORE, encode_prompt, encode_response
 from allo.data.templates import render
 from allo.logprobs import token_logps
 
@@ -66,7 +66,7 @@ def keep_probs(model: Any, tokenizer: Any, items: Sequence[dict], template: str,
             rows.append((p, encode_response(tokenizer, response_text)))
         width = max(len(p) + len(r) for p, r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
+        labels = torch.full_like(ids, IGNORE)
         attn = torch.zeros_like(ids)
         for j, (p, r) in enumerate(rows):
             ids[j, :len(p) + len(r)] = torch.tensor(p + r)

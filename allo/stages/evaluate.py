@@ -24,13 +24,13 @@ def eval_step(ctx: Context) -> dict:
     result: dict = {"models": models, "decoding": "greedy", "max_new_tokens": t.eval_max_new_tokens, **harness()}
     if t.eval:
         problems = load_problems(t.eval, "task.eval")
-        acc = {name: accuracy(path, problems, r.data.template, t.family, t.eval_max_new_tokens)
+        acc = {name: accuracy(path, problems, r.data.template, t.family, t.eval_max_new_tokens, r.generation)
                for name, path in models.items()}
         result.update(accuracy=acc, eval_data=t.eval, problems=len(problems))
         log.info("held-out accuracy: %s", {k: f"{100 * v:.1f}%" for k, v in acc.items()})
     if t.benchmarks:
-        result["table2"] = suite.table2(models, t, r.data.template, out)
+        result["table2"] = suite.table2(models, t, r.data.template, out, r.generation)
     if t.alpaca_eval or t.arena_hard:
-        result["table3"] = suite.table3(models, t, r.data.template, out)
+        result["table3"] = suite.table3(models, t, r.data.template, out, r.generation)
     write_json(out / "results.json", result)
     return {k: result[k] for k in ("accuracy", "table2", "table3") if k in result}

@@ -27,7 +27,8 @@ def run_locate(recipe: Recipe, *, base: Optional[str] = None, tuned: Optional[st
              {"n1": loc.forget_ratio, "n2": loc.improve_ratio})
     out = Path(out_dir or run / "locate")
     log.info("locate: θ=%s θ'=%s α=%g scope=%s ratios=%s -> %s", base, tuned, lr, loc.scope, named, out)
-    res = locate(base, tuned, lr, named, out, scope=loc.scope, band_start=loc.band_start, bottom=loc.bottom)
+    res = locate(base, tuned, lr, named, out, scope=loc.scope, band_start=loc.band_start, bottom=loc.bottom,
+                 collect_cap=loc.collect_cap, threads=loc.threads)
     log.info("locate: %d elements in %.1f s; achieved %s", res.summary["elements"], res.summary["seconds"],
              {k: f"{v:.4f}%" for k, v in res.summary["achieved"].items()})
     return res.paths
@@ -90,6 +91,7 @@ def locate_in_run(recipe: Recipe, strategy, engine, named: list, base: str, out_
     paths = locate_partitioned(partition_slices(engine, named), shapes, base, recipe.stage_train("warmup").lr,
                                {"n1": loc.forget_ratio, "n2": loc.improve_ratio}, out_dir, strategy,
                                scope=loc.scope, band_start=loc.band_start, bottom=loc.bottom,
+                               collect_cap=loc.collect_cap, threads=loc.threads,
                                source=f"ZeRO-{strategy.zero_stage} partitions of the warm-up run, {strategy.world} ranks")
     if strategy.is_rank0:
         log.info("locate from partitions (%d ranks): %s in %.1f s", strategy.world, {k: str(v) for k, v in paths.items()},

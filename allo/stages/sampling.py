@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from allo.data.templates import render_prompt
+from allo.config import GenerationConfig
 from allo.generate import Sampling, generate
 from allo.io import read_jsonl, write_jsonl
 from allo.steps import Context
@@ -21,9 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def sample(model_dir: str, problems: Sequence[dict], template: str, sampling: Sampling, family: str = "math",
-           tokenizer: Any = None) -> list[dict]:
+           tokenizer: Any = None, engine: Optional[GenerationConfig] = None) -> list[dict]:
     prompts = [render_prompt(p["prompt"], template, tokenizer) for p in problems]
-    completions = generate(model_dir, prompts, sampling)
+    completions = generate(model_dir, prompts, sampling, engine)
     out = []
     for p, outs in zip(problems, completions):
         for text in outs:
@@ -57,10 +58,10 @@ def make_pairs(samples: Sequence[dict], max_per_problem: int = 5, seed: int = 0)
 
 
 def accuracy(model_dir: str, problems: Sequence[dict], template: str, family: str = "math",
-             max_new_tokens: int = 64) -> float:
+             max_new_tokens: int = 64, engine: Optional[GenerationConfig] = None) -> float:
     """Greedy accuracy on held-out problems."""
     samples = sample(model_dir, problems, template, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens),
-                     family)
+                     family, engine=engine)
     return sum(s["correct"] for s in samples) / max(1, len(samples))
 
 
@@ -89,7 +90,7 @@ def sample_step(ctx: Context) -> dict:
     problems = load_problems(r.task.problems, "task.problems")
     samples = sample(ctx.sft_model, problems, r.data.template,
                      Sampling(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                              seed=r.seed), r.task.family)
+                              seed=r.seed), r.task.family, engine=r.generation)
     for row, problem in zip(samples, [p for p in problems for _ in range(s.n)]):
         if "reference" in problem:
             row["reference"] = problem["reference"]
