@@ -1,5 +1,4 @@
 """The OpenAI-compatible client against a real HTTP server on loopback: retries, errors, cache, concurrency, key."""
-import json
 import time
 
 import pytest

@@ -4,7 +4,6 @@ references check against their own answers."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

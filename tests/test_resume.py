@@ -46,7 +46,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_fi
     metrics = tmp_path / "stopped" / "dpo" / "metrics.jsonl"
     out = sigterm_after_steps(["dpo", str(r)], metrics)
     marker = tmp_path / "stopped" / "dpo" / "preempted.json"
-    assert marker.exists(), f"no preempted.json after SIGTERM (exit {proc.returncode}):\n{out[-4000:]}"
+    assert marker.exists(), f"no preempted.json after SIGTERM:\n{out[-4000:]}"
     stopped_at = json.loads(marker.read_text())["step"]
     assert 3 <= stopped_at < STEPS
     latest = (tmp_path / "stopped" / "dpo" / "checkpoints" / "latest").read_text().strip()

@@ -152,9 +152,6 @@ class ReadAhead:
             raise self.error
 
 
-Chunk = tuple[int, str, int, torch.Tensor, torch.Tensor]  # tensor order, name, flat offset, base and tuned views
-
-
 def chunks(base: Reader, tuned: Reader, names: Sequence[str], ahead: "ReadAhead | None" = None) -> Iterator[Chunk]:
     """Both checkpoints' tensors in chunks of CHUNK elements, as views of their memory maps; a map is released
     once no view of it is left. Tells `ahead` where the scoring has got to."""
