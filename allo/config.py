@@ -115,6 +115,15 @@ class DPOConfig:
 
 
 @dataclass
+class SimPOConfig:
+    beta: float = knob(2.0, "SimPO reward scale β on average log-probs (the SimPO paper's 2.0–2.5, not DPO's 0.1).",
+                       gt=0)
+    gamma: float = knob(1.0, "SimPO target reward margin γ (the SimPO paper's γ/β ≈ 0.5).", ge=0)
+    SPEC_TRAIN: ClassVar[dict] = dict(lr=5e-7, warmup_ratio=0.1, global_batch_size=128)
+    train: dict = _train()
+
+
+@dataclass
 class NPOConfig:
     beta: float = knob(0.1, "NPO β.", gt=0)
     SPEC_TRAIN: ClassVar[dict] = dict(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
@@ -253,6 +262,7 @@ class Recipe:
     warmup: DPOConfig = knob(factory=DPOConfig)
     dpo: DPOConfig = knob(factory=DPOConfig)
     npo: NPOConfig = knob(factory=NPOConfig)
+    simpo: SimPOConfig = knob(factory=SimPOConfig)
     locate: LocateConfig = knob(factory=LocateConfig)
     forget: ForgetConfig = knob(factory=ForgetConfig)
     improve: ImproveConfig = knob(factory=ImproveConfig)

@@ -16,7 +16,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from allo.eval.suite import slug
 from allo.steps import TRAINING as STAGE_ORDER  # the training steps, in run order
+from allo.steps import table_rows
 
 
 def _plt():
@@ -117,8 +119,8 @@ def report(run_dir: str | Path) -> list[Path]:
 # Table 2 of the paper: column order and headers; benchmarks it does not have follow in their group.
 PAPER_COLUMNS = {"qa": [("ecqa", "ECQA"), ("qasc", "QASC"), ("openbookqa", "OBQA"), ("strategyqa", "SQA")],
                  "math": [("gsm8k", "GSM8K"), ("math", "MATH"), ("mawps", "MAWPS"), ("tabmwp", "TabMWP")]}
-ROW_ORDER = ("sft", "dpo", "npo", "simpo", "allo")
-ROW_LABEL = {"sft": "SFT LLM", "dpo": "+DPO", "npo": "+NPO", "simpo": "+SimPO", "allo": "+ALLO"}
+ROW_LABEL = {"sft": "SFT LLM", **{slug(s.label): s.label for s in table_rows()}}  # result dirs are the label slugs
+ROW_ORDER = tuple(ROW_LABEL)
 
 
 def table2(run: Path) -> str | None:

@@ -126,6 +126,10 @@ def _declare() -> list[Step]:
         Step("npo", "Baseline sequence-level NPO on the rejected responses on the same loop.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("npo",), label="+NPO",
              train=Training("npo", "npo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
+        Step("simpo", "Baseline SimPO (length-normalised margin, no reference model; Table 2's +SimPO row) from the "
+                      "SFT model on the same loop.",
+             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("simpo",),
+             label="+SimPO", train=Training("simpo", "simpo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
     ]
     evaluated = tuple(f"{s.name}/model" for s in steps if s.label)  # every model with a row in the tables
     steps.append(
@@ -198,11 +202,18 @@ class Context:
         return str(self.dir(step) / name)
 
     def models(self) -> dict[str, str]:
-        """The models the eval step scores, by table label: SFT, then every labelled step's model that exists."""
+        """The models the eval step scores, by table label, in table order: SFT, then every labelled step's model
+        that exists."""
         out = {"SFT": self.sft_model}
-        out.update({s.label: self.path(f"{s.name}/model") for s in REGISTRY.values()
-                    if s.label and Path(self.path(f"{s.name}/model")).exists()})
+        out.update({s.label: self.path(f"{s.name}/model") for s in table_rows()
+                    if Path(self.path(f"{s.name}/model")).exists()})
         return out
+
+
+def table_rows() -> list[Step]:
+    """The steps with a row in the paper's tables, in its order: full-parameter baselines first, then the masked
+    (ALLO) rows."""
+    return sorted((s for s in REGISTRY.values() if s.label), key=lambda s: s.train is not None and bool(s.train.mask))
 
 
 def lookup(recipe: Recipe, dotted: str):

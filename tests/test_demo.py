@@ -29,7 +29,7 @@ def quick_run():
 
 def test_quick_demo_runs_every_stage(quick_run):
     run, proc = quick_run
-    for stage in ("sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo"):
+    for stage in ("sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo", "simpo"):
         manifest = json.loads((run / stage / "manifest.json").read_text())
         assert manifest["complete"] and (run / stage / "model" / "model.safetensors").exists(), stage
         assert (run / stage / "metrics.jsonl").exists()
@@ -50,7 +50,7 @@ def test_quick_demo_runs_every_stage(quick_run):
     forget = [json.loads(x) for x in (run / "reward-score" / "forget.jsonl").read_text().splitlines()]
     assert forget and all(0.0 <= p <= 1.0 for rec in forget for p in rec["keep_probs"])
     result = json.loads((run / "demo_result.json").read_text())
-    assert set(result["accuracy"]) == {"SFT", "+DPO", "+NPO", "+ALLO"}
+    assert set(result["accuracy"]) == {"SFT", "+DPO", "+NPO", "+SimPO", "+ALLO"}
     assert "| +ALLO |" in proc.stdout
     for png in ("curves.png", "masks.png", "token_rewards.png"):
         assert (run / "report" / png).stat().st_size > 1000, png
@@ -61,11 +61,13 @@ def test_manifests_skip_and_from_reruns(quick_run):
     reruns exactly its step and the steps downstream of it."""
     from allo.steps import STEPS
 
+    sys.path.insert(0, str(ROOT / "recipes" / "tiny"))
+    from demo import SIZES
+
     run, _ = quick_run
     sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", "seed=7",
             f"task.sft_data={run / 'data/sft.jsonl'}", f"task.problems={run / 'data/problems.jsonl'}",
-            f"task.eval={run / 'data/test.jsonl'}", "sft.train.epochs=3", "train.micro_batch_size=4"] + [
-        f"{s}.train.global_batch_size=8" for s in ("warmup", "forget", "improve", "dpo", "npo")]
+            f"task.eval={run / 'data/test.jsonl'}"] + SIZES["quick"]["sets"]
     args = ["run", str(ROOT / "recipes/tiny/recipe.yaml")] + [x for s in sets for x in ("--set", s)]
     before = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
     proc = torchrun(args)
@@ -74,7 +76,7 @@ def test_manifests_skip_and_from_reruns(quick_run):
     torchrun(args + ["--from", "improve"])
     after = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
     rerun = {s for s in STEPS if after[s] != before[s]}
-    assert rerun == {"improve", "dpo", "npo", "eval"}, rerun
+    assert rerun == {"improve", "dpo", "npo", "simpo", "eval"}, rerun
     torchrun(args + ["--set", "improve.beta=0.2"])  # a changed setting reruns its step and everything downstream
     changed = {s for s in STEPS if os.path.getmtime(run / s / "manifest.json") != after[s]}
     assert changed == {"improve", "eval"}, changed

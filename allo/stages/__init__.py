@@ -30,6 +30,8 @@ STAGES: dict[str, StageDef] = {
     "dpo": StageDef(("prompt", "chosen", "rejected"), ("chosen", "rejected"),
                     lambda r: objectives.preference(r.dpo), True, section="dpo"),
     "npo": StageDef(("prompt", "rejected"), ("rejected",), lambda r: objectives.npo(r.npo), True, section="npo"),
+    "simpo": StageDef(("prompt", "chosen", "rejected"), ("chosen", "rejected"), lambda r: objectives.simpo(r.simpo),
+                      False, section="simpo"),
     "forget": StageDef(("prompt", "rejected"), ("rejected",), lambda r: objectives.forget(r.forget), True,
                        mask="n1", token_arrays=("keep_probs",), section="forget"),
     "improve": StageDef(("prompt", "chosen", "rejected"), ("chosen", "rejected"),

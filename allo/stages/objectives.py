@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from allo import losses
-from allo.config import DPOConfig, ForgetConfig, ImproveConfig, NPOConfig
+from allo.config import DPOConfig, ForgetConfig, ImproveConfig, NPOConfig, SimPOConfig
 from allo.logprobs import response_mask
 
 
@@ -29,18 +29,27 @@ def sft(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 def preference(cfg: DPOConfig):
-    """DPO / IPO / SimPO on a chosen-rejected batch."""
+    """DPO / IPO on a chosen-rejected batch (SimPO with `loss_type: simpo`)."""
+    if cfg.loss_type == "simpo":
+        return simpo(SimPOConfig(beta=cfg.beta, gamma=cfg.simpo_gamma))
+
+    def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        mask = response_mask(batch["labels"])
+        (pc, pr), (mc, mr), (rc, rr) = _halves(logps), _halves(mask), _halves(batch["ref_logps"])
+        reduce = losses.masked_mean if cfg.loss_type == "ipo" else losses.masked_sum
+        args = (reduce(pc, mc), reduce(pr, mr), reduce(rc, mc), reduce(rr, mr))
+        out = (losses.ipo_loss(*args, beta=cfg.beta) if cfg.loss_type == "ipo"
+               else losses.dpo_loss(*args, beta=cfg.beta, label_smoothing=cfg.label_smoothing))
+        return out.losses.mean(), _pair_metrics(out)
+    return objective
+
+
+def simpo(cfg: SimPOConfig):
+    """SimPO: length-normalised preference margin, no reference model."""
     def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = response_mask(batch["labels"])
         (pc, pr), (mc, mr) = _halves(logps), _halves(mask)
-        if cfg.loss_type == "simpo":
-            out = losses.simpo_loss(losses.masked_mean(pc, mc), losses.masked_mean(pr, mr), cfg.beta, cfg.simpo_gamma)
-        else:
-            rc, rr = _halves(batch["ref_logps"])
-            reduce = losses.masked_mean if cfg.loss_type == "ipo" else losses.masked_sum
-            args = (reduce(pc, mc), reduce(pr, mr), reduce(rc, mc), reduce(rr, mr))
-            out = (losses.ipo_loss(*args, beta=cfg.beta) if cfg.loss_type == "ipo"
-                   else losses.dpo_loss(*args, beta=cfg.beta, label_smoothing=cfg.label_smoothing))
+        out = losses.simpo_loss(losses.masked_mean(pc, mc), losses.masked_mean(pr, mr), cfg.beta, cfg.gamma)
         return out.losses.mean(), _pair_metrics(out)
     return objective
 

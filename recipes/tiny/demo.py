@@ -3,7 +3,7 @@
 Per seed: write the task's data (allo/tasks/arith.py) and train a tokenizer on it, then run the whole pipeline
 with `torchrun --nproc_per_node 2 -m allo run recipes/tiny/recipe.yaml` (2 ranks, ZeRO-3): sft -> sample ->
 pairs -> warmup (DPO) -> locate (N1, N2) -> reward-data (programmatic minimum-edit teacher) -> reward-train ->
-reward-score -> forget (N1) -> improve (N2) ; baselines dpo and npo -> eval (greedy held-out accuracy).
+reward-score -> forget (N1) -> improve (N2) ; baselines dpo, npo and simpo -> eval (greedy held-out accuracy).
 Ends with a table like the paper's Table 2 (mean ± std over seeds) and `allo report` plots per seed.
 
 Usage: python recipes/tiny/demo.py [--seeds 0 1] [--quick] [--set KEY=VALUE ...]   (default: seeds 0 and 1)
@@ -29,7 +29,7 @@ from allo.data.tokenize import encode_response  # noqa: E402
 from allo.io import write_jsonl  # noqa: E402
 from allo.launch import torchrun_command  # noqa: E402
 from allo.model import train_tokenizer  # noqa: E402
-from allo.steps import STEPS  # noqa: E402
+from allo.steps import REGISTRY, STEPS  # noqa: E402
 from allo.reward.programmatic import keep_probs_from_diff, rewrite  # noqa: E402
 from allo.report import report  # noqa: E402
 from allo.tasks.arith import make_splits  # noqa: E402
@@ -38,8 +38,9 @@ from allo.tasks.arith import make_splits  # noqa: E402
 SIZES = {"full": dict(sft=4000, rl=600, test=400, samples=4, ranks=2, sets=[]),
          # the test's reduced run: a weak SFT model gives few pairs, so every stage takes batches of 8
          "quick": dict(sft=600, rl=300, test=60, samples=4, ranks=2,
-                       sets=["sft.train.epochs=3", "train.micro_batch_size=4"] + [f"{s}.train.global_batch_size=8" for s in
-                                                     ("warmup", "forget", "improve", "dpo", "npo")])}
+                       sets=["sft.train.epochs=3", "train.micro_batch_size=4"] + [
+                           f"{s.train.section}.train.global_batch_size=8" for s in REGISTRY.values()
+                           if s.train and s.train.section not in ("sft", "reward")])}
 
 
 def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2) -> None:
@@ -83,7 +84,7 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
             walls[step] = manifest["wall_s"]
     accuracy = json.loads((run / "eval" / "results.json").read_text())["accuracy"]
     updated = {label: json.loads((run / stage / "manifest.json").read_text())["trainable_fraction"]
-               for label, stage in (("+DPO", "dpo"), ("+NPO", "npo"))}
+               for label, stage in (("+DPO", "dpo"), ("+NPO", "npo"), ("+SimPO", "simpo"))}
     updated["SFT"] = 1.0
     updated["+ALLO"] = f"N1 {_frac(run / 'forget')} / N2 {_frac(run / 'improve')}"
     pairs = [json.loads(x) for x in (run / "pairs" / "pairs.jsonl").read_text().splitlines()]
@@ -130,7 +131,7 @@ def _frac(stage_dir: Path) -> str:
 def table(results: list[dict]) -> str:
     lines = ["| method | held-out accuracy % (mean ± std over seeds) | parameters updated |",
              "|---|---|---|"]
-    for label in ("SFT", "+DPO", "+NPO", "+ALLO"):
+    for label in ("SFT", "+DPO", "+NPO", "+SimPO", "+ALLO"):
         accs = [100 * r["accuracy"][label] for r in results]
         spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
         upd = results[0]["updated"][label]
