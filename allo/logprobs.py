@@ -1,10 +1,16 @@
-"""Per-token log-probabilities of responses, aligned with ``input_ids``.
+"""Per-token log-probabilities of responses, aligned with ``input_ids``, and the reference cache on disk.
 
 ``token_logps(logits, labels)[n, t]`` is log p(x_t | x_<t) for response tokens (labels != -100) and 0
 elsewhere. Position 0 is never a response token because every prompt holds at least BOS.
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
 import torch
 
 from allo.data.tokenize import IGNORE
@@ -46,39 +52,97 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return labels != IGNORE
 
 
-def save_reference_cache(path, key: str, logps: dict[int, list[list[float]]]) -> None:
-    """Store per-example, per-response token log-probs as one flat float32 tensor plus offsets (safetensors)."""
-    from pathlib import Path
+class ReferenceWriter:
+    """One rank's share of the reference cache: a safetensors file holding "index" (I64 [m]), "offsets"
+    (I64 [m·slots + 1]) and "values" (F32, every response token's log-prob, slot by slot). The sizes are known from
+    the tokenised examples, so the header is written first and the values streamed after it: memory stays one
+    micro-batch, whatever the data set. Written under a temporary name and renamed on `close`."""
 
-    from safetensors.torch import save_file
+    def __init__(self, path: str | Path, key: str, indices: Sequence[int], lengths: Sequence[Sequence[int]]):
+        """`indices`: the examples in the order they will be added; `lengths`: each one's response lengths."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.order = list(indices)
+        lengths = [n for per in lengths for n in per]
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        index = np.asarray(self.order, dtype=np.int64)
+        self.total = int(offsets[-1])
+        parts = [("index", "I64", [len(index)], index.nbytes), ("offsets", "I64", [len(offsets)], offsets.nbytes),
+                 ("values", "F32", [self.total], 4 * self.total)]
+        header, at = {"__metadata__": {"key": key, "format": "allo-reference/1"}}, 0
+        for name, dtype, shape, nbytes in parts:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + nbytes]}
+            at += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.f = open(self.tmp, "wb")
+        self.f.write(len(raw).to_bytes(8, "little") + raw + index.tobytes() + offsets.tobytes())
+        self.next = 0  # position in `order` of the next example to write
 
-    values, offsets, shape = [], [0], []
-    for idx in sorted(logps):
-        shape.append([idx, len(logps[idx])])
-        for row in logps[idx]:
-            values.extend(row)
-            offsets.append(len(values))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"values": torch.tensor(values, dtype=torch.float32), "offsets": torch.tensor(offsets),
-               "shape": torch.tensor(shape, dtype=torch.long).reshape(-1, 2)}, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    def add(self, index: int, rows: Sequence[torch.Tensor]) -> None:
+        """The log-probs of example `index`, one row per response slot; examples come in the order given."""
+        if self.next >= len(self.order) or self.order[self.next] != index:
+            raise ValueError(f"{self.path}: example {index} written out of order")
+        for row in rows:
+            self.f.write(row.detach().to("cpu", torch.float32).numpy().tobytes())
+        self.next += 1
+
+    def close(self) -> None:
+        if self.next != len(self.order):
+            raise ValueError(f"{self.path}: {len(self.order) - self.next} examples were never written")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.tmp.replace(self.path)
 
 
-def load_reference_cache(path, key: str) -> dict[int, list[list[float]]] | None:
-    """The cache at `path` if it was made for `key` (same starting weights and examples), else None."""
-    from pathlib import Path
+class ReferenceCache:
+    """Reads the rows of any example from the ranks' shard files with positioned reads (no memory map grows into
+    the resident set): what a micro-batch needs, when it needs it."""
 
-    from safetensors import safe_open
+    def __init__(self, paths: Sequence[str | Path], key: str):
+        self.files, self.where = [], {}
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            self.files.append(fd)
+            n = int.from_bytes(os.pread(fd, 8, 0), "little")
+            header = json.loads(os.pread(fd, n, 8))
+            if header.get("__metadata__", {}).get("key") != key:
+                self.close()
+                raise ValueError(f"{path}: made for other starting weights or examples")
+            start = 8 + n
 
-    if not Path(path).exists():
+            def read(name: str, dtype) -> np.ndarray:
+                a, b = header[name]["data_offsets"]
+                return np.frombuffer(os.pread(fd, b - a, start + a), dtype=dtype)
+
+            index, offsets = read("index", np.int64), read("offsets", np.int64)
+            values_at = start + header["values"]["data_offsets"][0]
+            slots = (len(offsets) - 1) // max(1, len(index))
+            for j, idx in enumerate(index.tolist()):
+                self.where[idx] = (fd, values_at, offsets[j * slots:(j + 1) * slots + 1].tolist())
+
+    def rows(self, index: int) -> list[torch.Tensor]:
+        fd, at, bounds = self.where[index]
+        data = np.frombuffer(os.pread(fd, 4 * (bounds[-1] - bounds[0]), at + 4 * bounds[0]), dtype=np.float32)
+        return [torch.from_numpy(data[a - bounds[0]:b - bounds[0]].copy()) for a, b in zip(bounds, bounds[1:])]
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.where
+
+    def close(self) -> None:
+        for fd in self.files:
+            os.close(fd)
+        self.files = []
+
+
+def open_reference_cache(directory: str | Path, key: str, world: int) -> Optional[ReferenceCache]:
+    """The cache in `directory` if every one of the `world` shards exists and was made for `key`, else None."""
+    paths = [Path(directory) / f"rank{r}-of-{world}.safetensors" for r in range(world)]
+    if not all(p.exists() for p in paths):
         return None
-    with safe_open(str(path), framework="pt") as f:
-        if (f.metadata() or {}).get("key") != key:
-            return None
-        values, offsets, shape = f.get_tensor("values"), f.get_tensor("offsets").tolist(), f.get_tensor("shape")
-    out, row = {}, 0
-    for idx, n_slots in shape.tolist():
-        out[idx] = [values[offsets[row + s]:offsets[row + s + 1]].tolist() for s in range(n_slots)]
-        row += n_slots
-    return out
+    try:
+        return ReferenceCache(paths, key)
+    except (ValueError, KeyError, OSError):
+        return None

@@ -73,6 +73,7 @@ class Trainer:
         self.pos = Position()
         self.stop_requested = False
         self.masker: Optional[GradMasker] = None
+        self.reference = None  # the reference log-probs on disk (allo.logprobs.ReferenceCache), when needed
         self.trainable_fraction = 1.0
         n, g = len(stage.examples), train.global_batch_size
         if n < g:
@@ -131,49 +132,48 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- reference log-probs
     def _reference_logps(self, must_exist: bool) -> None:
-        """Per-token log-probs of the starting weights, computed once (sharded over ranks) and cached on disk."""
-        from allo.logprobs import load_reference_cache, save_reference_cache
+        """Per-token log-probs of the starting weights, computed once (each rank its share, streamed into its own
+        shard file) and read back row by row as micro-batches need them: no rank holds them all in memory."""
+        from allo.logprobs import open_reference_cache
 
-        cache = self.out_dir / "reference_logps.safetensors"
+        s = self.strategy
+        directory = self.out_dir / "reference_logps"
         key = _fingerprint(self.stage)
-        cached = load_reference_cache(cache, key)
-        if cached is None and must_exist:
-            raise RuntimeError(f"{cache}: reference log-probs of the starting model are missing or stale, so a "
+        self.reference = open_reference_cache(directory, key, s.world)
+        if self.reference is None and must_exist:
+            raise RuntimeError(f"{directory}: reference log-probs of the starting model are missing or stale, so a "
                                f"resumed run cannot rebuild them; delete {self.ckpt_dir} to restart the stage")
-        if cached is None:
-            cached = self._compute_reference()
-            if self.strategy.is_rank0:
-                save_reference_cache(cache, key, cached)
-            self.strategy.barrier()
-        for ex in self.stage.examples:
-            ex["ref_logps"] = cached[ex["index"]]
+        if self.reference is None:
+            self._compute_reference(directory / f"rank{s.rank}-of-{s.world}.safetensors", key)
+            s.barrier()
+            self.reference = open_reference_cache(directory, key, s.world)
+            if self.reference is None:
+                raise RuntimeError(f"{directory}: a rank's reference log-probs are missing after computing them "
+                                   "(is OUTPUT_DIR on a file system every node shares?)")
 
     @torch.no_grad()
-    def _compute_reference(self) -> dict[int, list[list[float]]]:
+    def _compute_reference(self, path: Path, key: str) -> None:
+        from allo.logprobs import ReferenceWriter
+
         s, examples = self.strategy, self.stage.examples
         mine = examples[s.rank::s.world]
         per_rank = math.ceil(len(examples) / s.world)
-        mine = mine + mine[-1:] * (per_rank - len(mine))  # equal forward counts: ZeRO-3 forwards are collective
-        out: dict[int, list[list[float]]] = {}
+        padded = mine + mine[-1:] * (per_rank - len(mine))  # equal forward counts: ZeRO-3 forwards are collective
+        writer = ReferenceWriter(path, key, [ex["index"] for ex in mine],
+                                 [[len(r) for r in ex["responses"]] for ex in mine])
         self.engine.module.eval()
         bs = self.cfg.micro_batch_size
         for i in range(0, per_rank, bs):
-            chunk = mine[i:i + bs]
-            batch = collate(chunk, self.tokenizer.pad_token_id)
-            logps = self._logps(batch)
-            n_slots = len(chunk[0]["responses"])
+            chunk = padded[i:i + bs]
+            logps = self._logps(collate(chunk, self.tokenizer.pad_token_id))
             for j, ex in enumerate(chunk):
-                rows = []
-                for slot in range(n_slots):
-                    r = slot * len(chunk) + j
-                    start = len(ex["prompt_ids"])
-                    rows.append(logps[r, start:start + len(ex["responses"][slot])].tolist())
-                out[ex["index"]] = rows
+                if i + j >= len(mine):  # a padding repeat
+                    continue
+                start = len(ex["prompt_ids"])
+                writer.add(ex["index"], [logps[slot * len(chunk) + j, start:start + len(r)]
+                                         for slot, r in enumerate(ex["responses"])])
         self.engine.module.train()
-        merged: dict[int, list[list[float]]] = {}
-        for part in s.all_gather_object(out):
-            merged.update(part)
-        return merged
+        writer.close()
 
     def _logps(self, batch: dict) -> torch.Tensor:
         dev = self.strategy.device
@@ -202,6 +202,8 @@ class Trainer:
             tokens = 0
             for micro in range(s.grad_accum):
                 chosen = [self.stage.examples[i] for i in self._batch_indices(self.pos.step, micro)]
+                if self.stage.needs_reference:
+                    chosen = [{**ex, "ref_logps": self.reference.rows(ex["index"])} for ex in chosen]
                 batch = collate(chosen, self.tokenizer.pad_token_id, arrays)
                 batch = {k: v.to(s.device) for k, v in batch.items()}
                 loss, metrics = self.stage.objective(self._logps(batch), batch)
@@ -245,6 +247,8 @@ class Trainer:
                 self.save_checkpoint()
         progress.close()
         self.metrics.close()
+        if self.reference is not None:
+            self.reference.close()
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

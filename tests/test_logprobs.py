@@ -55,3 +55,32 @@ def test_chunked_keeps_no_float32_logits_for_backward():
     assert chunked_bytes < fp32_logits / 20, (chunked_bytes, fp32_logits)  # the valid mask and such
     out.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_reference_cache_round_trip_across_shards(tmp_path):
+    """Two ranks' shards, examples interleaved and of ragged lengths: every row reads back exactly; a shard made
+    for other weights or examples is not taken; writing out of order is refused."""
+    import pytest
+
+    from allo.logprobs import ReferenceWriter, open_reference_cache
+
+    g = torch.Generator().manual_seed(0)
+    lengths = {i: [3 + i % 5, 1 + (7 * i) % 4] for i in range(11)}
+    rows = {i: [torch.randn(n, generator=g) for n in lengths[i]] for i in lengths}
+    d = tmp_path / "ref"
+    for rank in range(2):
+        mine = list(range(rank, 11, 2))
+        w = ReferenceWriter(d / f"rank{rank}-of-2.safetensors", "key-1", mine, [lengths[i] for i in mine])
+        for i in mine:
+            w.add(i, rows[i])
+        w.close()
+    cache = open_reference_cache(d, "key-1", 2)
+    for i in lengths:
+        got = cache.rows(i)
+        assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, rows[i]))
+    cache.close()
+    assert open_reference_cache(d, "key-2", 2) is None  # other weights or examples
+    assert open_reference_cache(d, "key-1", 3) is None  # another world size's shards are missing
+    w = ReferenceWriter(d / "x.safetensors", "k", [0, 1], [[2], [2]])
+    with pytest.raises(ValueError, match="example 1 written out of order"):
+        w.add(1, [torch.zeros(2)])

@@ -104,7 +104,7 @@ def collate(examples: Sequence[dict], pad_id: int, token_arrays: Sequence[str] =
         attention[row, :end] = 1
         for name in token_arrays:
             values = ex[name][s][: len(r)]
-            arrays[name][row, len(p):len(p) + len(values)] = torch.tensor(values, dtype=torch.float32)
+            arrays[name][row, len(p):len(p) + len(values)] = torch.as_tensor(values, dtype=torch.float32)
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
              "index": torch.tensor([ex["index"] for ex in examples]), **arrays}
     return batch

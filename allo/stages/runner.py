@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from allo.config import Recipe, save_resolved
 from allo.data.records import DataError, read_records
 from allo.data.tokenize import TruncationPolicy, tokenize_records
@@ -32,7 +34,7 @@ def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict
                 have = len(values) if isinstance(values, list) else "none"
                 raise DataError(f"{rec['source']}: field '{name}' needs one value per response token "
                                 f"({len(ex['responses'][0])} tokens incl. EOS), has {have}")
-            ex[name] = [values[: len(ex["responses"][0])]]
+            ex[name] = [torch.tensor(values[: len(ex["responses"][0])], dtype=torch.float32)]  # 4 bytes a value
     return examples
 
 
@@ -46,8 +48,6 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     stage's objective with another section's settings (the reward model is an sft run with the reward section).
     `locate_out`: after training, write the N1/N2 masks there from the run's ZeRO partitions (`locate.from_partitions`).
     """
-    import torch
-
     from allo.engine import Strategy, fit_micro_batch
     from allo.model import build_model, load_tokenizer
     from allo.train import Stage, Trainer
