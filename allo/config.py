@@ -226,7 +226,9 @@ class GenerationConfig:
     backend: Literal["auto", "hf", "vllm"] = knob(
         "auto", "vLLM when it is installed and a GPU is present (auto), or force one. The environment variable "
         "ALLO_GENERATE_BACKEND overrides it (e.g. vLLM's CPU build, which has no GPU).")
-    batch_size: int = knob(64, "Prompts per generation batch (Hugging Face backend).", ge=1)
+    batch_size: int = knob(64, "Responses per generation call: a sharded step's unit of work (its resume "
+                               "granularity) is batch_size / n prompts. vLLM batches internally, so give it "
+                               "thousands.", ge=1)
     tensor_parallel: int = knob(1, "vLLM: GPUs per engine (tensor parallel).", ge=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = knob("auto", "vLLM: weight and activation dtype.")
     gpu_memory_utilization: float = knob(0.9, "vLLM: share of the GPU's memory the engine may reserve (weights, "
@@ -235,6 +237,16 @@ class GenerationConfig:
     max_model_len: Optional[int] = knob(None, "vLLM: context length (prompt + response); None: the model's. "
                                               "Lower it when the KV cache for the model's full length does not fit.",
                                         ge=16)
+
+
+@dataclass
+class DistributedConfig:
+    timeout_minutes: float = knob(30.0, "Process-group timeout: how long a collective (a training step's all-reduce, "
+                                        "a checkpoint barrier) may wait for a rank before the job fails. Steps that "
+                                        "are not training never wait in a collective.", gt=0)
+    wait_minutes: float = knob(1440.0, "How long a rank that has finished its share of a step (or has none, in a "
+                                       "rank-0 step) waits for the others, polling marker files, before it gives "
+                                       "up.", gt=0)
 
 
 @dataclass
@@ -269,6 +281,7 @@ class Recipe:
     task: TaskConfig = knob(factory=TaskConfig)
     sample: SampleConfig = knob(factory=SampleConfig)
     generation: GenerationConfig = knob(factory=GenerationConfig)
+    distributed: DistributedConfig = knob(factory=DistributedConfig)
     reward: RewardConfig = knob(factory=RewardConfig)
     # Keys the recipe sets in its `train` section (they win over the stages' spec defaults). Filled by
     # `load_recipe`; a field, so `dataclasses.replace` keeps it; not a knob (`to_dict` and `--doc` leave it out).

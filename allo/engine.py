@@ -16,8 +16,9 @@ import os
 import socket
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -40,8 +41,9 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def init_distributed() -> None:
-    """Join (or, for a plain `python` run, create) the process group: gloo on CPU, NCCL on GPUs."""
+def init_distributed(timeout_minutes: Optional[float] = None) -> None:
+    """Join (or, for a plain `python` run, create) the process group: gloo on CPU, NCCL on GPUs; collectives fail
+    after `timeout_minutes` (DeepSpeed's default, 30, when None)."""
     import deepspeed
     import deepspeed.comm as dist
 
@@ -58,7 +60,8 @@ def init_distributed() -> None:
         # Workaround: DeepSpeed JIT-builds its shared-memory comm op (~27 s) on every CPU init although gloo
         # suffices. Remove when deepspeed skips the build for gloo-only runs.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+    kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", **kwargs)
     if not on_cpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 

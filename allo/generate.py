@@ -71,6 +71,18 @@ def generate(model_dir: str, prompts: Sequence[str], sampling: Sampling, cfg: Op
     return _generate_hf(model_dir, prompts, sampling, cfg.batch_size, model, tokenizer, progress)
 
 
+def load_generator(model_dir: str, cfg: Optional[GenerationConfig] = None) -> tuple[Any, Any]:
+    """(model, tokenizer) to pass to many `generate` calls: the Hugging Face model loaded once on this rank's
+    device, or (None, tokenizer) when vLLM generates (its engine is kept between calls anyway)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if vllm_available(cfg):
+        return None, tokenizer
+    device, dtype = device_and_dtype()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device), tokenizer
+
+
 _ENGINE: dict[tuple, Any] = {}  # at most one live vLLM engine: (model, settings) -> LLM
 
 

@@ -60,3 +60,12 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
 def read_jsonl(path: str | Path) -> list:
     """Every record of a JSONL file (see `iter_jsonl` for what an error names)."""
     return [rec for _, rec in iter_jsonl(path)]
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (a run killed mid-write) so appended records start on a fresh line."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)

@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 from allo.config import Recipe, to_dict
 from allo.io import write_json
+from allo.sharding import EXIT_REQUEUE, StepAborted, Sync, new_attempt
 from allo.steps import REGISTRY, STEPS, Context, Step, lookup, resolve
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,9 @@ def write_manifest(directory: Path, step: str, info: dict, fingerprint: Optional
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None):
-        self.ctx = Context(recipe, recipe_path or "RECIPE.yaml")
+    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None, sync: Optional[Sync] = None):
+        self.ctx = Context(recipe, recipe_path or "RECIPE.yaml",
+                           sync or Sync(Path(recipe.output_dir), timeout_s=60 * recipe.distributed.wait_minutes))
         self._fingerprints: dict[str, str] = {}  # stable within a run: no step writes the recipe or task files
 
     def run(self, start: Optional[str] = None, only: Optional[str] = None) -> None:
@@ -57,23 +60,40 @@ class Pipeline:
             fingerprint = self.fingerprint(name)
             recorded = _recorded(manifest)
             if name not in forced and recorded == fingerprint:
-                if _rank() == 0:
+                if self.ctx.sync.rank == 0:
                     log.info("[%s] complete (%s); skipping", name, manifest)
                 continue
-            if _rank() == 0:
+            if self.ctx.sync.rank == 0:
                 if recorded not in (None, fingerprint) and name not in forced:
                     log.info("[%s] inputs or settings changed since it completed; running it again", name)
                 log.info("===== [%s] =====", name)
+            sync = self.ctx.sync
             try:
                 info = self._execute(step)
-                if _rank() == 0:
-                    write_manifest(self.ctx.dir(name), name, info, fingerprint)
-                _barrier()
+                if sync.rank == 0:
+                    write_manifest(self.ctx.dir(name), name, {**info, "attempt": sync.attempt}, fingerprint)
+                    shutil.rmtree(self.ctx.dir(name) / "shards", ignore_errors=True)  # merged into the outputs
+                else:  # wait for rank 0's manifest in a file, not in a collective
+                    sync.wait(name, lambda: _recorded(manifest, sync.attempt) == fingerprint, "rank 0")
+            except SystemExit as stop:  # a signal: every rank stops at a unit boundary; the step resumes later
+                if stop.code == EXIT_REQUEUE and sync.rank == 0 and step.train is None:
+                    self._preempted(name)
+                raise
             except Exception as e:  # name the step and the resume command; earlier outputs stay intact
-                phrased = isinstance(e, (StepFailed, ValueError, FileNotFoundError))  # already say file and key
-                what = str(e) if phrased else f"{type(e).__name__}: {e}"
-                raise StepFailed(f"step {name} failed: {what}. Earlier steps are intact; fix the cause and resume "
-                                 f"with `allo run {self.ctx.recipe_path} --from {name}`") from e
+                if not isinstance(e, StepAborted):
+                    sync.fail(name, _phrase(e))
+                raise StepFailed(f"step {name} failed: {_phrase(e)}. Earlier steps are intact; fix the cause and "
+                                 f"resume with `allo run {self.ctx.recipe_path} --from {name}`") from e
+
+    def _preempted(self, name: str) -> None:
+        """The marker a launcher reads to requeue (the training loop writes the same for training steps)."""
+        marker = {"step": name, "time": time.time(), "stage": name}
+        write_json(self.ctx.dir(name) / "preempted.json", marker)
+        extra = os.environ.get("ALLO_PREEMPT_MARKER") or self.ctx.recipe.train.preempt_marker
+        if extra:
+            write_json(Path(extra), marker)
+        log.warning("stopping on signal during %s; its finished units are kept, exit %d (requeue)", name,
+                    EXIT_REQUEUE)
 
     def _execute(self, step: Step) -> dict:
         """Run one step's body where it runs; returns its manifest fields (meaningful on rank 0)."""
@@ -86,6 +106,7 @@ class Pipeline:
 
             info = train_step(self.ctx, step)
             _free_memory()
+            self.ctx.sync.install_signal_handlers()  # the training loop had its own
         else:
             from allo.generate import release
 
@@ -93,9 +114,10 @@ class Pipeline:
                 if step.every_rank:
                     info = resolve(step.run)(self.ctx)
                 else:
-                    info = _on_rank0_with_all_cores(lambda: resolve(step.run)(self.ctx))
+                    info = _with_all_cores(lambda: resolve(step.run)(self.ctx)) if self.ctx.sync.rank == 0 else None
             finally:  # a generation engine holds most of a GPU: the next step gets it back
                 release()
+                _free_memory()
         return {**(info or {}), "wall_s": round(time.time() - started, 2)}
 
     def fingerprint(self, name: str) -> str:
@@ -110,10 +132,8 @@ class Pipeline:
         return self._fingerprints[name]
 
 
-def _on_rank0_with_all_cores(fn):
-    """Run a single-process step on rank 0 with every core (the other ranks sleep in a barrier meanwhile)."""
-    if _rank() != 0:
-        return None
+def _with_all_cores(fn):
+    """Run a single-process step with every core (the other ranks wait on a file meanwhile)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -124,13 +144,20 @@ def _on_rank0_with_all_cores(fn):
         torch.set_num_threads(threads)
 
 
-def _recorded(manifest: Path) -> Optional[str]:
-    """The fingerprint of a complete manifest, or None."""
+def _recorded(manifest: Path, attempt: Optional[str] = None) -> Optional[str]:
+    """The fingerprint of a complete manifest (written in `attempt`, when given), or None."""
     try:
         m = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return None
+    if attempt is not None and m.get("attempt") != attempt:
+        return None
     return m.get("fingerprint") if m.get("complete") else None
+
+
+def _phrase(e: Exception) -> str:
+    phrased = isinstance(e, (StepFailed, StepAborted, ValueError, OSError))  # already say file and key
+    return str(e) if phrased else f"{type(e).__name__}: {e}"
 
 
 def _stat(path) -> Optional[list]:
@@ -140,19 +167,6 @@ def _stat(path) -> Optional[list]:
     p = Path(path)
     files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.exists() else []
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files] or [str(path), "missing"]
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _free_memory() -> None:
@@ -168,9 +182,17 @@ def _free_memory() -> None:
 
 def run_pipeline(recipe: Recipe, recipe_path: Optional[str] = None, start: Optional[str] = None,
                  only: Optional[str] = None) -> Pipeline:
+    import torch.distributed as dist
+
     from allo.engine import init_distributed
 
-    init_distributed()
-    pipe = Pipeline(recipe, recipe_path)
+    init_distributed(recipe.distributed.timeout_minutes)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sync = Sync(Path(recipe.output_dir), rank, world, new_attempt(dist if world > 1 else None),
+                60 * recipe.distributed.wait_minutes)
+    sync.install_signal_handlers()
+    pipe = Pipeline(recipe, recipe_path, sync)
     pipe.run(start=start, only=only)
+    if rank == 0:  # the markers of this attempt are no longer needed
+        shutil.rmtree(sync.dir, ignore_errors=True)
     return pipe

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from allo.config import Recipe
+from allo.sharding import Sync
 
 SFT_MODEL = "sft/model"  # the SFT model: sft/model, or model.path when task.sft_data is unset
 
@@ -79,7 +80,7 @@ def _declare() -> list[Step]:
                        "else batched Hugging Face generation) and label each by its final answer.",
              inputs=(SFT_MODEL,), outputs=("samples.jsonl",),
              config=("sample", "task.problems", "task.family", "data.template", "seed"), files=("task.problems",),
-             run="allo.stages.sampling:sample_step",
+             run="allo.stages.sampling:sample_step", every_rank=True,
              skip=lambda r: "task.pairs is set: the pairs step reads them" if r.task.pairs else None),
         Step("pairs", "Build (correct, wrong) preference pairs per problem from the samples, at most 5 per problem, "
                       "seeded.",
@@ -100,7 +101,7 @@ def _declare() -> list[Step]:
                             "programmatic teacher) for training the token reward model.",
              inputs=("pairs/pairs.jsonl",), outputs=("reward.jsonl",),
              config=("reward.teacher", "reward.teacher_endpoint.base_url", "reward.teacher_endpoint.model",
-                     "task.family"), run="allo.stages.reward:reward_data_step"),
+                     "task.family"), run="allo.stages.reward:reward_data_step", every_rank=True),
         Step("reward-train", "Train the small token reward model (an LM sharing the policy's tokenizer) on the "
                              "rewrites.",
              inputs=(SFT_MODEL, "reward-data/reward.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("reward",),
@@ -109,7 +110,7 @@ def _declare() -> list[Step]:
         Step("reward-score", "Score every token of every wrong response with the reward model's keep-probability "
                              "p_ij.",
              inputs=("reward-train/model", "pairs/pairs.jsonl"), outputs=("forget.jsonl",),
-             config=("data.template",), run="allo.stages.reward:reward_score_step"),
+             config=("data.template",), run="allo.stages.reward:reward_score_step", every_rank=True),
         Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask (spec §3).",
              inputs=(SFT_MODEL, "reward-score/forget.jsonl", "locate/n1.safetensors"), outputs=("model",),
              config=TRAIN_KEYS + ("forget",),
@@ -137,7 +138,8 @@ def _declare() -> list[Step]:
                      "on task.eval (the pipeline's eval step). The benchmark suite has subcommands: "
                      "`allo eval bench|score|answer|alpaca|alpaca-score|arena --help`.",
              inputs=(SFT_MODEL,) + evaluated, outputs=("results.json",), config=("task", "data.template"),
-             files=("task.eval", "task.alpaca_eval", "task.arena_hard"), run="allo.stages.evaluate:eval_step"))
+             files=("task.eval", "task.alpaca_eval", "task.arena_hard"), run="allo.stages.evaluate:eval_step",
+             every_rank=True))
     return steps
 
 
@@ -152,7 +154,8 @@ def _ordered(steps: list[Step]) -> dict[str, Step]:
     while len(done) < len(steps):
         ready = [s for s in steps if s.name not in done and all(u in done for u in s.upstream if u != s.name)]
         if not ready:
-            raise ValueError("the steps' inputs form a cycle: " + ", ".join(s.name for s in steps if s.name not in done))
+            left = ", ".join(s.name for s in steps if s.name not in done)
+            raise ValueError(f"the steps' inputs form a cycle: {left}")
         done[ready[0].name] = ready[0]
     return done
 
@@ -170,13 +173,15 @@ def resolve(path: str) -> Callable:
 
 @dataclass
 class Context:
-    """What a step body sees: the recipe and where every step's outputs live."""
+    """What a step body sees: the recipe, where every step's outputs live, and this rank's place (`sync`)."""
     recipe: Recipe
     recipe_path: str = "RECIPE.yaml"
+    sync: Optional[Sync] = None
     out: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.recipe.output_dir)
+        self.sync = self.sync or Sync(self.out)
 
     def dir(self, step: str) -> Path:
         return self.out / step

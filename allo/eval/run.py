@@ -14,7 +14,7 @@ from allo.config import GenerationConfig
 from allo.eval import benchmarks
 from allo.eval.provenance import harness
 from allo.generate import Sampling
-from allo.io import write_json
+from allo.io import drop_torn_tail, write_json
 from allo.tasks import final_answer, is_correct
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,6 @@ def _read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a half-written last line (a run killed mid-write) so appended records start on a fresh line."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-
-
 def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = None, limit: Optional[int] = None,
              sampling: Sampling = EVAL_SAMPLING, template: str = "alpaca_cot",
              engine: Optional[GenerationConfig] = None, loaded: Any = None) -> dict:
@@ -75,7 +66,7 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path = out / f"{benchmark}.predictions.jsonl"
-    _drop_torn_tail(pred_path)
+    drop_torn_tail(pred_path)
     done = _read_done(pred_path)
     todo = [it for it in items if it["id"] not in done]
     if done:

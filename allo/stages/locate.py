@@ -92,8 +92,9 @@ def locate_in_run(recipe: Recipe, strategy, engine, named: list, base: str, out_
                                {"n1": loc.forget_ratio, "n2": loc.improve_ratio}, out_dir, strategy,
                                scope=loc.scope, band_start=loc.band_start, bottom=loc.bottom,
                                collect_cap=loc.collect_cap, threads=loc.threads,
-                               source=f"ZeRO-{strategy.zero_stage} partitions of the warm-up run, {strategy.world} ranks")
+                               source=f"ZeRO-{strategy.zero_stage} partitions of the warm-up run, "
+                                      f"{strategy.world} ranks")
     if strategy.is_rank0:
-        log.info("locate from partitions (%d ranks): %s in %.1f s", strategy.world, {k: str(v) for k, v in paths.items()},
-                 time.perf_counter() - t0)
+        log.info("locate from partitions (%d ranks): %s in %.1f s", strategy.world,
+                 {k: str(v) for k, v in paths.items()}, time.perf_counter() - t0)
     return paths

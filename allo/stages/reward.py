@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Optional
 
 from allo.config import Recipe
 from allo.io import read_jsonl, write_jsonl
+from allo.sharding import run_sharded, units_of
 from allo.steps import Context
 
 log = logging.getLogger(__name__)
@@ -30,33 +32,49 @@ def reward_items(ctx: Context) -> list[dict]:
             for p in read_jsonl(ctx.path("pairs/pairs.jsonl"))]
 
 
-def reward_data_step(ctx: Context) -> dict:
-    """The teacher's minimum-edit rewrites, kept when right, plus "keep" copies -> reward-data/reward.jsonl."""
+def reward_data_step(ctx: Context) -> Optional[dict]:
+    """The teacher's minimum-edit rewrites, kept when right, plus "keep" copies -> reward-data/reward.jsonl. Sharded
+    over the ranks: each calls the teacher for its units of wrong responses."""
     from allo.reward.model import reward_data
     from allo.reward.teacher import llm_rewrites, programmatic_rewrites
     from allo.tasks import is_correct
 
     r = ctx.recipe
     items = reward_items(ctx)
+    family = r.task.family
+    is_right = (lambda text, gold: bool(text.strip())) if family == "instruct" else (
+        lambda text, gold: is_correct(text, gold, family))
     if r.reward.teacher == "openai":
         from allo.openai_client import ChatClient
 
         client = ChatClient(r.reward.teacher_endpoint.endpoint("reward.teacher_endpoint"),
                             cache_dir=r.reward.teacher_cache or str(ctx.dir("reward-data") / "cache"))
-        rewrites = llm_rewrites(client, items)
+        teacher, unit = (lambda sub: llm_rewrites(client, sub)), 4 * r.reward.teacher_endpoint.concurrency
     else:
-        rewrites = programmatic_rewrites(items)
-    family = r.task.family
-    is_right = (lambda text, gold: bool(text.strip())) if family == "instruct" else (
-        lambda text, gold: is_correct(text, gold, family))
-    records, counts = reward_data(items, rewrites, is_right)
-    write_jsonl(ctx.dir("reward-data") / "reward.jsonl", records)
+        teacher, unit = programmatic_rewrites, 256
+
+    def work(k: int, idx: range) -> list[list[dict]]:
+        sub = [items[i] for i in idx]
+        out = []
+        for it, fixed in zip(sub, teacher(sub)):
+            records, counts = reward_data([it], [fixed], is_right)
+            out.append([{"outcome": next(c for c in ("kept", "rewrite_wrong", "teacher_failed") if counts[c]),
+                         "records": records}])
+        return out
+
+    rows = run_sharded(ctx.sync, ctx.dir("reward-data"), units_of(len(items), unit), work)
+    if rows is None:
+        return None
+    write_jsonl(ctx.dir("reward-data") / "reward.jsonl", [rec for row in rows for rec in row["records"]])
+    counts = {"items": len(items), **{c: sum(row["outcome"] == c for row in rows)
+                                      for c in ("kept", "rewrite_wrong", "teacher_failed")}}
     log.info("reward data: %s", counts)
     return counts
 
 
-def reward_score_step(ctx: Context) -> dict:
-    """p_ij for every token of every wrong response -> reward-score/forget.jsonl (the forget step's records)."""
+def reward_score_step(ctx: Context) -> Optional[dict]:
+    """p_ij for every token of every wrong response -> reward-score/forget.jsonl (the forget step's records),
+    sharded over the ranks in units of 32 responses."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -65,14 +83,25 @@ def reward_score_step(ctx: Context) -> dict:
     from allo.reward.model import keep_probs
 
     rm_dir = ctx.path("reward-train/model")
-    tok = load_tokenizer(replace(ctx.recipe.model, tokenizer=rm_dir, path=rm_dir))
-    # fp32 on any device: keep-probabilities become token weights, bf16 would quantise them
-    rm = AutoModelForCausalLM.from_pretrained(rm_dir, dtype=torch.float32).to(device_and_dtype()[0])
     items = reward_items(ctx)
-    probs = keep_probs(rm, tok, items, ctx.recipe.data.template)
-    rows = [{"prompt": it["prompt"], "rejected": it["wrong"], "keep_probs": p} for it, p in zip(items, probs)]
+    loaded: list = []
+
+    def work(k: int, idx: range) -> list[list[dict]]:
+        if not loaded:
+            tok = load_tokenizer(replace(ctx.recipe.model, tokenizer=rm_dir, path=rm_dir))
+            # fp32 on any device: keep-probabilities become token weights, bf16 would quantise them
+            loaded.extend([AutoModelForCausalLM.from_pretrained(rm_dir, dtype=torch.float32).to(device_and_dtype()[0]),
+                           tok])
+        sub = [items[i] for i in idx]
+        probs = keep_probs(loaded[0], loaded[1], sub, ctx.recipe.data.template, batch_size=len(sub))
+        return [[{"prompt": it["prompt"], "rejected": it["wrong"], "keep_probs": p}] for it, p in zip(sub, probs)]
+
+    rows = run_sharded(ctx.sync, ctx.dir("reward-score"), units_of(len(items), 32), work)
+    loaded.clear()
+    if rows is None:
+        return None
     write_jsonl(ctx.dir("reward-score") / "forget.jsonl", rows)
-    flat = [x for p in probs for x in p]
+    flat = [x for row in rows for x in row["keep_probs"]]
     return {"responses": len(rows), "tokens": len(flat),
             "unaligned_fraction": round(sum(x < 0.5 for x in flat) / max(1, len(flat)), 4)}
 

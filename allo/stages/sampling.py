@@ -13,8 +13,9 @@ from typing import Any, Optional, Sequence
 
 from allo.data.templates import render_prompt
 from allo.config import GenerationConfig
-from allo.generate import Sampling, generate
+from allo.generate import Sampling, generate, load_generator
 from allo.io import read_jsonl, write_jsonl
+from allo.sharding import run_sharded, unit_seed, units_of
 from allo.steps import Context
 from allo.tasks import is_correct
 
@@ -22,17 +23,16 @@ log = logging.getLogger(__name__)
 
 
 def sample(model_dir: str, problems: Sequence[dict], template: str, sampling: Sampling, family: str = "math",
-           tokenizer: Any = None, engine: Optional[GenerationConfig] = None) -> list[dict]:
+           tokenizer: Any = None, engine: Optional[GenerationConfig] = None, model: Any = None) -> list[dict]:
+    """`sampling.n` labelled responses per problem. `model`/`tokenizer`: already loaded ones (`load_generator`)."""
     prompts = [render_prompt(p["prompt"], template, tokenizer) for p in problems]
-    completions = generate(model_dir, prompts, sampling, engine)
+    completions = generate(model_dir, prompts, sampling, engine, model=model, tokenizer=tokenizer,
+                           progress=model is None)
     out = []
     for p, outs in zip(problems, completions):
         for text in outs:
             out.append({"prompt": p["prompt"], "response": text, "answer": p["answer"],
                         "correct": is_correct(text, p["answer"], family)})
-    n_ok = sum(s["correct"] for s in out)
-    log.info("sampled %d responses for %d problems: %d correct (%.1f%%)", len(out), len(problems), n_ok,
-             100 * n_ok / max(1, len(out)))
     return out
 
 
@@ -84,18 +84,34 @@ def load_problems(path: Optional[str], key: str) -> list[dict]:
     return out
 
 
-def sample_step(ctx: Context) -> dict:
-    """n labelled samples per training problem from the SFT model -> sample/samples.jsonl."""
+def sample_step(ctx: Context) -> Optional[dict]:
+    """n labelled samples per training problem from the SFT model -> sample/samples.jsonl, sharded over the ranks
+    (`allo.sharding`): unit k's seed comes from the recipe's seed and k alone, so any world size samples the same."""
     r, s = ctx.recipe, ctx.recipe.sample
     problems = load_problems(r.task.problems, "task.problems")
-    samples = sample(ctx.sft_model, problems, r.data.template,
-                     Sampling(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                              seed=r.seed), r.task.family, engine=r.generation)
-    for row, problem in zip(samples, [p for p in problems for _ in range(s.n)]):
-        if "reference" in problem:
-            row["reference"] = problem["reference"]
+    loaded: list = []
+
+    def work(k: int, idx: range) -> list[list[dict]]:
+        if not loaded:  # once per rank, on the first unit it gets
+            loaded.extend(load_generator(ctx.sft_model, r.generation))
+        model, tok = loaded
+        sub = [problems[i] for i in idx]
+        rows = sample(ctx.sft_model, sub, r.data.template,
+                      Sampling(n=s.n, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                               seed=unit_seed(r.seed, k)), r.task.family, tok, r.generation, model)
+        for row, problem in zip(rows, [p for p in sub for _ in range(s.n)]):
+            if "reference" in problem:
+                row["reference"] = problem["reference"]
+        return [rows[j * s.n:(j + 1) * s.n] for j in range(len(sub))]
+
+    samples = run_sharded(ctx.sync, ctx.dir("sample"), units_of(len(problems), r.generation.batch_size // s.n), work)
+    if samples is None:
+        return None
     write_jsonl(ctx.dir("sample") / "samples.jsonl", samples)
-    return {"problems": len(problems), "samples": len(samples), "correct": sum(x["correct"] for x in samples)}
+    n_ok = sum(x["correct"] for x in samples)
+    log.info("sampled %d responses for %d problems: %d correct (%.1f%%)", len(samples), len(problems), n_ok,
+             100 * n_ok / max(1, len(samples)))
+    return {"problems": len(problems), "samples": len(samples), "correct": n_ok}
 
 
 def pairs_step(ctx: Context) -> dict:
