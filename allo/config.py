@@ -141,6 +141,9 @@ class LocateConfig:
                                         "partitions, with collectives (no rank reads the merged θ'); the locate step "
                                         "then takes them over. This ranks the fp32 master drift (a bf16 export "
                                         "rounds most changes at lr 1e-6 away) and never merges the model on one node.")
+    export_fp32: bool = knob(False, "Also write the warm-up's fp32 master weights to warmup/model_fp32 (4 bytes a "
+                                    "parameter); the locate step then ranks their drift instead of the exported "
+                                    "(bf16) model's.")
     threads: int = knob(0, "Threads scoring chunks side by side (0: every core, at most 8). The environment "
                            "variable ALLO_LOCATE_THREADS overrides it.", ge=0)
     collect_cap: int = knob(1 << 22, "Threshold bins of up to this many elements are resolved from their collected "

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -69,3 +69,39 @@ def drop_torn_tail(path: Path) -> None:
         if data and not data.endswith(b"\n"):
             with open(path, "r+b") as f:
                 f.truncate(data.rfind(b"\n") + 1)
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file one tensor (or one in-order piece of a tensor) at a time: the header is known up
+    front from the names, dtypes and shapes, so a model larger than memory never exists in memory at once.
+    Atomic: a temporary file renamed on `close`."""
+
+    def __init__(self, path: str | Path, tensors: Sequence[tuple[str, str, Sequence[int], int]],
+                 metadata: Optional[dict[str, str]] = None):
+        """`tensors`: (name, safetensors dtype such as "F32", shape, bytes) in file order."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        self.offsets: dict[str, int] = {}
+        at = 0
+        for name, dtype, shape, nbytes in tensors:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + nbytes]}
+            self.offsets[name] = at
+            at += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.f = open(self.tmp, "wb")
+        self.f.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, data: bytes | memoryview, byte_offset: int = 0) -> None:
+        """Bytes of tensor `name` from `byte_offset` on; tensors and pieces come in file order."""
+        assert self.f.tell() == self.data_start + self.offsets[name] + byte_offset, f"{name} written out of order"
+        self.f.write(data)
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.tmp.replace(self.path)

@@ -55,46 +55,40 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
 class ReferenceWriter:
     """One rank's share of the reference cache: a safetensors file holding "index" (I64 [m]), "offsets"
     (I64 [m·slots + 1]) and "values" (F32, every response token's log-prob, slot by slot). The sizes are known from
-    the tokenised examples, so the header is written first and the values streamed after it: memory stays one
-    micro-batch, whatever the data set. Written under a temporary name and renamed on `close`."""
+    the tokenised examples, so the values are streamed after the header: memory stays one micro-batch, whatever
+    the data set. Atomic (`SafetensorsWriter`)."""
 
     def __init__(self, path: str | Path, key: str, indices: Sequence[int], lengths: Sequence[Sequence[int]]):
         """`indices`: the examples in the order they will be added; `lengths`: each one's response lengths."""
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        from allo.io import SafetensorsWriter
+
         self.order = list(indices)
-        lengths = [n for per in lengths for n in per]
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum([n for per in lengths for n in per], dtype=np.int64)]).astype(np.int64)
         index = np.asarray(self.order, dtype=np.int64)
-        self.total = int(offsets[-1])
-        parts = [("index", "I64", [len(index)], index.nbytes), ("offsets", "I64", [len(offsets)], offsets.nbytes),
-                 ("values", "F32", [self.total], 4 * self.total)]
-        header, at = {"__metadata__": {"key": key, "format": "allo-reference/1"}}, 0
-        for name, dtype, shape, nbytes in parts:
-            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + nbytes]}
-            at += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.f = open(self.tmp, "wb")
-        self.f.write(len(raw).to_bytes(8, "little") + raw + index.tobytes() + offsets.tobytes())
-        self.next = 0  # position in `order` of the next example to write
+        total = int(offsets[-1])
+        self.out = SafetensorsWriter(path, [("index", "I64", [len(index)], index.nbytes),
+                                            ("offsets", "I64", [len(offsets)], offsets.nbytes),
+                                            ("values", "F32", [total], 4 * total)],
+                                     {"key": key, "format": "allo-reference/1"})
+        self.path = self.out.path
+        self.out.write("index", index.tobytes())
+        self.out.write("offsets", offsets.tobytes())
+        self.next, self.written = 0, 0  # examples and bytes of values written
 
     def add(self, index: int, rows: Sequence[torch.Tensor]) -> None:
         """The log-probs of example `index`, one row per response slot; examples come in the order given."""
         if self.next >= len(self.order) or self.order[self.next] != index:
             raise ValueError(f"{self.path}: example {index} written out of order")
         for row in rows:
-            self.f.write(row.detach().to("cpu", torch.float32).numpy().tobytes())
+            data = row.detach().to("cpu", torch.float32).numpy().tobytes()
+            self.out.write("values", data, self.written)
+            self.written += len(data)
         self.next += 1
 
     def close(self) -> None:
         if self.next != len(self.order):
             raise ValueError(f"{self.path}: {len(self.order) - self.next} examples were never written")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        self.tmp.replace(self.path)
+        self.out.close()
 
 
 class ReferenceCache:

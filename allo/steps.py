@@ -36,7 +36,7 @@ class Training:
     init: str                         # starting weights: an input ("forget/model") or "recipe:KEY|FALLBACK"
     mask: Optional[str] = None        # neuron mask, an input ("locate/n1.safetensors")
     recipe: Optional[str] = None      # "module:function" adapting the recipe (the reward model's data settings)
-    locate_out: Optional[str] = None  # recipe flag that makes the run write masks from its partitions
+    after: Optional[str] = None       # "module:function" run on every rank after training (see runner.run_stage)
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,10 @@ def _declare() -> list[Step]:
              files=("task.pairs",), run="allo.stages.sampling:pairs_step"),
         Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (spec §1): the reference run whose "
                        "weight changes |θ'−θ|/α rank the neurons.",
-             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model", "masks"),
-             config=TRAIN_KEYS + ("warmup", "locate.from_partitions"),
+             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model", "masks", "model_fp32"),
+             config=TRAIN_KEYS + ("warmup", "locate.from_partitions", "locate.export_fp32"),
              train=Training("warmup", "warmup", data="pairs/pairs.jsonl", init=SFT_MODEL,
-                            locate_out="locate.from_partitions")),
+                            after="allo.stages.locate:after_warmup")),
         Step("locate", "Rank every parameter element by |θ'−θ|/α and write the N1 (forget) and N2 (improve) masks.",
              inputs=(SFT_MODEL, "warmup/model"), outputs=("n1.safetensors", "n2.safetensors"),
              config=("locate", "warmup.train", "train.lr"), run="allo.stages.locate:locate_step",

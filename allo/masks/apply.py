@@ -82,6 +82,14 @@ def partition_slices(engine: Any, named_params: list[tuple[str, torch.nn.Paramet
     return out
 
 
+def fp32_masters(engine: Any, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, int, torch.Tensor]]:
+    """This rank's (name, flat start, fp32 master values): its ZeRO-1/2/3 partition slices, or under ZeRO-0 every
+    parameter whole (each rank holds the same)."""
+    if engine.zero_optimization_stage() > 0:
+        return partition_slices(engine, named_params)
+    return [(p.name, 0, p.target.view(-1)[:p.numel]) for p in optimizer_layout(engine, named_params)]
+
+
 def find_optimizer(engine: Any, cls: type) -> Any:
     """The client optimizer of type `cls` inside DeepSpeed's wrappers (ZeRO and mixed-precision optimizers)."""
     opt = engine.optimizer

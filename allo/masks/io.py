@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
+
+from allo.io import SafetensorsWriter
 
 FORMAT_KEY, FORMAT = "allo_mask_format", "bits-le/1"
 INTERNAL = (FORMAT_KEY, "shapes")  # metadata keys of the format itself, not the caller's
@@ -130,32 +131,16 @@ def save_masks(path: str | Path, masks: Mapping[str, torch.Tensor], metadata: Ma
     w.close()
 
 
-class MaskWriter:
-    """Writes a packed mask file one tensor (or chunk) at a time, in order: the header is known up front, so masks
-    for a model larger than memory never exist in memory at once. Atomic: a temp file renamed on close()."""
+class MaskWriter(SafetensorsWriter):
+    """Writes a packed mask file one tensor (or chunk) at a time, in order (see `SafetensorsWriter`), and patches
+    elements already written."""
 
     def __init__(self, path: str | Path, tensors: Sequence[tuple[str, tuple[int, ...]]],
                  metadata: Mapping[str, object] = {}):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         meta = {k: json.dumps(v) for k, v in metadata.items()}
         meta.update({FORMAT_KEY: FORMAT, "shapes": json.dumps({n: list(s) for n, s in tensors})})
-        header: dict = {"__metadata__": meta}
-        offset = 0
-        self.offsets: dict[str, int] = {}
-        self.sizes: dict[str, int] = {}
-        for name, shape in tensors:
-            n = math.prod(shape)
-            nbytes = -(-n // 8)
-            header[name] = {"dtype": "U8", "shape": [nbytes], "data_offsets": [offset, offset + nbytes]}
-            self.offsets[name], self.sizes[name] = offset, n
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
-        self.f = open(self.tmp, "wb")
-        self.f.write(len(raw).to_bytes(8, "little") + raw)
+        self.sizes = {name: math.prod(shape) for name, shape in tensors}
+        super().__init__(path, [(n, "U8", [-(-self.sizes[n] // 8)], -(-self.sizes[n] // 8)) for n, _ in tensors], meta)
 
     def write(self, name: str, mask: torch.Tensor, offset: int = 0) -> None:
         """Write the flat elements [offset, offset + mask.numel()) of tensor `name`, in file order. `offset` is a
@@ -164,9 +149,8 @@ class MaskWriter:
 
     def write_packed(self, name: str, packed: np.ndarray, offset: int = 0) -> None:
         """`write`, of a mask already packed by `pack_bits`."""
-        assert offset % 8 == 0 and self.f.tell() == self.data_start + self.offsets[name] + offset // 8, \
-            f"{name} written out of order"
-        self.f.write(packed.data)
+        assert offset % 8 == 0, f"{name}: a piece must start on a whole byte"
+        super().write(name, packed.data, offset // 8)
 
     def patch(self, name: str, flat_idx: torch.Tensor, value: bool) -> None:
         """Set elements of a tensor already written (a resolved threshold bin) to `value`, in one vectorised write."""
@@ -175,12 +159,6 @@ class MaskWriter:
                       shape=(-(-self.sizes[name] // 8),))
         set_bits(m, flat_idx.numpy(), value)
         del m  # a shared mapping: the page cache has the bytes now; close() makes them durable with one fsync
-
-    def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        self.tmp.replace(self.path)
 
 
 def flat_range(handle, name: str, start: int, numel: int) -> torch.Tensor:

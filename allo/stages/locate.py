@@ -41,8 +41,10 @@ def locate_step(ctx: Context) -> dict:
         taken = _masks_from_warmup(ctx)
         if taken:
             return taken
-    paths = run_locate(ctx.recipe, base=ctx.sft_model, tuned=ctx.path("warmup/model"), out_dir=str(ctx.dir("locate")))
-    return {"masks": {k: str(v) for k, v in paths.items()}}
+    fp32 = ctx.dir("warmup") / "model_fp32"
+    tuned = fp32 if ctx.recipe.locate.export_fp32 and fp32.exists() else ctx.dir("warmup") / "model"
+    paths = run_locate(ctx.recipe, base=ctx.sft_model, tuned=str(tuned), out_dir=str(ctx.dir("locate")))
+    return {"masks": {k: str(v) for k, v in paths.items()}, "tuned": str(tuned)}
 
 
 def _masks_from_warmup(ctx: Context) -> Optional[dict]:
@@ -76,6 +78,48 @@ def add_arguments(parser) -> None:
 
 def main(recipe: Recipe, args) -> None:
     run_locate(recipe, base=args.base, tuned=args.tuned, lr=args.lr, ratios=args.ratio, out_dir=args.out)
+
+
+def after_warmup(recipe: Recipe, strategy, engine, named: list, base: str, out_dir: Path) -> None:
+    """Collective, at the end of the warm-up run: what the recipe asks of its fp32 master weights, the masks
+    (`locate.from_partitions`) and a copy on disk (`locate.export_fp32`)."""
+    if recipe.locate.from_partitions:
+        locate_in_run(recipe, strategy, engine, named, base, str(Path(out_dir) / "masks"))
+    if recipe.locate.export_fp32:
+        export_fp32(strategy, engine, named, Path(out_dir) / "model_fp32")
+
+
+def export_fp32(strategy, engine, named: list, out_dir: Path) -> Path:
+    """Collective: the fp32 master weights as a safetensors checkpoint (with the model's config), gathered to rank 0
+    and written one tensor at a time, so no rank holds the whole model."""
+    import math
+
+    import torch
+
+    from allo.io import SafetensorsWriter
+    from allo.masks.apply import fp32_masters
+
+    local = fp32_masters(engine, named)
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in named}
+    names = sorted(shapes)
+    writer = SafetensorsWriter(out_dir / "model.safetensors",
+                               [(n, "F32", shapes[n], 4 * math.prod(shapes[n])) for n in names]) \
+        if strategy.is_rank0 else None
+    for n in names:
+        mine = [(start, values.detach().float().cpu()) for name, start, values in local if name == n]
+        parts = [mine] if strategy.zero_stage == 0 else strategy.gather_object(mine)  # collective (ZeRO-1/2/3)
+        if writer is not None:
+            full = torch.empty(math.prod(shapes[n]), dtype=torch.float32)
+            for part in parts:
+                for start, values in part:
+                    full[start:start + values.numel()] = values
+            writer.write(n, full.numpy().tobytes())
+    if writer is not None:
+        writer.close()
+        engine.module.config.to_json_file(str(out_dir / "config.json"))
+        log.info("fp32 master weights of the warm-up run: %s", out_dir)
+    strategy.barrier()
+    return out_dir
 
 
 def locate_in_run(recipe: Recipe, strategy, engine, named: list, base: str, out_dir: str) -> dict[str, Path]:

@@ -14,7 +14,7 @@ from allo.config import Recipe, save_resolved
 from allo.data.records import DataError, read_records
 from allo.data.tokenize import TruncationPolicy, tokenize_records
 from allo.stages import STAGES
-from allo.steps import Context, Step, lookup, resolve
+from allo.steps import Context, Step, resolve
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,14 @@ def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict
 
 def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: Optional[str] = None,
               mask: Optional[str] = None, out_dir: Optional[str] = None, section: Optional[str] = None,
-              locate_out: Optional[str] = None) -> dict:
+              after: Optional[str] = None) -> dict:
     """Train `stage` from `init` (default model.path) on `data` (default data.train) into OUT/model; returns the
     fields of the step's manifest (on every rank; rank 0 writes it).
 
     `section`: the recipe section whose train overrides apply (default: the stage's own), for steps that run a
     stage's objective with another section's settings (the reward model is an sft run with the reward section).
-    `locate_out`: after training, write the N1/N2 masks there from the run's ZeRO partitions (`locate.from_partitions`).
+    `after`: a "module:function" every rank calls with (recipe, strategy, engine, named parameters, init, out dir)
+    once training is done, before the export (the warm-up's masks from its partitions, its fp32 weights).
     """
     from allo.engine import Strategy, fit_micro_batch
     from allo.model import build_model, load_tokenizer
@@ -89,10 +90,8 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
     trainer.setup()
     trainer.train()
-    if locate_out:
-        from allo.stages.locate import locate_in_run
-
-        locate_in_run(recipe, strategy, trainer.engine, list(model.named_parameters()), str(init_path), locate_out)
+    if after:
+        resolve(after)(recipe, strategy, trainer.engine, list(model.named_parameters()), str(init_path), out)
     exported = trainer.export()
     strategy.release()  # `allo run` loads and trains more models in this process after this stage
     return {"stage": stage, "init": init_path, "data": data, "mask": mask, "model": str(exported),
@@ -105,10 +104,9 @@ def train_step(ctx: Context, step: Step) -> dict:
     """A declared training step of `allo run`: its data, starting weights and mask from its inputs."""
     t = step.train
     recipe = resolve(t.recipe)(ctx.recipe) if t.recipe else ctx.recipe
-    locate_out = str(ctx.dir(step.name) / "masks") if t.locate_out and lookup(recipe, t.locate_out) else None
     return run_stage(recipe, t.stage, data=ctx.path(t.data), init=ctx.path(t.init),
                      mask=ctx.path(t.mask) if t.mask else None, out_dir=str(ctx.dir(step.name)), section=t.section,
-                     locate_out=locate_out)
+                     after=t.after)
 
 
 def run_standalone(recipe: Recipe, step: Step, args) -> None:
@@ -117,9 +115,7 @@ def run_standalone(recipe: Recipe, step: Step, args) -> None:
 
     out = args.out or str(Path(recipe.output_dir) / step.name)
     t = step.train
-    locate_out = str(Path(out) / "masks") if t.locate_out and lookup(recipe, t.locate_out) else None
-    info = run_stage(recipe, t.stage, data=args.data, init=args.init, mask=args.mask, out_dir=out,
-                     locate_out=locate_out)
+    info = run_stage(recipe, t.stage, data=args.data, init=args.init, mask=args.mask, out_dir=out, after=t.after)
     if _rank0():
         write_manifest(Path(out), step.name, info)
 
