@@ -86,6 +86,10 @@ class TrainConfig:
     sparse_optimizer_state: bool = knob(False, "Keep Adam moments only for masked-in elements (needs a mask).")
     save_every: int = knob(0, "Checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1).",
                            ge=0)
+    save_every_minutes: float = knob(0.0, "Also checkpoint when this many minutes have passed since the last one "
+                                          "(0: off); the paper recipes set 30, so a lost node costs at most that. "
+                                          "Each write's duration is logged (metrics: ckpt_write_s): choose Slurm's "
+                                          "--signal=USR1@N lead time above it.", ge=0)
     keep_last: int = knob(2, "Checkpoints kept on disk; older ones are deleted after a new one completes.", ge=1)
     log_every: int = knob(1, "Write metrics every N optimizer steps.", ge=1)
     preempt_marker: Optional[str] = knob(None, "A file written (JSON: step, stage, time) when a signal stops the run, "

@@ -21,7 +21,7 @@ from typing import Optional
 from allo.config import Recipe, to_dict
 from allo.io import write_json
 from allo.sharding import EXIT_REQUEUE, StepAborted, Sync, new_attempt
-from allo.steps import REGISTRY, STEPS, Context, Step, lookup, resolve
+from allo.steps import REGISTRY, STEPS, Context, Step, lookup, repeats, resolve
 
 log = logging.getLogger(__name__)
 __all__ = ["Pipeline", "STEPS", "StepFailed", "run_pipeline", "write_manifest"]
@@ -124,9 +124,10 @@ class Pipeline:
         """Hash of the step's recipe values, its input files (size, mtime) and its upstream steps' fingerprints."""
         if name not in self._fingerprints:
             step, values = REGISTRY[name], to_dict(self.ctx.recipe)
+            reused = repeats(step, self.ctx.recipe)  # then its outputs are that step's: it is upstream too
             parts = {"config": {k: lookup(values, k) for k in step.config},
                      "files": {k: _stat(lookup(values, k)) for k in step.files},
-                     "upstream": [self.fingerprint(u) for u in step.upstream]}
+                     "upstream": [self.fingerprint(u) for u in step.upstream + ((reused,) if reused else ())]}
             self._fingerprints[name] = hashlib.sha256(
                 json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self._fingerprints[name]

@@ -37,6 +37,8 @@ class Training:
     mask: Optional[str] = None        # neuron mask, an input ("locate/n1.safetensors")
     recipe: Optional[str] = None      # "module:function" adapting the recipe (the reward model's data settings)
     after: Optional[str] = None       # "module:function" run on every rank after training (see runner.run_stage)
+    same_as: Optional[str] = None     # a training step this one repeats when the recipe gives both the same
+                                      # data, weights and settings: its outputs are taken instead of training again
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def _declare() -> list[Step]:
                             mask="locate/n2.safetensors")),
         Step("dpo", "Baseline DPO (or IPO / SimPO with dpo.loss_type) from the SFT model on the same loop.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo",), label="+DPO",
-             train=Training("dpo", "dpo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
+             train=Training("dpo", "dpo", data="pairs/pairs.jsonl", init=SFT_MODEL, same_as="warmup")),
         Step("npo", "Baseline sequence-level NPO on the rejected responses on the same loop.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("npo",), label="+NPO",
              train=Training("npo", "npo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
@@ -219,6 +221,24 @@ def table_rows() -> list[Step]:
     """The steps with a row in the paper's tables, in its order: full-parameter baselines first, then the masked
     (ALLO) rows."""
     return sorted((s for s in REGISTRY.values() if s.label), key=lambda s: s.train is not None and bool(s.train.mask))
+
+
+def repeats(step: Step, recipe: Recipe) -> Optional[str]:
+    """The step whose training `step` would repeat under `recipe` (same data, starting weights, mask, resolved train
+    settings and objective settings), or None. The paper recipes' DPO baseline is their warm-up run."""
+    import dataclasses
+
+    t = step.train
+    if t is None or t.same_as is None:
+        return None
+    o = REGISTRY[t.same_as].train
+
+    def settings(section: str) -> dict:
+        return {k: v for k, v in dataclasses.asdict(getattr(recipe, section)).items() if k != "train"}
+
+    same = ((t.data, t.init, t.mask) == (o.data, o.init, o.mask) and settings(t.section) == settings(o.section)
+            and recipe.stage_train(t.section) == recipe.stage_train(o.section))
+    return t.same_as if same else None
 
 
 def lookup(recipe: Recipe, dotted: str):

@@ -74,6 +74,7 @@ class Trainer:
         self.stop_requested = False
         self.masker: Optional[GradMasker] = None
         self.reference = None  # the reference log-probs on disk (allo.logprobs.ReferenceCache), when needed
+        self.last_save, self.last_write_s = time.monotonic(), None  # for save_every_minutes and the metrics
         self.trainable_fraction = 1.0
         n, g = len(stage.examples), train.global_batch_size
         if n < g:
@@ -217,15 +218,19 @@ class Trainer:
             self.pos.consumed += cfg.global_batch_size
             # One collective per step: metric means, token count and the stop flag.
             elapsed = time.perf_counter() - t0
+            due = cfg.save_every_minutes > 0 and time.monotonic() - self.last_save >= 60 * cfg.save_every_minutes
             stats = means.reduce(s, extra={"tokens": float(tokens), "stop": float(self.stop_requested),
+                                           "save_due": float(due),
                                            "step_s": elapsed, "optim_state": float(self.optimizer.state_bytes())})
             # Decide on the reduced value only: the handler may set `stop_requested` on one rank right after the
             # reduce, and acting on that would send the ranks down different paths (deadlock); it counts next step.
-            stop = stats.pop("stop") > 0
+            stop, due = stats.pop("stop") > 0, stats.pop("save_due") > 0  # decided together: any rank's clock
             stats.update(tokens_per_s=stats.pop("tokens") * s.world / stats["step_s"], lr=self.engine.get_lr()[0],
                          optim_state_mb=stats.pop("optim_state") * s.world / 2 ** 20,
                          grad_norm=s.grad_norm(), trainable_fraction=self.trainable_fraction,
                          peak_mem_mb=_peak_memory_mb(), epoch=self.pos.consumed / len(self.stage.examples))
+            if self.last_write_s is not None:  # the checkpoint written after the previous step
+                stats["ckpt_write_s"], self.last_write_s = self.last_write_s, None
             if self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps:
                 self.metrics.log(stats, self.pos.step)
             progress.update(1)
@@ -243,7 +248,8 @@ class Trainer:
                 self.metrics.close()
                 progress.close()
                 raise SystemExit(EXIT_REQUEUE)  # the CLI ends the process (allo.engine.finish_distributed)
-            if cfg.save_every and self.pos.step % cfg.save_every == 0 and self.pos.step < self.total_steps:
+            every = cfg.save_every and self.pos.step % cfg.save_every == 0
+            if (every or due) and self.pos.step < self.total_steps:
                 self.save_checkpoint()
         progress.close()
         self.metrics.close()
@@ -252,7 +258,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        """Collective. `latest` moves only after every rank has written its files; old ones are rotated."""
+        """Collective. `latest` moves only after every rank has written its files; old ones are rotated. How long
+        the write took is logged and goes into the next metrics line (`ckpt_write_s`)."""
+        t0 = time.monotonic()
         tag = f"step_{self.pos.step:07d}"
         client = {"position": vars(self.pos).copy(), "stage": self.stage.name, "world": self.strategy.world,
                   "global_batch_size": self.cfg.global_batch_size, "micro_batch_size": self.cfg.micro_batch_size,
@@ -264,6 +272,11 @@ class Trainer:
             for old in tags[:-self.cfg.keep_last]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         self.strategy.barrier()
+        self.last_save = time.monotonic()
+        self.last_write_s = round(self.last_save - t0, 3)
+        if self.strategy.is_rank0:
+            log.info("checkpoint %s written in %.1f s (a preemption signal needs at least this lead time)", tag,
+                     self.last_write_s)
 
     def _resume(self) -> bool:
         latest = self.ckpt_dir / "latest"

@@ -17,3 +17,31 @@ def test_failure_names_step_and_resume_command(tmp_path):
         Pipeline(recipe, "r.yaml").run()
     with pytest.raises(StepFailed, match="unknown step 'sampel'"):
         Pipeline(recipe, "r.yaml").run(start="sampel")
+
+
+@pytest.mark.slow
+def test_dpo_baseline_takes_the_identical_warmup_run(tmp_path, tiny_model, pairs_file):
+    """The paper recipes' DPO baseline is their warm-up run (same pairs, weights, settings and seed): `allo run`
+    takes the warm-up's model instead of training the same 7B run twice, and trains once a setting differs."""
+    import os
+
+    from conftest import torchrun
+
+    run = tmp_path / "run"
+    (run / "pairs").mkdir(parents=True)
+    (run / "pairs" / "pairs.jsonl").write_bytes(pairs_file.read_bytes())
+    sets = [f"output_dir={run}", f"model.path={tiny_model}", "model.dtype=fp32", "data.template=raw",
+            "data.max_length=64", "data.max_prompt_length=32", "train.micro_batch_size=4",
+            "warmup.train.global_batch_size=8", "dpo.train.global_batch_size=8", "dpo.train.lr=1.0e-6"]
+    args = [x for s in sets for x in ("--set", s)]
+    torchrun(["run", "--only", "warmup"] + args, nproc=1)
+    torchrun(["run", "--only", "dpo"] + args, nproc=1)
+    manifest = json.loads((run / "dpo" / "manifest.json").read_text())
+    assert manifest["same_as"] == "warmup" and manifest["trainable_fraction"] == 1.0
+    a, b = run / "warmup" / "model" / "model.safetensors", run / "dpo" / "model" / "model.safetensors"
+    assert os.path.samefile(a, b) and (run / "dpo" / "metrics.jsonl").exists()
+    warmup_weights = a.read_bytes()
+    torchrun(["run", "--only", "dpo"] + args + ["--set", "dpo.beta=0.2"], nproc=1)  # now it differs: it trains
+    manifest = json.loads((run / "dpo" / "manifest.json").read_text())
+    assert "same_as" not in manifest and manifest["steps"] == 4
+    assert not os.path.samefile(a, b) and a.read_bytes() == warmup_weights != b.read_bytes()  # warm-up intact

@@ -14,7 +14,7 @@ from allo.config import Recipe, save_resolved
 from allo.data.records import DataError, read_records
 from allo.data.tokenize import TruncationPolicy, tokenize_records
 from allo.stages import STAGES
-from allo.steps import Context, Step, resolve
+from allo.steps import Context, Step, repeats, resolve
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,45 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
             "wall_s": round(time.time() - started, 2)}
 
 
-def train_step(ctx: Context, step: Step) -> dict:
-    """A declared training step of `allo run`: its data, starting weights and mask from its inputs."""
+def train_step(ctx: Context, step: Step) -> Optional[dict]:
+    """A declared training step of `allo run`: its data, starting weights and mask from its inputs; or, when it
+    would repeat another step's training exactly (`Training.same_as`), that step's outputs."""
     t = step.train
+    source = repeats(step, ctx.recipe)
+    if source:
+        return _take_outputs(ctx, source, step.name) if ctx.sync.rank == 0 else None
     recipe = resolve(t.recipe)(ctx.recipe) if t.recipe else ctx.recipe
     return run_stage(recipe, t.stage, data=ctx.path(t.data), init=ctx.path(t.init),
                      mask=ctx.path(t.mask) if t.mask else None, out_dir=str(ctx.dir(step.name)), section=t.section,
                      after=t.after)
+
+
+def _take_outputs(ctx: Context, source: str, name: str) -> dict:
+    """`source`'s model (hard links: no second copy on disk; a later rewrite of `source` replaces its files, never
+    these) and metrics, as `name`'s."""
+    import json
+    import shutil
+
+    src, dst = ctx.dir(source), ctx.dir(name)
+    shutil.rmtree(dst / "model", ignore_errors=True)
+    shutil.copytree(src / "model", dst / "model", copy_function=_link_or_copy)
+    for f in ("metrics.jsonl", "config.yaml"):
+        if (src / f).exists():
+            shutil.copyfile(src / f, dst / f)
+    done = json.loads((src / "manifest.json").read_text())
+    log.info("%s: the recipe gives it exactly %s's data, weights and settings; taking %s's model instead of training "
+             "it again", name, source, source)
+    return {**{k: v for k, v in done.items() if k not in ("step", "fingerprint", "attempt", "complete", "wall_s")},
+            "stage": name, "model": str(dst / "model"), "same_as": source}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def run_standalone(recipe: Recipe, step: Step, args) -> None:
