@@ -92,3 +92,17 @@ def test_preemption_through_allo_run(tmp_path, tiny_model, pairs_file):
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(1, STEPS + 1))
     assert json.loads(manifest.read_text())["complete"] and json.loads(manifest.read_text())["fingerprint"]
+
+
+def test_time_based_checkpoints_log_their_write_time(tmp_path, tiny_model, pairs_file):
+    """`save_every_minutes` checkpoints by the clock (agreed by every rank) and the metrics say how long each write
+    took, the number the Slurm signal lead time must exceed."""
+    r = write_recipe(tmp_path / "t.yaml", tiny_model, pairs_file, tmp_path / "timed",
+                     "dpo: {train: {lr: 0.002, global_batch_size: 4, micro_batch_size: 1, max_steps: 4,"
+                     " save_every_minutes: 0.0001, keep_last: 5}}")
+    torchrun(["dpo", str(r)])
+    ckpts = sorted(p.name for p in (tmp_path / "timed" / "dpo" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_0000001", "step_0000002", "step_0000003"]  # every step but the last (the export)
+    rows = [json.loads(x) for x in (tmp_path / "timed" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [("ckpt_write_s" in row) for row in rows] == [False, True, True, True]
+    assert all(0 < row["ckpt_write_s"] < 60 for row in rows[1:])
