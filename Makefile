@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install install-gpu demo test test-fast bench bench-quick clean
 
 install: $(STAMP)
 
@@ -22,6 +22,16 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "import torch, deepspeed, transformers, allo; print('installed: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
+
+# A GPU cluster's environment (README, "Install on a GPU cluster"): CUDA torch 2.14.0, vLLM 0.33.0 and the runtime
+# dependencies in .venv-gpu, resolved together by pip from pyproject.toml's `gpu` extra. FLASH_ATTN=1 also builds
+# flash-attn against that torch (needs nvcc; `model.attn_implementation: sdpa`, the default, does without it).
+install-gpu:
+	test -x .venv-gpu/bin/python || $(PY) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --upgrade pip
+	.venv-gpu/bin/python -m pip install -e ".[gpu,test]"
+	if [ "$(FLASH_ATTN)" = 1 ]; then .venv-gpu/bin/python -m pip install --no-build-isolation flash-attn==2.8.3.post2; fi
+	.venv-gpu/bin/python -c "import torch, deepspeed, transformers, vllm, allo; print('installed: torch', torch.__version__, 'cuda', torch.version.cuda, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 
 demo: $(STAMP)
 	$(BIN)/python recipes/tiny/demo.py
