@@ -39,22 +39,30 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+class BadLine(str):
+    """What a JSONL line that could not be read is, with bad="yield": the problem, phrased."""
+
+
+def iter_jsonl(path: str | Path, bad: str = "raise") -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) for each non-empty line. Lines are split on "\n" only (U+2028 may sit inside
-    a JSON string); a line that is not UTF-8 or not JSON raises ValueError naming `file:line`."""
+    a JSON string). A line that is not UTF-8 or not JSON raises ValueError naming `file:line`, or with
+    bad="yield" comes as (line number, BadLine(the problem)) for a caller that skips and counts it."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
-                    from None
-            if not line.strip():
-                continue
-            try:
+                if not line.strip():
+                    continue
                 yield n, json.loads(line)
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})"
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                problem = f"not valid JSON ({e.msg} at column {e.colno})"
+            else:
+                continue
+            if bad != "yield":
+                raise ValueError(f"{path}:{n}: {problem}")
+            yield n, BadLine(problem)
 
 
 def read_jsonl(path: str | Path) -> list:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from allo.eval.suite import slug
+from allo.io import read_jsonl
 from allo.steps import TRAINING as STAGE_ORDER  # the training steps, in run order
 from allo.steps import table_rows
 
@@ -44,7 +45,7 @@ def plot_curves(run: Path, out: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(2, len(stages), figsize=(3.2 * len(stages), 5.2), squeeze=False)
     for col, stage in enumerate(stages):
-        rows = [json.loads(x) for x in (run / stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = read_jsonl(run / stage / "metrics.jsonl")
         steps = [r["step"] for r in rows]
         axes[0][col].plot(steps, [r["loss"] for r in rows])
         axes[0][col].set_title(stage)
@@ -91,7 +92,7 @@ def plot_token_rewards(run: Path, out: Path) -> Path | None:
     path = run / "reward-score" / "forget.jsonl"
     if not path.exists():
         return None
-    probs = [p for line in path.read_text().splitlines() if line.strip() for p in json.loads(line)["keep_probs"]]
+    probs = [p for rec in read_jsonl(path) for p in rec["keep_probs"]]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(probs, bins=50, log=True)

@@ -40,7 +40,7 @@ def test_bad_records_name_file_line_and_field(tmp_path):
                                            '{"prompt": "q", "chosen": "a"',
                                            '{"prompt": "q", "chosen": 3, "rejected": "b"}',
                                            '{"prompt": "q", "rejected": "b"}'])
-    with pytest.raises(DataError, match=rf"{p}:2: invalid JSON"):
+    with pytest.raises(DataError, match=rf"{p}:2: not valid JSON"):
         read_records(str(p))
     recs, stats = read_records(str(p), on_bad_record="skip")
     assert len(recs) == 1 and stats.skipped["malformed"] == 3
@@ -139,3 +139,19 @@ def test_chat_template_renders_prompt_and_reply(tok):
     assert ex[0]["responses"][0][-1] == chat.eos_token_id and ex[0]["responses"][0].count(chat.eos_token_id) == 1
     with pytest.raises(ValueError, match="single-turn"):
         render(msgs + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "5", "alpaca")
+
+
+def test_undecodable_and_non_object_lines_name_file_and_line(tmp_path):
+    """Bytes that are not UTF-8 on one line: the error names the file, the line and the byte; a JSON line that is
+    not an object is reported as such; with on_bad_record: skip both are counted, the rest is kept."""
+    p = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}).encode()
+    p.write_bytes(good + b"\n" + b'{"prompt": "\xff"}\n' + b'"just a string"\n' + good + b"\n")
+    with pytest.raises(DataError, match=rf"{p}:2: not UTF-8 text \(byte 0xff at column 13\)"):
+        read_records(str(p))
+    records, stats = read_records(str(p), on_bad_record="skip")
+    assert len(records) == 2 and stats.skipped["malformed"] == 2
+    q = tmp_path / "string.jsonl"
+    q.write_bytes(good + b"\n" + b'"just a string"\n')
+    with pytest.raises(DataError, match=rf"{q}:2: expected a JSON object, got str"):
+        read_records(str(q))

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from allo.io import BadLine, iter_jsonl
+
 log = logging.getLogger(__name__)
 
 PREFERENCE = ("prompt", "chosen", "rejected")
@@ -44,14 +46,8 @@ def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
     """Yield (source, raw record) pairs; a raw record is a dict, or a str for an unparsable JSONL line."""
     p = Path(path)
     if p.suffix == ".jsonl" or (p.exists() and p.suffix not in (".json", ".parquet")):
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{p}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{p}:{n}", f"invalid JSON ({e.msg} at column {e.colno})"
+        for n, rec in iter_jsonl(p, bad="yield"):  # a bad line comes as its problem, to raise or count
+            yield f"{p}:{n}", rec
     elif p.suffix == ".json":
         try:
             obj = json.loads(p.read_text(encoding="utf-8"))
@@ -107,7 +103,7 @@ def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = 
         if limit is not None and stats.read >= limit:
             break
         stats.read += 1
-        if isinstance(raw, str):
+        if isinstance(raw, BadLine):
             bad(source, raw)
             continue
         if not isinstance(raw, dict):

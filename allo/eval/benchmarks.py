@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from allo.io import iter_jsonl
 from allo.tasks import last_boxed
 
 
@@ -141,14 +142,10 @@ def _read_local(path: Path) -> list[tuple[str, dict]]:
         if not isinstance(data, list):
             raise BenchmarkError(f"{path}: expected a JSON array of records")
         return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{n}", json.loads(line)))
-            except ValueError as e:
-                raise BenchmarkError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return out
+    try:
+        return [(f"{path}:{n}", rec) for n, rec in iter_jsonl(path)]
+    except ValueError as e:
+        raise BenchmarkError(str(e)) from None
 
 
 def load(name: str, data: Optional[str] = None, limit: Optional[int] = None,

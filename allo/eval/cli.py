@@ -138,7 +138,7 @@ def _load(model: str):
 
 def _score(args) -> dict:
     from allo.eval import benchmarks
-    from allo.eval.instruct import read_jsonl
+    from allo.io import read_jsonl
     from allo.eval.run import score
 
     rows = read_jsonl(args.predictions)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from allo.io import write_json, write_jsonl
+from allo.io import read_jsonl, write_json, write_jsonl
 
 
 def read_alpaca_outputs(path: str) -> list[dict]:
@@ -25,17 +25,6 @@ def read_alpaca_outputs(path: str) -> list[dict]:
 def write_alpaca_outputs(path: str, instructions: Sequence[dict], outputs: Sequence[str], generator: str) -> None:
     write_json(Path(path), [{"instruction": r["instruction"], "output": o, "generator": generator,
                              "dataset": r.get("dataset")} for r, o in zip(instructions, outputs)])
-
-
-def read_jsonl(path: str) -> list[dict]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text().split("\n"), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
 
 
 def read_arena_questions(path: str) -> list[dict]:

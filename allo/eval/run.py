@@ -14,7 +14,7 @@ from allo.config import GenerationConfig
 from allo.eval import benchmarks
 from allo.eval.provenance import harness
 from allo.generate import Sampling
-from allo.io import drop_torn_tail, write_json
+from allo.io import drop_torn_tail, read_jsonl, write_json
 from allo.tasks import final_answer, is_correct
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,7 @@ def score(records: Sequence[dict], family: str) -> dict:
 
 def _read_done(path: Path) -> dict[str, dict]:
     """Predictions already written, by problem id."""
-    done: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text().split("\n"):  # not splitlines: U+2028 is inside JSON strings
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            done[rec["id"]] = rec
-    return done
+    return {rec["id"]: rec for rec in read_jsonl(path)} if path.exists() else {}
 
 
 def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = None, limit: Optional[int] = None,
