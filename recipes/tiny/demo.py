@@ -6,7 +6,7 @@ pairs -> warmup (DPO) -> locate (N1, N2) -> reward-data (programmatic minimum-ed
 reward-score -> forget (N1) -> improve (N2) ; baselines dpo, npo and simpo -> eval (greedy held-out accuracy).
 Ends with a table like the paper's Table 2 (mean ± std over seeds) and `allo report` plots per seed.
 
-Usage: python recipes/tiny/demo.py [--seeds 0 1] [--quick] [--set KEY=VALUE ...]   (default: seeds 0 and 1)
+Usage: python recipes/tiny/demo.py [--seeds 0 1] [--quick] [--ranks N] [--set KEY=VALUE ...]   (default: seeds 0 and 1)
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
     walls = {"data+tokenizer": time.time() - t0}
-    print(f"=== seed {seed}: allo run (2 ranks, ZeRO-3)", flush=True)
+    print(f"=== seed {seed}: allo run ({size['ranks']} ranks, ZeRO-3)", flush=True)
     allo("run", sets, ranks=size["ranks"])
     for step in STEPS:
         manifest = json.loads((run / step / "manifest.json").read_text())
@@ -147,9 +147,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="two seeds fit the 10-minute budget")
     p.add_argument("--quick", action="store_true", help="fewer problems and epochs (the test's reduced run)")
+    p.add_argument("--ranks", type=int, help="processes (default 2; on a GPU machine at most its GPU count)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
-    size = SIZES["quick" if args.quick else "full"]
+    size = dict(SIZES["quick" if args.quick else "full"])
+    size["ranks"] = args.ranks or size["ranks"]
     t0 = time.time()
     results = [run_seed(s, size, args.sets) for s in args.seeds]
     out = table(results)
