@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             resolve(step.command + ":main")(recipe, args)
             return 0
         from allo.engine import finish_distributed
-        from allo.train import EXIT_REQUEUE
+        from allo.signals import EXIT_REQUEUE
 
         try:
             _distributed(args, recipe)

@@ -20,7 +20,8 @@ from typing import Optional
 
 from allo.config import Recipe, to_dict
 from allo.io import write_json
-from allo.sharding import EXIT_REQUEUE, StepAborted, Sync, new_attempt
+from allo.sharding import StepAborted, Sync, new_attempt
+from allo.signals import EXIT_REQUEUE
 from allo.steps import REGISTRY, STEPS, Context, Step, lookup, repeats, resolve
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from allo.io import atomic_write_text, drop_torn_tail
+from allo.signals import EXIT_REQUEUE, stop_on_signal
 
 log = logging.getLogger(__name__)
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: the same code the training loop exits with on a signal
 
 
 class StepAborted(RuntimeError):
@@ -81,13 +80,7 @@ class Sync:
             raise SystemExit(EXIT_REQUEUE)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) stop at the next unit."""
-        def handler(signum, _frame):
-            self.stop_requested = True
-            log.warning("received %s: stopping after the current unit of work", signal.Signals(signum).name)
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        stop_on_signal(self, "stopping after the current unit of work")
 
 
 def new_attempt(comm: Any = None) -> str:

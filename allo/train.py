@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_
 from allo.masks.io import check_against_model, mask_counts
 from allo.metrics import MetricLogger, RunningMeans
 from allo.optim import MaskedAdamW
+from allo.signals import EXIT_REQUEUE, stop_on_signal
 
 log = logging.getLogger(__name__)
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again"; slurm/ launchers requeue on it
 
 Objective = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
@@ -302,12 +301,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self.stop_requested = True
-            log.warning("received %s: will checkpoint and exit at the end of this step", signal.Signals(signum).name)
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        stop_on_signal(self, "will checkpoint and exit at the end of this step")
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
