@@ -1,6 +1,6 @@
 """Steps that are not training run on every rank (allo.sharding): with a process-group timeout of 3 s and one rank
-made slower than that, sample, reward-data, reward-score and eval complete on 2 ranks and write exactly what one
-rank writes; a SIGTERM mid-step stops it for a requeue, and the rerun finishes the missing units only."""
+made slower than that, sample, reward-data, reward-score and eval (held-out problems and a benchmark) complete on
+2 ranks and write exactly what one rank writes; a SIGTERM mid-step stops it for a requeue, and the rerun finishes the missing units only."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,8 @@ def setup_run(tmp_path, tiny_model, name: str) -> tuple[list[str], "Path"]:  # n
                                                      for p in problems))
         (data / "test.jsonl").write_text("".join(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n"
                                                  for p in test))
+        (data / "gsm8k.jsonl").write_text("".join(json.dumps({"question": p["prompt"], "answer": f"#### {p['answer']}"})
+                                                  + "\n" for p in problems[:9]))
     run = tmp_path / name
     (run / "pairs").mkdir(parents=True)
     (run / "pairs" / "pairs.jsonl").write_text("".join(json.dumps({
@@ -38,14 +40,17 @@ def setup_run(tmp_path, tiny_model, name: str) -> tuple[list[str], "Path"]:  # n
     shutil.copytree(tiny_model, run / "reward-train" / "model")
     sets = [f"output_dir={run}", f"model.path={tiny_model}", f"task.problems={data / 'problems.jsonl'}",
             f"task.eval={data / 'test.jsonl'}", "sample.n=3", "sample.max_new_tokens=12", "task.eval_max_new_tokens=8",
-            "generation.batch_size=6", "distributed.timeout_minutes=0.05", "data.template=alpaca_cot"]
+            "generation.batch_size=6", "distributed.timeout_minutes=0.05", "data.template=alpaca_cot",
+            f"task.benchmarks=[gsm8k={data / 'gsm8k.jsonl'}]"]
     return [x for s in sets for x in ("--set", s)], run
 
 
 def outputs(run) -> dict[str, bytes]:
     files = {"sample": "samples.jsonl", "reward-data": "reward.jsonl", "reward-score": "forget.jsonl"}
     out = {s: (run / s / f).read_bytes() for s, f in files.items()}
-    out["eval"] = json.dumps(json.loads((run / "eval" / "results.json").read_text())["accuracy"]).encode()
+    results = json.loads((run / "eval" / "results.json").read_text())
+    out["eval"] = json.dumps([results["accuracy"], results["table2"]]).encode()
+    out["predictions"] = (run / "eval" / "sft" / "gsm8k.predictions.jsonl").read_bytes()
     return out
 
 
@@ -57,8 +62,8 @@ def test_two_ranks_one_slow_write_what_one_rank_writes(tmp_path, tiny_model):
         # rank 1 sleeps 1.5 s before each of its units: rank 0 waits for it far longer than the 3 s timeout
         torchrun(["run", "--only", step] + args2, env=dict(ENV, ALLO_TEST_SLOW_RANK="1:1.5"))
     a, b = outputs(run1), outputs(run2)
-    for step in STEPS:
-        assert a[step] == b[step], step
+    for what in a:
+        assert a[what] == b[what], what
     samples = [json.loads(x) for x in a["sample"].decode().splitlines()]
     assert len(samples) == 24 * 3 and not (run2 / "sample" / "shards").exists()
     manifest = json.loads((run2 / "reward-score" / "manifest.json").read_text())

@@ -14,7 +14,7 @@ from allo.config import GenerationConfig
 from allo.eval import benchmarks
 from allo.eval.provenance import harness
 from allo.generate import Sampling
-from allo.io import drop_torn_tail, read_jsonl, write_json
+from allo.io import drop_torn_tail, read_jsonl, write_json, write_jsonl
 from allo.tasks import final_answer, is_correct
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
     """Write OUT/BENCH.predictions.jsonl (appended batch by batch) and OUT/BENCH.result.json; return the result.
     `sampling`: n is taken as 1; `engine`: how to generate; `loaded`: an optional (model, tokenizer) pair to reuse
     across benchmarks."""
-    from allo.data.templates import render_prompt
-    from allo.generate import generate, vllm_available
+    from allo.generate import vllm_available
 
     engine = engine or GenerationConfig()
     sampling = replace(sampling, n=1)
@@ -66,20 +65,16 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
         log.info("%s: %d of %d predictions already in %s; generating the other %d", benchmark,
                  len(items) - len(todo), len(items), pred_path, len(todo))
     if todo:
-        hf_model, tokenizer = loaded if loaded else (None, None)
-        if tokenizer is None:
+        if loaded is None or loaded[1] is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model)
-        step = len(todo) if vllm_available(engine) and hf_model is None else engine.batch_size * 4
+            loaded = (loaded[0] if loaded else None, AutoTokenizer.from_pretrained(model))
+        step = len(todo) if vllm_available(engine) and loaded[0] is None else engine.batch_size * 4
         with open(pred_path, "a") as f:
             for i in range(0, len(todo), step):
                 chunk = todo[i:i + step]
-                prompts = [render_prompt(it["prompt"], template, tokenizer) for it in chunk]
-                outs = generate(model, prompts, sampling, engine, model=hf_model, tokenizer=tokenizer)
-                for it, o in zip(chunk, outs):
-                    f.write(json.dumps({"id": it["id"], "prompt": it["prompt"], "answer": it["answer"],
-                                        "output": o[0]}, ensure_ascii=False) + "\n")
+                for rec in predict(model, chunk, sampling, template, engine, loaded):
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
                 log.info("%s: %d / %d generated", benchmark, len(done) + i + len(chunk), len(items))
@@ -93,3 +88,25 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
     write_json(out / f"{benchmark}.result.json", result)
     log.info("%s: %s%% (%d / %d)", benchmark, metrics["accuracy"], metrics["correct"], metrics["n"])
     return result
+
+
+def predict(model: str, items: Sequence[dict], sampling: Sampling, template: str,
+            engine: Optional[GenerationConfig], loaded: tuple) -> list[dict]:
+    """Prediction records {id, prompt, answer, output} for benchmark items; `loaded` = (HF model or None,
+    tokenizer) from `allo.generate.load_generator`."""
+    from allo.data.templates import render_prompt
+    from allo.generate import generate
+
+    hf_model, tokenizer = loaded
+    prompts = [render_prompt(it["prompt"], template, tokenizer) for it in items]
+    outs = generate(model, prompts, replace(sampling, n=1), engine, model=hf_model, tokenizer=tokenizer,
+                    progress=False)
+    return [{"id": it["id"], "prompt": it["prompt"], "answer": it["answer"], "output": o[0]}
+            for it, o in zip(items, outs)]
+
+
+def write_predictions(out_dir: str | Path, benchmark: str, records: Sequence[dict]) -> Path:
+    """All of a benchmark's predictions at once (what `evaluate` then scores without generating)."""
+    path = Path(out_dir) / f"{benchmark}.predictions.jsonl"
+    write_jsonl(path, records)
+    return path

@@ -82,7 +82,8 @@ def partition_slices(engine: Any, named_params: list[tuple[str, torch.nn.Paramet
     return out
 
 
-def fp32_masters(engine: Any, named_params: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, int, torch.Tensor]]:
+def fp32_masters(engine: Any,
+                 named_params: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, int, torch.Tensor]]:
     """This rank's (name, flat start, fp32 master values): its ZeRO-1/2/3 partition slices, or under ZeRO-0 every
     parameter whole (each rank holds the same)."""
     if engine.zero_optimization_stage() > 0:

@@ -1,12 +1,15 @@
 """The pipeline's eval step: the run's models on the recipe's held-out problems and benchmarks.
 
-Held-out accuracy is sharded over the ranks (`allo.sharding`): units of `generation.batch_size` problems of one
-model, each rank loading a model once for all of its units of that model. The benchmark tables (Table 2, and
-Table 3's judged win rates) then run on rank 0 while the other ranks wait on a file.
+Generation, the long part, is sharded over the ranks (`allo.sharding`): every (model, data set) pair is cut into
+units of `generation.batch_size` problems, and each rank loads a model once for all of its units of that model.
+Rank 0 then scores: held-out accuracy, Table 2 from the benchmark predictions (written where `allo eval bench`
+writes them, so its scoring and result files are the same), and Table 3, whose answers and judging run on
+rank 0 while the other ranks wait on a file.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Optional
 
 from allo.io import write_json
@@ -19,23 +22,33 @@ log = logging.getLogger(__name__)
 def eval_step(ctx: Context) -> Optional[dict]:
     """Greedy accuracy on task.eval, the task.benchmarks (Table 2) and, for instruction following, win rates
     against the SFT model judged by task.judge (Table 3), for SFT and every model with a table row."""
+    from allo.eval import suite
     from allo.eval.provenance import harness
+    from allo.eval.run import write_predictions
+    from allo.tasks import is_correct
 
     r, t = ctx.recipe, ctx.recipe.task
     if not (t.eval or t.benchmarks or t.alpaca_eval or t.arena_hard):
         raise ValueError("nothing to evaluate: set task.eval, task.benchmarks, task.alpaca_eval or task.arena_hard")
     models = ctx.models()
-    acc = held_out_accuracy(ctx, models) if t.eval else None
-    if ctx.sync.rank != 0:
+    sets = _data_sets(ctx)
+    outputs = _generate_all(ctx, list(models.values()), sets)
+    if outputs is None:  # not rank 0: its share is written
         return None
-    from allo.eval import suite
-
     out = ctx.dir("eval")
     result: dict = {"models": models, "decoding": "greedy", "max_new_tokens": t.eval_max_new_tokens, **harness()}
-    if acc is not None:
-        result.update(accuracy=acc, eval_data=t.eval, problems=len(_problems(t.eval)))
-        log.info("held-out accuracy: %s", {k: f"{100 * v:.1f}%" for k, v in acc.items()})
-    if t.benchmarks:
+    for m, name in enumerate(models):
+        for key, _, items in sets:
+            records = outputs[(m, key)]
+            if key == "held-out":
+                acc = sum(is_correct(x["output"], x["answer"], t.family) for x in records) / max(1, len(records))
+                result.setdefault("accuracy", {})[name] = acc
+            else:
+                write_predictions(out / suite.slug(name), key, records)
+    if t.eval:
+        result.update(eval_data=t.eval, problems=len(sets[0][2]))
+        log.info("held-out accuracy: %s", {k: f"{100 * v:.1f}%" for k, v in result["accuracy"].items()})
+    if t.benchmarks:  # scores the predictions just written; generates nothing
         result["table2"] = suite.table2(models, t, r.data.template, out, r.generation)
     if t.alpaca_eval or t.arena_hard:
         result["table3"] = suite.table3(models, t, r.data.template, out, r.generation)
@@ -43,38 +56,62 @@ def eval_step(ctx: Context) -> Optional[dict]:
     return {k: result[k] for k in ("accuracy", "table2", "table3") if k in result}
 
 
-def held_out_accuracy(ctx: Context, models: dict[str, str]) -> Optional[dict[str, float]]:
-    """Greedy accuracy of every model on task.eval, every rank taking its units; the result on rank 0."""
-    from allo.generate import Sampling, load_generator, release
-    from allo.stages.sampling import sample
-
-    r, t = ctx.recipe, ctx.recipe.task
-    problems = _problems(t.eval)
-    paths = list(models.values())
-    n = len(problems)
-    units = [u for m in range(len(paths)) for u in units_of(n, r.generation.batch_size, start=m * n)]
-    loaded: dict = {}
-
-    def work(k: int, idx: range) -> list[list[bool]]:
-        path = paths[idx[0] // n]
-        if loaded.get("path") != path:  # one model at a time on this rank
-            loaded.clear()
-            release()
-            loaded.update(path=path, generator=load_generator(path, r.generation))
-        model, tok = loaded["generator"]
-        rows = sample(path, [problems[i % n] for i in idx], r.data.template,
-                      Sampling(n=1, temperature=0.0, max_new_tokens=t.eval_max_new_tokens), t.family, tok,
-                      r.generation, model)
-        return [[row["correct"]] for row in rows]
-
-    correct = run_sharded(ctx.sync, ctx.dir("eval"), units, work)
-    loaded.clear()
-    if correct is None:
-        return None
-    return {name: sum(correct[m * n:(m + 1) * n]) / max(1, n) for m, name in enumerate(models)}
-
-
-def _problems(path: str) -> list[dict]:
+def _data_sets(ctx: Context) -> list[tuple[str, object, list[dict]]]:
+    """(name, sampling, items {id, prompt, answer}) of every data set each model answers: the held-out problems
+    (greedy, no stop string) and each benchmark of task.benchmarks (the eval suite's settings)."""
+    from allo.eval import benchmarks
+    from allo.eval.run import EVAL_SAMPLING
+    from allo.generate import Sampling
     from allo.stages.sampling import load_problems
 
-    return load_problems(path, "task.eval")
+    t = ctx.recipe.task
+    sets = []
+    if t.eval:
+        problems = load_problems(t.eval, "task.eval")
+        sets.append(("held-out", Sampling(n=1, temperature=0.0, max_new_tokens=t.eval_max_new_tokens),
+                     [{"id": str(i), **p} for i, p in enumerate(problems)]))
+    for spec in t.benchmarks:
+        bench, _, data = spec.partition("=")
+        items, _ = benchmarks.load(bench, data or None, t.eval_limit)
+        sets.append((bench, replace(EVAL_SAMPLING, max_new_tokens=t.eval_max_new_tokens), items))
+    return sets
+
+
+def _generate_all(ctx: Context, paths: list[str], sets: list) -> Optional[dict[tuple[int, str], list[dict]]]:
+    """Every model's prediction records on every data set, generated by all ranks; on rank 0 only."""
+    from allo.eval.run import predict
+    from allo.generate import load_generator, release
+
+    r = ctx.recipe
+    jobs = [(m, s) for m in range(len(paths)) for s in range(len(sets))]
+    units, job_of, start = [], [], 0
+    for j, (_, s) in enumerate(jobs):
+        n = len(sets[s][2])
+        for u in units_of(n, r.generation.batch_size, start=start):
+            units.append(u)
+            job_of.append((j, start))
+        start += n
+    loaded: dict = {}
+
+    def work(k: int, idx: range) -> list[list[dict]]:
+        j, first = job_of[k]
+        m, s = jobs[j]
+        if loaded.get("path") != paths[m]:  # one model at a time on this rank
+            loaded.clear()
+            release()
+            loaded.update(path=paths[m], generator=load_generator(paths[m], r.generation))
+        _, sampling, items = sets[s]
+        records = predict(paths[m], [items[i - first] for i in idx], sampling, r.data.template, r.generation,
+                          loaded["generator"])
+        return [[rec] for rec in records]
+
+    rows = run_sharded(ctx.sync, ctx.dir("eval"), units, work)
+    loaded.clear()
+    if rows is None:
+        return None
+    out, at = {}, 0
+    for m, s in jobs:
+        n = len(sets[s][2])
+        out[(m, sets[s][0])] = rows[at:at + n]
+        at += n
+    return out
