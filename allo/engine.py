@@ -228,8 +228,8 @@ class Strategy:
     # --- collectives (every rank must call these) -------------------------------------------------------
     # With one rank they return at once. Not only to save a call: on CPU a large gloo all-gather copies its output
     # on one of gloo's threads, which starts a second OpenMP team; from then on libgomp counts more threads than
-    # cores and its workers sleep between parallel regions, for the rest of the process. One all_gather_object of
-    # the reference log-probs made every later DPO step 1.5x slower (bench/RESULTS.md, "Profiling notes").
+    # cores and its workers sleep between parallel regions, for the rest of the process, and every later step is
+    # slower (bench/RESULTS.md, profiling note 1).
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
         """Collective: sum/mean/max over ranks, in place."""
         if self.world == 1:

@@ -17,8 +17,8 @@ from typing import Iterable
 import torch
 
 
-# Second moments are clamped to the smallest normal float32 before the square root: torch's CPU sqrt is 4-9x slower
-# on zeros (3.7 M elements, one thread: 20.6 ms against 2.3-5.7 ms), and under a 10% mask 90% of the moments are 0.
+# Second moments are clamped to the smallest normal float32 before the square root: torch's CPU sqrt is much slower
+# on zeros (bench/RESULTS.md, profiling note 9), and under a 10% mask 90% of the moments are 0.
 # The result is unchanged: sqrt(TINY) / sqrt(1 − β2) ≤ 3.4e-18 for β2 ≤ 0.999, below half an ulp of any eps ≥ 1e-9.
 TINY = torch.finfo(torch.float32).tiny
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views of float dtypes
@@ -27,8 +27,8 @@ _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size int
 def keep_only(x: torch.Tensor, keep: torch.Tensor, inplace: bool = True) -> torch.Tensor:
     """`x` with every element outside the bool mask `keep` set to +0.0, i.e. `x.masked_fill(~keep, 0)`, computed as
     an integer multiply of x's bits by the mask's 0/1 bytes: exact (a kept element keeps every bit, NaN and Inf
-    included; a dropped one becomes all-zero bits) and on CPU 4-5x faster than masked_fill on a random mask
-    (1.45 M fp32 elements, one thread: 0.6 against 2.7 ms). Other layouts fall back to masked_fill."""
+    included; a dropped one becomes all-zero bits) and on CPU faster than masked_fill on a random mask
+    (bench/RESULTS.md, profiling note 10). Other layouts fall back to masked_fill."""
     ints = _INT_OF_SIZE.get(x.element_size())
     if ints is None or not x.is_floating_point() or not x.is_contiguous() or keep.shape != x.shape:
         return x.masked_fill_(~keep, 0) if inplace else x.masked_fill(~keep, 0)
