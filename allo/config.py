@@ -184,18 +184,16 @@ class EndpointConfig:
                                                         "null for a keyless local server.")
     timeout: float = knob(120.0, "Seconds per request before it is retried.", gt=0)
     max_retries: int = knob(6, "Retries on 429, 5xx, timeouts and malformed replies (exponential backoff).", ge=0)
+    backoff: float = knob(1.0, "Seconds before the first retry; doubled each time (a Retry-After header wins).", ge=0)
     concurrency: int = knob(8, "Requests in flight.", ge=1)
     price_in: float = knob(0.0, "USD per million prompt tokens, for the cost line in the log.", ge=0)
     price_out: float = knob(0.0, "USD per million completion tokens.", ge=0)
 
-    def endpoint(self, what: str):
-        from allo.openai_client import Endpoint
-
+    def endpoint(self, what: str) -> "EndpointConfig":
+        """This endpoint, once it names a server and a model (`what` says which recipe key, for the error)."""
         if not self.base_url or not self.model:
             raise ConfigError(f"{what}: base_url and model must be set")
-        return Endpoint(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env, timeout=self.timeout,
-                        max_retries=self.max_retries, concurrency=self.concurrency, price_in=self.price_in,
-                        price_out=self.price_out)
+        return self
 
 
 @dataclass

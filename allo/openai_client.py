@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from allo.config import EndpointConfig
 from allo.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,7 @@ class EndpointError(RuntimeError):
     """A request failed for good (non-retryable status, or retries exhausted); the message never holds the key."""
 
 
-@dataclass
-class Endpoint:
-    """Where and how to call. `api_key_env` names the variable holding the key (None: no Authorization header)."""
-    base_url: str
-    model: str
-    api_key_env: Optional[str] = "OPENAI_API_KEY"
-    timeout: float = 120.0
-    max_retries: int = 6
-    backoff: float = 1.0
-    concurrency: int = 8
-    price_in: float = 0.0   # USD per million prompt tokens, for the cost line in the log
-    price_out: float = 0.0  # USD per million completion tokens
+Endpoint = EndpointConfig  # where and how to call: the recipe's endpoint settings (allo.config), one type
 
 
 @dataclass
