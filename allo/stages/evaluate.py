@@ -3,8 +3,8 @@
 Generation, the long part, is sharded over the ranks (`allo.sharding`): every (model, data set) pair is cut into
 units of `generation.batch_size` problems, and each rank loads a model once for all of its units of that model.
 Rank 0 then scores: held-out accuracy, Table 2 from the benchmark predictions (written where `allo eval bench`
-writes them, so its scoring and result files are the same), and Table 3, whose answers and judging run on
-rank 0 while the other ranks wait on a file.
+writes them, so its scoring and result files are the same), and Table 3 from the models' answers, judged by the
+LLM judge on rank 0 while the other ranks wait on a file.
 """
 from __future__ import annotations
 
@@ -37,12 +37,15 @@ def eval_step(ctx: Context) -> Optional[dict]:
         return None
     out = ctx.dir("eval")
     result: dict = {"models": models, "decoding": "greedy", "max_new_tokens": t.eval_max_new_tokens, **harness()}
+    answers: dict[str, dict[str, list[str]]] = {}
     for m, name in enumerate(models):
         for key, _, items in sets:
             records = outputs[(m, key)]
             if key == "held-out":
                 acc = sum(is_correct(x["output"], x["answer"], t.family) for x in records) / max(1, len(records))
                 result.setdefault("accuracy", {})[name] = acc
+            elif key.startswith("table3:"):
+                answers.setdefault(key.split(":", 1)[1], {})[name] = [x["output"].strip() for x in records]
             else:
                 write_predictions(out / suite.slug(name), key, records)
     if t.eval:
@@ -51,7 +54,7 @@ def eval_step(ctx: Context) -> Optional[dict]:
     if t.benchmarks:  # scores the predictions just written; generates nothing
         result["table2"] = suite.table2(models, t, r.data.template, out, r.generation)
     if t.alpaca_eval or t.arena_hard:
-        result["table3"] = suite.table3(models, t, r.data.template, out, r.generation)
+        result["table3"] = suite.table3(models, t, r.data.template, out, r.generation, answers)
     write_json(out / "results.json", result)
     return {k: result[k] for k in ("accuracy", "table2", "table3") if k in result}
 
@@ -61,6 +64,7 @@ def _data_sets(ctx: Context) -> list[tuple[str, object, list[dict]]]:
     (greedy, no stop string) and each benchmark of task.benchmarks (the eval suite's settings)."""
     from allo.eval import benchmarks
     from allo.eval.run import EVAL_SAMPLING
+    from allo.eval.suite import instruction_suites
     from allo.generate import Sampling
     from allo.stages.sampling import load_problems
 
@@ -74,6 +78,9 @@ def _data_sets(ctx: Context) -> list[tuple[str, object, list[dict]]]:
         bench, _, data = spec.partition("=")
         items, _ = benchmarks.load(bench, data or None, t.eval_limit)
         sets.append((bench, replace(EVAL_SAMPLING, max_new_tokens=t.eval_max_new_tokens), items))
+    for suite, prompts in instruction_suites(t).items():  # Table 3's answers; the judging runs on rank 0
+        sets.append((f"table3:{suite}", Sampling(max_new_tokens=t.eval_max_new_tokens),
+                     [{"id": str(i), "prompt": p, "answer": ""} for i, p in enumerate(prompts)]))
     return sets
 
 
