@@ -9,8 +9,9 @@ Two kinds of body:
 - ``train``: a training step, run on every rank by the shared loop (`allo.stages.runner.train_step`): which
   objective (`allo.stages.STAGES`), which recipe section holds its train overrides, which data, starting weights
   and mask.
-- ``run``: a ``module:function`` path called with the `Context`; with ``every_rank`` False it runs on rank 0
-  while the other ranks wait. Bodies are imported only when they run, so ``allo --help`` stays fast.
+- ``run``: a ``module:function`` path called with the `Context`: on every rank with ``every_rank`` (the sharded
+  steps, `allo.sharding`), else on rank 0 while the other ranks wait on a file. Bodies are imported only when
+  they run, so ``allo --help`` stays fast.
 
 Adding a baseline is one entry here plus its objective in `allo.stages` (README, "Adding a step").
 """

@@ -45,3 +45,18 @@ def test_dpo_baseline_takes_the_identical_warmup_run(tmp_path, tiny_model, pairs
     manifest = json.loads((run / "dpo" / "manifest.json").read_text())
     assert "same_as" not in manifest and manifest["steps"] == 4
     assert not os.path.samefile(a, b) and a.read_bytes() == warmup_weights != b.read_bytes()  # warm-up intact
+
+
+def test_registry_orders_steps_after_their_inputs_and_refuses_cycles():
+    from allo.steps import REGISTRY, STEPS, Step, _ordered
+
+    for i, name in enumerate(STEPS):  # every input's step runs earlier
+        assert all(STEPS.index(u) < i for u in REGISTRY[name].upstream if u != name), name
+    a = Step("a", "", inputs=("b/x",))
+    b = Step("b", "", inputs=("c/y",))
+    c = Step("c", "")
+    assert list(_ordered([a, b, c])) == ["c", "b", "a"]
+    with pytest.raises(ValueError, match="form a cycle: a, b"):
+        _ordered([a, Step("b", "", inputs=("a/z",))])
+    with pytest.raises(ValueError, match="step a: input from unknown step 'b'"):
+        _ordered([a])
