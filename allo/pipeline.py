@@ -69,11 +69,13 @@ class Pipeline:
                     log.info("[%s] inputs or settings changed since it completed; running it again", name)
                 log.info("===== [%s] =====", name)
             sync = self.ctx.sync
+            self.ctx.version = fingerprint
             try:
                 info = self._execute(step)
                 if sync.rank == 0:
                     write_manifest(self.ctx.dir(name), name, {**info, "attempt": sync.attempt}, fingerprint)
-                    shutil.rmtree(self.ctx.dir(name) / "shards", ignore_errors=True)  # merged into the outputs
+                    shutil.rmtree(self.ctx.dir(name) / "shards", ignore_errors=True)  # merged into the outputs (and
+                    # any unfinished attempt's units with other settings)
                 else:  # wait for rank 0's manifest in a file, not in a collective
                     sync.wait(name, lambda: _recorded(manifest, sync.attempt) == fingerprint, "rank 0")
             except SystemExit as stop:  # a signal: every rank stops at a unit boundary; the step resumes later

@@ -2,14 +2,15 @@
 
 A sharded step (sample, reward-data, reward-score, eval) cuts its records into units of a fixed size. Unit k goes
 to rank k mod world; a rank appends what each finished unit produced to its own shard file
-(`STEP/shards/rankR-of-W.jsonl`, flushed and fsynced per unit), so a preempted or failed step resumes at unit
-granularity, also with another world size (every shard file found counts). A unit's output depends only on the
+(`STEP/shards/FINGERPRINT/rankR-of-W.jsonl`, flushed and fsynced per unit), so a preempted or failed step resumes
+at unit granularity, also with another world size (every shard file found counts), and only with the same inputs
+and settings (the step's fingerprint names the folder). A unit's output depends only on the
 unit (its records and its number, from which any seed is derived), never on the rank or the world size, so 1 and
 16 ranks write the same bytes. Rank 0 merges the shards in record order.
 
 No rank waits inside a collective for another rank's work: a rank that is done (or not needed, in a rank-0 step)
 polls small marker files under `OUTPUT_DIR/.sync/ATTEMPT/` with its own generous timeout
-(`train.step_wait_minutes`), while the process group's timeout (`train.dist_timeout_minutes`) only has to cover
+(`distributed.wait_minutes`), while the process group's timeout (`distributed.timeout_minutes`) only has to cover
 a training step's collectives. A failure or a stop signal on any rank is written there too, so every rank stops
 with it instead of waiting out the timeout. OUTPUT_DIR must be on a file system every node shares (it already
 holds the checkpoints every rank reads).
@@ -70,7 +71,7 @@ class Sync:
                 raise SystemExit(EXIT_REQUEUE)
             if time.monotonic() - t0 > self.timeout_s:
                 raise TimeoutError(f"step {step}: waited {self.timeout_s / 60:.0f} min for {what} "
-                                   "(train.step_wait_minutes)")
+                                   "(distributed.wait_minutes)")
             time.sleep(self.poll_s)
 
     def check_stop(self, step: str) -> None:
@@ -96,13 +97,13 @@ def units_of(n_items: int, size: int, start: int = 0) -> list[range]:
     return [range(a, min(a + size, start + n_items)) for a in range(start, start + n_items, max(1, size))]
 
 
-def run_sharded(sync: Sync, step_dir: Path, units: Sequence[range],
+def run_sharded(sync: Sync, step: str, shards: Path, units: Sequence[range],
                 work: Callable[[int, range], Sequence[list]]) -> Optional[list]:
     """Every rank calls this: `work(k, indices)` computes unit k (records `indices`) and returns one list of output
-    rows per record. Returns every record's rows in record order, flattened, on rank 0 (None on the others)."""
-    shards = step_dir / "shards"
+    rows per record. Returns every record's rows in record order, flattened, on rank 0 (None on the others).
+    `shards`: this step's folder for this version of its inputs and settings (`Context.shards`), so an unfinished
+    attempt is resumed only by a rerun with the same ones."""
     shards.mkdir(parents=True, exist_ok=True)
-    step = step_dir.name
     done = _read_shards(shards)
     n_items = sum(len(u) for u in units)
     todo = [(k, u) for k, u in enumerate(units) if k % sync.world == sync.rank and any(i not in done for i in u)]

@@ -180,6 +180,7 @@ class Context:
     recipe: Recipe
     recipe_path: str = "RECIPE.yaml"
     sync: Optional[Sync] = None
+    version: str = "any"  # the running step's fingerprint (set by the scheduler): names its shard folder
     out: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +189,10 @@ class Context:
 
     def dir(self, step: str) -> Path:
         return self.out / step
+
+    def shards(self, step: str) -> Path:
+        """Where a sharded step keeps its finished units for this version of its inputs and settings."""
+        return self.dir(step) / "shards" / self.version
 
     @property
     def sft_model(self) -> str:

@@ -106,3 +106,27 @@ def test_engines_are_shut_down_between_models_and_steps(tiny_model, fake_vllm, t
                                 f"task.problems={problems}", "sample.n=1", "sample.max_new_tokens=4"])
     Pipeline(recipe).run(only="sample")
     assert fake_vllm.shut == [str(tiny_model), str(other), str(tiny_model)] and g._ENGINE == {}
+
+
+def test_an_unfinished_sample_step_resumes_only_with_the_same_settings(tiny_model, fake_vllm, tmp_path):
+    """Finished units of an interrupted attempt sit in a folder named by the step's fingerprint: a rerun with other
+    settings starts afresh, a rerun with the same ones takes them over."""
+    import json
+
+    from allo.config import load_recipe
+    from allo.pipeline import Pipeline
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"prompt": "1 + 1?", "answer": "2"}\n')
+    sets = [f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model}", f"task.problems={problems}", "sample.n=1",
+            "sample.max_new_tokens=4"]
+    old, new = load_recipe(None, sets), load_recipe(None, sets + ["sample.temperature=0.9"])
+    stale = {"prompt": "1 + 1?", "response": "STALE", "answer": "2", "correct": False}
+    for recipe, expect in ((new, "4 apples. STOP here"), (old, "STALE")):  # other settings: generated; same: reused
+        pipe = Pipeline(old)
+        shard = pipe.ctx.dir("sample") / "shards" / pipe.fingerprint("sample") / "rank0-of-1.jsonl"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_text(json.dumps({"i": 0, "rows": [stale]}) + "\n")
+        Pipeline(recipe).run(only="sample")
+        rows = [json.loads(x) for x in (tmp_path / "run" / "sample" / "samples.jsonl").read_text().splitlines()]
+        assert [r["response"] for r in rows] == [expect]

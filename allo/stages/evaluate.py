@@ -112,7 +112,7 @@ def _generate_all(ctx: Context, paths: list[str], sets: list) -> Optional[dict[t
                           loaded["generator"])
         return [[rec] for rec in records]
 
-    rows = run_sharded(ctx.sync, ctx.dir("eval"), units, work)
+    rows = run_sharded(ctx.sync, "eval", ctx.shards("eval"), units, work)
     loaded.clear()
     if rows is None:
         return None

@@ -62,7 +62,7 @@ def reward_data_step(ctx: Context) -> Optional[dict]:
                          "records": records}])
         return out
 
-    rows = run_sharded(ctx.sync, ctx.dir("reward-data"), units_of(len(items), unit), work)
+    rows = run_sharded(ctx.sync, "reward-data", ctx.shards("reward-data"), units_of(len(items), unit), work)
     if rows is None:
         return None
     write_jsonl(ctx.dir("reward-data") / "reward.jsonl", [rec for row in rows for rec in row["records"]])
@@ -96,7 +96,7 @@ def reward_score_step(ctx: Context) -> Optional[dict]:
         probs = keep_probs(loaded[0], loaded[1], sub, ctx.recipe.data.template, batch_size=len(sub))
         return [[{"prompt": it["prompt"], "rejected": it["wrong"], "keep_probs": p}] for it, p in zip(sub, probs)]
 
-    rows = run_sharded(ctx.sync, ctx.dir("reward-score"), units_of(len(items), 32), work)
+    rows = run_sharded(ctx.sync, "reward-score", ctx.shards("reward-score"), units_of(len(items), 32), work)
     loaded.clear()
     if rows is None:
         return None

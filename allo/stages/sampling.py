@@ -104,7 +104,8 @@ def sample_step(ctx: Context) -> Optional[dict]:
                 row["reference"] = problem["reference"]
         return [rows[j * s.n:(j + 1) * s.n] for j in range(len(sub))]
 
-    samples = run_sharded(ctx.sync, ctx.dir("sample"), units_of(len(problems), r.generation.batch_size // s.n), work)
+    units = units_of(len(problems), r.generation.batch_size // s.n)
+    samples = run_sharded(ctx.sync, "sample", ctx.shards("sample"), units, work)
     if samples is None:
         return None
     write_jsonl(ctx.dir("sample") / "samples.jsonl", samples)
