@@ -122,9 +122,6 @@ class ReferenceCache:
         data = np.frombuffer(os.pread(fd, 4 * (bounds[-1] - bounds[0]), at + 4 * bounds[0]), dtype=np.float32)
         return [torch.from_numpy(data[a - bounds[0]:b - bounds[0]].copy()) for a, b in zip(bounds, bounds[1:])]
 
-    def __contains__(self, index: int) -> bool:
-        return index in self.where
-
     def close(self) -> None:
         for fd in self.files:
             os.close(fd)

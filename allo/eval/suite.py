@@ -49,27 +49,15 @@ def instruction_suites(task: Any) -> dict[str, list[str]]:
     return {k: v[:task.eval_limit] if task.eval_limit else v for k, v in suites.items()}
 
 
-def table3(models: dict[str, str], task: Any, template: str, out_dir: Path,
-           engine: Optional[GenerationConfig] = None,
-           answers: Optional[dict[str, dict[str, list[str]]]] = None) -> dict[str, dict[str, float]]:
-    """Win rate (%) of each model against the first model (SFT), judged by `task.judge` in both orders.
-    `answers` ({suite: {model: answers}}, as the pipeline's sharded generation gives them) skips generating."""
-    from allo.data.templates import render_prompt
+def table3(models: dict[str, str], task: Any, out_dir: Path,
+           answers: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, float]]:
+    """Win rate (%) of each model against the first model (SFT), judged by `task.judge` in both orders, from the
+    models' `answers` ({suite: {model: answers}} to `instruction_suites`, as the eval step generates them)."""
     from allo.eval import bradley_terry, judges
-    from allo.generate import Sampling, generate
     from allo.openai_client import ChatClient
-    from transformers import AutoTokenizer
 
     client = ChatClient(task.judge.endpoint("task.judge"), cache_dir=str(out_dir / "judge_cache"))
     suites = instruction_suites(task)
-    if answers is None:
-        answers = {}
-        for name, path in models.items():
-            tok = AutoTokenizer.from_pretrained(path)
-            for suite, prompts in suites.items():
-                outs = generate(path, [render_prompt(p, template, tok) for p in prompts],
-                                Sampling(max_new_tokens=task.eval_max_new_tokens), engine)
-                answers.setdefault(suite, {})[name] = [o[0].strip() for o in outs]
     base = next(iter(models))
     table: dict[str, dict[str, float]] = {name: {} for name in models}
     for suite, by_model in answers.items():

@@ -212,7 +212,7 @@ class StreamSink:
         self.writers = {label: MaskWriter(out_dir / f"{label}.safetensors", list(shapes.items())) for label in labels}
         self.counts: dict[str, dict[str, int]] = {label: {} for label in labels}
 
-    def write(self, label: str, name: str, offset: int, numel: int, packed: np.ndarray) -> None:
+    def write(self, label: str, name: str, offset: int, packed: np.ndarray) -> None:
         self.writers[label].write_packed(name, packed, offset)
         c = self.counts[label]
         c[name] = c.get(name, 0) + int(np.bitwise_count(packed).sum())

@@ -58,7 +58,7 @@ class GatherSink:
             self.bufs[label] = [np.zeros(-(-t.numel() // 8), np.uint8) for _, _, t in self.source.local]
         return self.bufs[label]
 
-    def write(self, label: str, name: str, offset: int, numel: int, packed: np.ndarray) -> None:
+    def write(self, label: str, name: str, offset: int, packed: np.ndarray) -> None:
         for i, (n, start, t) in enumerate(self.source.local):  # the slice holding this chunk (chunks never span two)
             if n == name and start <= offset < start + t.numel():
                 rel = (offset - start) // 8

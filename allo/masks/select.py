@@ -58,7 +58,7 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    def write(self, label: str, name: str, offset: int, numel: int, packed: np.ndarray) -> None: ...
+    def write(self, label: str, name: str, offset: int, packed: np.ndarray) -> None: ...
 
     def patch(self, label: str, name: str, flat_idx: torch.Tensor, value: bool) -> None: ...
 
@@ -435,7 +435,7 @@ def select_masks(source: Source, sink: Sink, ratios: dict[str, float], comm: Any
                         pin_exact_key(c, low_hists[(g, c.bin)].numpy(), shift)
     # ties at an exact key go to the first positions in global order: one rank finds what the positions before each
     # chunk took as it goes; several ranks count their chunks' ties first and share the counts
-    ahead = _ties_ahead(source, comm, cuts, shift, scope, bottom) if big and comm.world > 1 else None
+    ahead = _ties_ahead(source, comm, cuts, scope, bottom) if big and comm.world > 1 else None
 
     # ---- pass 2: the selections, chunk by chunk, in order; collected threshold bins are patched at the end
     taken: dict[tuple, int] = {}
@@ -457,7 +457,7 @@ def select_masks(source: Source, sink: Sink, ratios: dict[str, float], comm: Any
                 sel, took = resolve_band(label_parts, cuts[label][g], before)
                 for s, got in zip(slots, took):
                     taken[s] = taken.get(s, 0) + got
-                sink.write(label, name, offset, n, sel)
+                sink.write(label, name, offset, sel)
             bar.update(n)
     for label in ratios:  # collected threshold bins: every rank resolves the same candidates, patches its own
         for g in group_names:
@@ -484,7 +484,7 @@ def select_masks(source: Source, sink: Sink, ratios: dict[str, float], comm: Any
     return Selection({k: v for k, v in counts.items() if v is not None}, total, ties)
 
 
-def _ties_ahead(source: Source, comm: Any, cuts: dict, shift: int, scope: str, bottom: bool) -> dict[tuple, int]:
+def _ties_ahead(source: Source, comm: Any, cuts: dict, scope: str, bottom: bool) -> dict[tuple, int]:
     """For every pinned cut (label, group, role) and every chunk of this rank (order, offset): how many elements
     tied at the cut's exact key lie before the chunk in global (tensor, flat index) order, over all ranks."""
     slots = [(label, g, role, c) for label, per in cuts.items() for g, pair in per.items()

@@ -54,7 +54,7 @@ def eval_step(ctx: Context) -> Optional[dict]:
     if t.benchmarks:  # scores the predictions just written; generates nothing
         result["table2"] = suite.table2(models, t, r.data.template, out, r.generation)
     if t.alpaca_eval or t.arena_hard:
-        result["table3"] = suite.table3(models, t, r.data.template, out, r.generation, answers)
+        result["table3"] = suite.table3(models, t, out, answers)
     write_json(out / "results.json", result)
     return {k: result[k] for k in ("accuracy", "table2", "table3") if k in result}
 
