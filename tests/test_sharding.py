@@ -77,10 +77,11 @@ def test_sigterm_mid_step_requeues_and_resumes_the_missing_units(tmp_path, tiny_
     cmd = torchrun_command(["run", "--only", "sample"] + args, 2)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(ENV, ALLO_TEST_SLOW_RANK="0:1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    shard = run / "sample" / "shards" / "rank0-of-2.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (shard.exists() and shard.read_text().count("\n") >= 1):
+    while time.time() < deadline and not any(f.read_text().count("\n") >= 1
+                                             for f in (run / "sample" / "shards").glob("*/rank0-of-2.jsonl")):
         time.sleep(0.05)
+    (shard,) = (run / "sample" / "shards").glob("*/rank0-of-2.jsonl")  # under the step's fingerprint
     proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks, as Slurm signals every process
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-3000:]
