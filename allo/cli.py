@@ -163,6 +163,9 @@ def _record_traceback(path: Path) -> Path:
 
 def _distributed(args: argparse.Namespace, recipe) -> None:
     """The commands that run on every rank: one training stage on its own, or pipeline steps."""
+    from allo.engine import init_distributed
+
+    init_distributed(recipe.distributed.timeout_minutes)  # the recipe's collective timeout, for any stage
     step = REGISTRY.get(args.stage)
     if step is not None and step.standalone:
         from allo.stages.runner import run_standalone

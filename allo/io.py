@@ -79,6 +79,14 @@ def drop_torn_tail(path: Path) -> None:
                 f.truncate(data.rfind(b"\n") + 1)
 
 
+def safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header (tensor name -> dtype, shape, data offsets; "__metadata__") and the byte
+    where the data starts (the offsets count from there): 8 bytes of header length, then the header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
 class SafetensorsWriter:
     """Writes a safetensors file one tensor (or one in-order piece of a tensor) at a time: the header is known up
     front from the names, dtypes and shapes, so a model larger than memory never exists in memory at once.

@@ -5,7 +5,6 @@ elsewhere. Position 0 is never a response token because every prompt holds at le
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -97,15 +96,15 @@ class ReferenceCache:
 
     def __init__(self, paths: Sequence[str | Path], key: str):
         self.files, self.where = [], {}
+        from allo.io import safetensors_header
+
         for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            self.files.append(fd)
-            n = int.from_bytes(os.pread(fd, 8, 0), "little")
-            header = json.loads(os.pread(fd, n, 8))
+            header, start = safetensors_header(path)
             if header.get("__metadata__", {}).get("key") != key:
                 self.close()
                 raise ValueError(f"{path}: made for other starting weights or examples")
-            start = 8 + n
+            fd = os.open(path, os.O_RDONLY)
+            self.files.append(fd)
 
             def read(name: str, dtype) -> np.ndarray:
                 a, b = header[name]["data_offsets"]

@@ -21,7 +21,7 @@ from typing import Optional
 from allo.config import Recipe, to_dict
 from allo.io import write_json
 from allo.sharding import StepAborted, Sync, new_attempt
-from allo.signals import EXIT_REQUEUE
+from allo.signals import EXIT_REQUEUE, write_preempted
 from allo.steps import REGISTRY, STEPS, Context, Step, lookup, repeats, resolve
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,8 @@ class Pipeline:
 
     def _preempted(self, name: str) -> None:
         """The marker a launcher reads to requeue (the training loop writes the same for training steps)."""
-        marker = {"step": name, "time": time.time(), "stage": name}
-        write_json(self.ctx.dir(name) / "preempted.json", marker)
-        extra = os.environ.get("ALLO_PREEMPT_MARKER") or self.ctx.recipe.train.preempt_marker
-        if extra:
-            write_json(Path(extra), marker)
+        write_preempted(self.ctx.dir(name), {"step": name, "time": time.time(), "stage": name},
+                        self.ctx.recipe.train.preempt_marker)
         log.warning("stopping on signal during %s; its finished units are kept, exit %d (requeue)", name,
                     EXIT_REQUEUE)
 

@@ -4,8 +4,10 @@ save what they have and exit with EXIT_REQUEUE, which the launchers turn into a 
 from __future__ import annotations
 
 import logging
+import os
 import signal
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "try again"; slurm/ launchers requeue on it
@@ -19,3 +21,14 @@ def stop_on_signal(owner: Any, then: str) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)
+
+
+def write_preempted(out_dir: Path, marker: dict, configured: Optional[str]) -> None:
+    """`OUT/preempted.json`, and the file a launcher reads to decide on a requeue: ALLO_PREEMPT_MARKER (what
+    slurm/allo.sbatch sets per job), else `train.preempt_marker` (`configured`)."""
+    from allo.io import write_json
+
+    write_json(Path(out_dir) / "preempted.json", marker)
+    extra = os.environ.get("ALLO_PREEMPT_MARKER") or configured
+    if extra:
+        write_json(Path(extra), marker)

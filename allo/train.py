@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,13 +31,13 @@ import torch
 from allo.config import TrainConfig
 from allo.data.tokenize import collate
 from allo.engine import Strategy, lr_lambda
-from allo.io import atomic_write_text, write_json
+from allo.io import atomic_write_text
 from allo.logprobs import token_logps
 from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_layout
 from allo.masks.io import check_against_model, mask_counts
 from allo.metrics import MetricLogger, RunningMeans
 from allo.optim import MaskedAdamW
-from allo.signals import EXIT_REQUEUE, stop_on_signal
+from allo.signals import EXIT_REQUEUE, stop_on_signal, write_preempted
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +236,8 @@ class Trainer:
             if stop:
                 self.save_checkpoint()
                 if s.is_rank0:
-                    marker = {"step": self.pos.step, "time": time.time(), "stage": self.stage.name}
-                    write_json(self.out_dir / "preempted.json", marker)
-                    extra = os.environ.get("ALLO_PREEMPT_MARKER") or cfg.preempt_marker  # the launcher's, per job
-                    if extra:
-                        write_json(Path(extra), marker)
+                    write_preempted(self.out_dir, {"step": self.pos.step, "time": time.time(),
+                                                   "stage": self.stage.name}, cfg.preempt_marker)
                     log.warning("stopping on signal after step %d; checkpoint saved, exit %d (requeue)",
                                 self.pos.step, EXIT_REQUEUE)
                 self.metrics.close()

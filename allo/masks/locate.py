@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from allo.io import safetensors_header
 from allo.masks.io import MaskWriter
 from allo.masks.select import Chunk, LocateError, check_ratios, scoring_threads, select_masks, write_sidecar
 
@@ -63,10 +64,8 @@ class Reader:
         JSON header (dtype, shape, data offsets relative to its end), then the data."""
         path = self.files[name]
         if path not in self._headers:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            self._headers[path] = {k: {**v, "start": 8 + n + v["data_offsets"][0], "end": 8 + n + v["data_offsets"][1]}
+            header, start = safetensors_header(path)
+            self._headers[path] = {k: {**v, "start": start + v["data_offsets"][0], "end": start + v["data_offsets"][1]}
                                    for k, v in header.items() if k != "__metadata__"}
         return self._headers[path][name]
 
