@@ -472,6 +472,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             mark = getattr(e, "problem_mark", None)
             loc = f"{path}:{mark.line + 1}" if mark else str(path)
             raise ConfigError(f"{loc}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of recipe keys (model:, data:, train:, ...), got "
+                              f"{type(data).__name__}")
     for item in overrides:
         keys, value = parse_override(item)
         node = data

@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from allo.io import BadLine, iter_jsonl
 
@@ -45,12 +45,25 @@ class ReadStats:
 def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
     """Yield (source, raw record) pairs; a raw record is a dict, or a str for an unparsable JSONL line."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory, not a data file (.jsonl, .json or .parquet)")
+    try:
+        yield from _iter_file(p, path, split)
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+
+
+def _iter_file(p: Path, path: str, split: str) -> Iterator[tuple[str, Any]]:
     if p.suffix == ".jsonl" or (p.exists() and p.suffix not in (".json", ".parquet")):
         for n, rec in iter_jsonl(p, bad="yield"):  # a bad line comes as its problem, to raise or count
             yield f"{p}:{n}", rec
     elif p.suffix == ".json":
+        raw = p.read_bytes()
         try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}; save the file as UTF-8)") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
         items = obj.get("data") if isinstance(obj, dict) else obj
@@ -59,9 +72,14 @@ def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
         for i, rec in enumerate(items):
             yield f"{p}[{i}]", rec
     elif p.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(p).to_pylist()):
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, ValueError) as e:
+            raise DataError(f"{p}: not a readable Parquet file ({e})") from None
+        for i, rec in enumerate(rows):
             yield f"{p}[row {i}]", rec
     else:
         if p.suffix or "/" not in path:
@@ -78,6 +96,17 @@ def _is_text(value: Any) -> bool:
     return (isinstance(value, list) and len(value) > 0 and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in value))
+
+
+def _lone_surrogate(value: Any) -> Optional[str]:
+    """Where a text holds a lone UTF-16 surrogate (JSON's "\\ud800" escape decodes to one): no tokenizer can
+    encode it, so it is a malformed record, not text."""
+    for s in [value] if isinstance(value, str) else [t for m in value for t in (m["role"], m["content"])]:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"character {e.start} is a lone surrogate U+{ord(s[e.start]):04X}, not Unicode text"
+    return None
 
 
 def _text_of(value: Any) -> str:
@@ -119,6 +148,10 @@ def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = 
             f = wrong[0]
             bad(source, f"field '{f}' must be a string or a list of {{role, content}} messages, "
                         f"got {type(rec[f]).__name__}")
+            continue
+        broken = next(((f, why) for f in fields if (why := _lone_surrogate(rec[f]))), None)
+        if broken:
+            bad(source, f"field '{broken[0]}': {broken[1]}")
             continue
         if any(not _text_of(rec[f]).strip() for f in responses):
             stats.skipped["empty response"] += 1

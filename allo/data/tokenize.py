@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from allo.data.records import DataError
 from allo.data.templates import render
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,20 @@ def truncate(prompt: list[int], responses: list[list[int]], policy: TruncationPo
 def tokenize_records(records: Sequence[dict], tokenizer: Any, template: str, policy: TruncationPolicy,
                      response_fields: Sequence[str]) -> list[dict]:
     """Tokenise records into examples; logs how many were kept as is and how many truncated."""
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"data.template is 'chat' but the tokenizer {tokenizer.name_or_path or ''} has no chat "
+                         "template (use template: alpaca, alpaca_cot or raw, or a tokenizer that has one)")
     counts: Counter = Counter()
     has_bos = tokenizer.bos_token_id is not None
     out = []
     for i, rec in enumerate(records):
         prompt_ids, responses = None, []
         for f in response_fields:
-            p_text, r_text = render(rec["prompt"], rec[f], template, tokenizer)
+            try:
+                p_text, r_text = render(rec["prompt"], rec[f], template, tokenizer)
+            except Exception as e:  # a record the template cannot render: name it (chat templates raise anything)
+                raise DataError(f"{rec.get('source', f'record {i}')}: template {template!r} cannot render it "
+                                f"({type(e).__name__}: {e})") from e
             if prompt_ids is None:
                 prompt_ids = encode_prompt(tokenizer, p_text)
             responses.append(encode_response(tokenizer, r_text))
