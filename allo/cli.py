@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         from allo.engine import finish_distributed
         from allo.signals import EXIT_REQUEUE
 
+        _preflight(args, recipe)
         try:
             _distributed(args, recipe)
         except SystemExit as stop:  # preemption: every rank agreed, checkpointed and stops together
@@ -159,6 +160,22 @@ def _log_to_file(output_dir: str, rank: int) -> Optional[Path]:
 def _record_traceback(path: Path) -> Path:
     logging.getLogger("allo.errors").error("command failed: %s\n%s", " ".join(sys.argv), traceback.format_exc())
     return path
+
+
+def _preflight(args: argparse.Namespace, recipe) -> None:
+    """The command's inputs, checked on every rank before any process group or engine starts (`allo.preflight`)."""
+    from allo import preflight
+    from allo.pipeline import external_files
+    from allo.stages import STAGES
+
+    step = REGISTRY.get(args.stage)
+    if step is not None and step.standalone:
+        preflight.check_training(recipe, data=args.data or recipe.data.train, init=args.init, mask=args.mask,
+                                 out=Path(args.out or Path(recipe.output_dir) / step.name),
+                                 keep_last=recipe.stage_train(STAGES[step.name].section).keep_last)
+        return
+    only = args.stage if step is not None else args.only
+    preflight.check_run(recipe, external_files(recipe, only=None if getattr(args, "start", None) else only))
 
 
 def _distributed(args: argparse.Namespace, recipe) -> None:

@@ -109,9 +109,17 @@ def fit_micro_batch(global_batch: int, micro_batch: int, world: int) -> int:
                       f"batch <= {micro_batch}); use a world size that divides it, or change the global batch")
 
 
+def ds_config_path(path: str | Path) -> Path:
+    """A relative DeepSpeed config path as given (from the working directory) or, when no such file is there, from
+    the checkout allo runs from: `ds_configs/zero3.json` then works from any directory."""
+    path = Path(path)
+    shipped = Path(__file__).resolve().parents[1] / path
+    return shipped if not path.is_absolute() and not path.exists() and shipped.exists() else path
+
+
 def resolve_ds_config(path: str | Path, train: TrainConfig, world: int, precision: str) -> dict:
     """Load a DeepSpeed JSON and fill its "auto" fields from the recipe; explicit values must agree."""
-    path = Path(path)
+    path = ds_config_path(path)
     try:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

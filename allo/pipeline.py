@@ -181,6 +181,18 @@ def _free_memory() -> None:
         pass
 
 
+def external_files(recipe: Recipe, only: Optional[str] = None) -> list[tuple[str, str]]:
+    """(recipe key, path) of every input file from outside the run that the steps (or step `only`) read."""
+    values, out = to_dict(recipe), []
+    for step in REGISTRY.values():
+        if (only and step.name != only) or (step.skip and step.skip(recipe)):
+            continue
+        out += [(k, lookup(values, k)) for k in step.files if lookup(values, k)]
+        if step.name == "eval":
+            out += [("task.benchmarks", b.split("=", 1)[1]) for b in recipe.task.benchmarks if "=" in str(b)]
+    return list(dict.fromkeys(out))
+
+
 def run_pipeline(recipe: Recipe, recipe_path: Optional[str] = None, start: Optional[str] = None,
                  only: Optional[str] = None) -> Pipeline:
     import torch.distributed as dist

@@ -107,10 +107,14 @@ def train_step(ctx: Context, step: Step) -> Optional[dict]:
     source = repeats(step, ctx.recipe)
     if source:
         return _take_outputs(ctx, source, step.name) if ctx.sync.rank == 0 else None
+    from allo.preflight import check_training
+
     recipe = resolve(t.recipe)(ctx.recipe) if t.recipe else ctx.recipe
-    return run_stage(recipe, t.stage, data=ctx.path(t.data), init=ctx.path(t.init),
-                     mask=ctx.path(t.mask) if t.mask else None, out_dir=str(ctx.dir(step.name)), section=t.section,
-                     after=t.after)
+    data, init, mask = ctx.path(t.data), ctx.path(t.init), ctx.path(t.mask) if t.mask else None
+    check_training(recipe, data=data, init=init, mask=mask, out=ctx.dir(step.name),
+                   keep_last=recipe.stage_train(t.section).keep_last)
+    return run_stage(recipe, t.stage, data=data, init=init, mask=mask, out_dir=str(ctx.dir(step.name)),
+                     section=t.section, after=t.after)
 
 
 def _take_outputs(ctx: Context, source: str, name: str) -> dict:

@@ -1,0 +1,256 @@
+"""Checks of a command's inputs before any process group or DeepSpeed engine starts.
+
+Every rank runs the same checks on the same files, so a bad input stops all of them alike with one sentence:
+`PATH[:LINE]: what is wrong (what to do)`. Only headers and directory listings are read for checkpoints and masks;
+data files are decoded line by line (what a stage reads anyway, minutes before it would fail).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+from allo.io import safetensors_header
+
+log = logging.getLogger(__name__)
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+         "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class InputError(ValueError):
+    """An input that cannot work, phrased as `PATH[:LINE]: what is wrong (what to do)`."""
+
+
+def model_dir(path: str, *, tokenizer: bool = True) -> Optional[Path]:
+    """The local directory of a model named by path or hub id, checked complete; None for a hub id that will be
+    downloaded (online, not cached). `tokenizer`: the directory must also hold a tokenizer."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        check_checkpoint(p, tokenizer=tokenizer)
+        return p
+    if p.exists():
+        raise InputError(f"{path}: is a file; a model is a directory with config.json and weights "
+                         "(as save_pretrained writes it)")
+    if not HUB_ID.match(path):
+        raise InputError(f"{path}: no such directory (check the path, or train the step that writes it first)")
+    cached = _hub_snapshot(path)
+    if cached is not None:
+        check_checkpoint(cached, tokenizer=tokenizer)
+        return cached
+    if _offline():
+        raise InputError(f"{path}: no such directory, and no hub model of that name in the local Hugging Face cache "
+                         f"(HF_HUB_OFFLINE is set: download it first with `huggingface-cli download {path}`, or fix "
+                         "the path)")
+    return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_snapshot(repo: str) -> Optional[Path]:
+    """The cached snapshot of a hub model, if its config is in the local cache (nothing is downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo, "config.json")
+    except ValueError:  # not a valid repo id after all
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def check_checkpoint(d: Path, *, tokenizer: bool = True) -> None:
+    """config.json parses, a tokenizer is there (when asked), and every weight file the directory names is present
+    and whole (a safetensors file's size must equal what its header describes)."""
+    config = d / "config.json"
+    if not config.is_file():
+        raise InputError(f"{config}: missing; {d} is not a model directory (save one with save_pretrained, or "
+                         "point at the directory that holds config.json)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{config}: not valid JSON ({e}); the checkpoint is damaged, copy it again") from None
+    if tokenizer and not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise InputError(f"{d}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer with the model or "
+                         "set model.tokenizer")
+    for f in weight_files(d):
+        if f.suffix == ".safetensors":
+            safetensors_size(f)
+
+
+def weight_files(d: Path) -> list[Path]:
+    """The weight files of a model directory: every shard its index names (each must exist), or the single file."""
+    for name in WEIGHT_INDEXES:
+        index = d / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise InputError(f"{index}: not a weight index ({type(e).__name__}: {e}); copy the checkpoint "
+                                 "again") from None
+            missing = [s for s in shards if not (d / s).is_file()]
+            if missing:
+                raise InputError(f"{d / missing[0]}: missing, named by {index.name} ({len(missing)} of {len(shards)} "
+                                 "shards missing; the copy or download is incomplete)")
+            return [d / s for s in shards]
+    for name in WEIGHT_FILES:
+        if (d / name).is_file():
+            return [d / name]
+    raise InputError(f"{d}: no model weights ({', '.join(WEIGHT_FILES + WEIGHT_INDEXES)}); the checkpoint is "
+                     "incomplete")
+
+
+def safetensors_size(f: Path) -> tuple[dict, int]:
+    """(header, bytes of tensor data) of a safetensors file, or InputError when the file is truncated or corrupt."""
+    size = f.stat().st_size
+    try:
+        if size < 8:
+            raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+        if n > size - 8:
+            raise ValueError(f"header of {n} bytes in a file of {size}")
+        header, start = safetensors_header(f)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise InputError(f"{f}: not a readable safetensors file ({e}); copy or download it again") from None
+    if start + end != size:
+        raise InputError(f"{f}: truncated or corrupt: its header describes {start + end} bytes, the file has {size} "
+                         "(copy or download it again)")
+    return header, end
+
+
+def tensor_shapes(d: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape over a model directory's safetensors files (headers only)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in weight_files(d):
+        if f.suffix == ".safetensors":
+            header, _ = safetensors_size(f)
+            shapes.update({k: tuple(t["shape"]) for k, t in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def check_mask(mask: str, model: Optional[Path]) -> None:
+    """The mask file opens, and each of its tensors names a tensor of the model with the same shape."""
+    from allo.masks.io import MaskFile
+
+    p = Path(mask)
+    if not p.is_file():
+        raise InputError(f"{mask}: no such mask file (make one with `allo locate`)")
+    safetensors_size(p)
+    try:
+        with MaskFile(p) as f:
+            shapes = f.shapes
+    except Exception as e:  # safetensors and JSON metadata errors alike: the file is not one of ours
+        raise InputError(f"{mask}: not a mask file ({type(e).__name__}: {e}); make one with `allo locate`") from None
+    if model is None:
+        return
+    have = tensor_shapes(model)
+    if not have:  # .bin weights only: the stage checks the mask against the loaded model
+        return
+    extra = [n for n in shapes if n not in have and not n.endswith("lm_head.weight")]  # lm_head may be tied
+    wrong = [f"{n}: mask {list(shapes[n])} vs model {list(have[n])}" for n in shapes
+             if n in have and tuple(shapes[n]) != have[n]]
+    if extra or wrong:
+        what = (f"{len(extra)} masks name no tensor of the model (e.g. {extra[0]})" if extra else
+                f"{len(wrong)} shapes differ (e.g. {wrong[0]})")
+        raise InputError(f"{mask}: does not fit the model in {model}: {what} (locate the mask on this model)")
+
+
+def check_data(path: str, skip_bad: bool = False) -> None:
+    """A local data file exists and decodes (UTF-8 JSON lines, a JSON document, or Parquet); hub names pass (the
+    stage reads them). Record fields are checked by the stage, which names each bad record's place too.
+    `skip_bad`: undecodable JSONL lines are the stage's to skip and count (data.on_bad_record: skip)."""
+    from allo.data.records import DataError, _iter_raw
+    from allo.io import BadLine, iter_jsonl
+
+    p = Path(path).expanduser()
+    if not p.exists() and not p.suffix and "/" in path and HUB_ID.match(path):
+        return
+    if not p.exists():
+        raise InputError(f"{path}: no such data file (check the path)")
+    try:
+        if p.suffix in (".json", ".parquet") or p.is_dir():
+            for _ in _iter_raw(str(p), "train"):
+                pass
+            return
+        for n, rec in iter_jsonl(p, bad="yield"):
+            if isinstance(rec, BadLine) and not skip_bad:
+                raise InputError(f"{p}:{n}: {rec} (fix or remove the line, or set data.on_bad_record: skip)")
+    except DataError as e:
+        raise InputError(str(e)) from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror or e})") from None
+
+
+def check_output(out: Path, need_bytes: int) -> None:
+    """`out` can be created and written; warns when the disk has less room than the stage will write."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".allo-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{out}: cannot write there ({e.strerror or e}); set output_dir (or --out) to a writable "
+                         "directory") from None
+    free = shutil.disk_usage(out).free
+    if need_bytes > free:
+        log.warning("%s: %.1f GB free, and this stage writes about %.1f GB (the exported model plus its resumable "
+                    "checkpoints); free space or move output_dir before it fails mid-save", out, free / 1e9,
+                    need_bytes / 1e9)
+
+
+def checkpoint_bytes(model: Optional[Path], dtype: str, keep_last: int) -> int:
+    """About what a training stage writes: the exported model in its dtype plus `keep_last` resumable checkpoints
+    (weights + fp32 master + two fp32 Adam moments per parameter)."""
+    if model is None:
+        return 0
+    numel = 0
+    for f in weight_files(model):
+        if f.suffix == ".safetensors":
+            header, _ = safetensors_size(f)
+            numel += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+        else:
+            numel += f.stat().st_size // 2  # a .bin file: bf16 or fp16 at 2 bytes a value, as an estimate
+    width = 2 if dtype == "bf16" else 4
+    return numel * width + keep_last * numel * (width + 12)
+
+
+def check_training(recipe, *, data: Optional[str], init: Optional[str], mask: Optional[str], out: Path,
+                   keep_last: int) -> None:
+    """Everything a training stage reads and writes: data decodes, the starting checkpoint is whole, the mask fits
+    it, and the output directory is writable with room."""
+    if data:
+        check_data(data, recipe.data.on_bad_record == "skip")
+    path = init or recipe.model.path
+    model = model_dir(path, tokenizer=init is not None or recipe.model.tokenizer is None) if path else None
+    if mask:
+        check_mask(mask, model)
+    check_output(out, checkpoint_bytes(model, recipe.model.dtype, keep_last))
+
+
+def check_run(recipe, files: Iterable[tuple[str, str]]) -> None:
+    """`allo run`'s inputs from outside the run: the starting model, every data file the steps name (`files`:
+    (recipe key, path)), and the output directory."""
+    model = model_dir(recipe.model.path) if recipe.model.path else None
+    for key, path in files:
+        if key != "model.path":
+            try:
+                check_data(path, recipe.data.on_bad_record == "skip")
+            except InputError as e:
+                raise InputError(f"{e} (recipe key {key})") from None
+    check_output(Path(recipe.output_dir), checkpoint_bytes(model, recipe.model.dtype, recipe.train.keep_last))
