@@ -5,6 +5,10 @@
 #
 # GPUs are counted with torch (set ALLO_GPUS to override, e.g. to use fewer). Without a GPU it runs on 1 CPU
 # process with DS_ACCELERATOR=cpu (tiny recipes only). The paper recipes' run.sh call this.
+#
+# Exit status: allo's, or 75 (EX_TEMPFAIL) when SIGTERM/SIGUSR1 stopped the run after a checkpoint: requeue and run
+# the same command again to resume. (torchrun alone reports a worker's 75 as a plain failure, 1; this script reads
+# the preemption marker the workers write, ALLO_PREEMPT_MARKER, to tell the two apart.)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 recipe=${1:?usage: run_one_node.sh RECIPE [--dry-run] [allo run options]}; shift
@@ -23,4 +27,14 @@ cmd=("$python" -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m
 echo "command: ${cmd[*]}"
 [ "$dry" = 1 ] && exit 0
 cd "$here"
-exec "${cmd[@]}"
+export ALLO_PREEMPT_MARKER=${ALLO_PREEMPT_MARKER:-${TMPDIR:-/tmp}/allo-preempted-$$}
+rm -f "$ALLO_PREEMPT_MARKER"
+source "$here/slurm/forward_signals.sh"
+rc=0
+run_forwarding "${cmd[@]}" || rc=$?
+if [ -e "$ALLO_PREEMPT_MARKER" ]; then
+  rm -f "$ALLO_PREEMPT_MARKER"
+  echo "preempted after a checkpoint: exit 75; run the same command again to resume" >&2
+  exit 75
+fi
+exit $rc

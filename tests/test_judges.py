@@ -80,6 +80,42 @@ def test_alpaca_score_cli_hand_computed(tmp_path, capsys):
     assert captured.err.count("\n") == 1 and "length-controlled win rate unavailable" in captured.err
 
 
+def test_alpaca_length_controlled_offline_from_a_local_file(tmp_path, capsys):
+    """HF_HUB_OFFLINE is honoured (the note names it and the way out); a local copy of the hub's df_gamed.csv (here a
+    synthetic one in its layout) gives the length-controlled win rate with no hub, given as the file or its folder."""
+    import random
+
+    rng = random.Random(0)
+    ann = [{"instruction": f"i{k}", "output_1": "a" * rng.randint(5, 300), "output_2": "b" * rng.randint(5, 300),
+            "generator_1": "base", "generator_2": "m", "annotator": "j", "preference": 2 if k % 7 >= 3 else 1}
+           for k in range(60)]  # the model wins the hard instructions of the first file's difficulty
+    f = tmp_path / "annotations.json"
+    f.write_text(json.dumps(ann))
+
+    def gamed(path, period: int):
+        rows = [(m, i, rng.choice([0.0, 1.0]), rng.uniform(-2, 2), (i % period - 3) / 3) for m in ("g1", "g2")
+                for i in range(len(ann))]
+        path.write_text("model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline\n" + "".join(
+            f"{m},{i},{p},{d:.4f},{h:.4f},False\n" for m, i, p, d, h in rows))
+        return path
+
+    local = gamed(tmp_path / "df_gamed.csv", 7)
+    metrics, note = judges.alpaca_score(ann)
+    assert "length_controlled_winrate" not in metrics and "HF_HUB_OFFLINE is set" in note and "--difficulty" in note
+    results = []
+    for given in (local, tmp_path):
+        assert main(["eval", "alpaca-score", str(f), "--difficulty", str(given)]) == 0
+        captured = capsys.readouterr()
+        assert captured.err == ""  # no note, no warning
+        results.append(json.loads(captured.out)["length_controlled_winrate"])
+    assert 0 < results[0] < 100 and results[0] == pytest.approx(results[1])
+    (tmp_path / "other").mkdir()
+    other, _ = judges.alpaca_score(ann, str(gamed(tmp_path / "other" / "df_gamed.csv", 4)))
+    assert other["length_controlled_winrate"] != pytest.approx(results[0])  # the file's data is what is used
+    metrics, note = judges.alpaca_score(ann, str(tmp_path / "nowhere"))
+    assert f"{tmp_path / 'nowhere'} (FileNotFoundError" in note and "length_controlled_winrate" not in metrics
+
+
 def arena_judge(body, n):
     """A verdict from which answer holds GOOD; the question 'flaky' gets a verdict only on its second try."""
     text = body["messages"][-1]["content"]

@@ -106,3 +106,29 @@ def test_time_based_checkpoints_log_their_write_time(tmp_path, tiny_model, pairs
     rows = [json.loads(x) for x in (tmp_path / "timed" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [("ckpt_write_s" in row) for row in rows] == [False, True, True, True]
     assert all(0 < row["ckpt_write_s"] < 60 for row in rows[1:])
+
+
+def test_run_one_node_exits_75_on_preemption(tmp_path, tiny_model, pairs_file):
+    """recipes/run_one_node.sh (torchrun, no Slurm): SIGUSR1 to the script mid-step gives exit 75 (torchrun alone
+    would say 1), and the same command again resumes and exits 0."""
+    r = write_recipe(tmp_path / "run.yaml", tiny_model, pairs_file, tmp_path / "run",
+                     f"task: {{pairs: {pairs_file}, family: instruct}}\n"
+                     f"warmup: {{train: {{lr: 0.002, global_batch_size: 4, micro_batch_size: 1, max_steps: {STEPS}}}}}")
+    cmd = ["bash", "recipes/run_one_node.sh", str(r), "--only", "warmup"]
+    env = dict(ENV, ALLO_GPUS="2", ALLO_PYTHON=str(ROOT / ".venv" / "bin" / "python"))
+    torchrun(["run", str(r), "--only", "pairs"])
+    metrics = tmp_path / "run" / "warmup" / "metrics.jsonl"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, out[-4000:]
+    assert "preempted after a checkpoint: exit 75" in out
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))

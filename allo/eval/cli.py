@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("alpaca-score", help="win rate + length-controlled win rate of an annotations file")
     sc.add_argument("annotations", help="JSON array {instruction, output_1, output_2, generator_1, generator_2, "
                                         "preference} (alpaca_eval's format)")
+    sc.add_argument("--difficulty", help="a local copy of alpaca_eval's df_gamed.csv or instruction_difficulty.csv "
+                                         "(tatsu-lab/alpaca_eval on the hub) for the length-controlled win rate "
+                                         "without the hub (default: $ALLO_ALPACA_DIFFICULTY)")
     ar = sub.add_parser("arena", help="Arena-Hard judging and Bradley–Terry scores")
     ar.add_argument("--questions", required=True, help="question.jsonl (v0.1 or v2.0)")
     ar.add_argument("--baseline", required=True, help="baseline model_answer JSONL (v0.1: gpt-4-0314; paper: SFT)")
@@ -218,7 +221,7 @@ def _alpaca_score(args) -> dict:
     data = json.loads(Path(args.annotations).read_text())
     if not isinstance(data, list) or not all(isinstance(a, dict) and "preference" in a for a in data):
         raise ValueError(f"{args.annotations}: expected a JSON array of annotations with a `preference` field")
-    metrics, note = judges.alpaca_score(data)
+    metrics, note = judges.alpaca_score(data, args.difficulty)
     if note:
         print(note, file=sys.stderr)
     return metrics

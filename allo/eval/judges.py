@@ -19,10 +19,13 @@ judge prompt (its `utils/judge_utils.py`) with `--system-prompt FILE`, and name 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import re
 from pathlib import Path
+from unittest import mock
 from typing import Optional, Sequence
 
 from allo.openai_client import ChatClient, content
@@ -102,25 +105,59 @@ def alpaca_pairs(client: ChatClient, instructions: Sequence[str], baseline: Sequ
     return out
 
 
-def alpaca_score(annotations: Sequence[dict]) -> tuple[dict, Optional[str]]:
-    """Win rate (alpaca_eval's `get_winrate`) and, where alpaca_eval's instruction-difficulty data can be fetched
-    from the hub, the length-controlled win rate. Returns (metrics, a one-line note when LC is unavailable)."""
-    from alpaca_eval.metrics import get_winrate
+def alpaca_score(annotations: Sequence[dict], difficulty: Optional[str] = None) -> tuple[dict, Optional[str]]:
+    """Win rate (alpaca_eval's `get_winrate`) and the length-controlled win rate. The LC GLM reads alpaca_eval's
+    `df_gamed.csv` (per-instruction difficulty, plus the gamed baselines it regularises towards) from the hub
+    dataset tatsu-lab/alpaca_eval: from the local cache only when HF_HUB_OFFLINE is set, or from `difficulty`
+    (default: $ALLO_ALPACA_DIFFICULTY), a local copy of that file or a directory holding it. Annotations are in
+    alpaca_eval's instruction order. Returns (metrics, a one-line note when LC is unavailable)."""
+    import warnings
+
+    with warnings.catch_warnings():  # pkg_resources (alpaca_eval's import) and sklearn deprecations: not the user's
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return _alpaca_score(annotations, difficulty)
+
+
+def _alpaca_score(annotations: Sequence[dict], difficulty: Optional[str]) -> tuple[dict, Optional[str]]:
+    from alpaca_eval.metrics import get_winrate, glm_winrate
 
     rows = [a for a in annotations if a.get("preference") is not None]
     metrics = {k: float(v) for k, v in get_winrate(rows).items()}
     metrics["n_annotations"] = len(annotations)
     metrics["n_unusable"] = len(annotations) - len(rows)
+    difficulty = difficulty or os.environ.get("ALLO_ALPACA_DIFFICULTY")
     try:
-        from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
-
-        lc = get_length_controlled_winrate(rows, save_weights_dir=None, is_warn_extreme_changes=False)
+        # alpaca_eval fetches its data with a fixed hf_hub_download call: a local copy is served in its place
+        local = mock.patch.object(glm_winrate, "hf_hub_download", _local_hub_file(Path(difficulty))) \
+            if difficulty else contextlib.nullcontext()
+        with local:
+            lc = glm_winrate.get_length_controlled_winrate(rows, save_weights_dir=None, is_warn_extreme_changes=False)
         metrics["length_controlled_winrate"] = float(lc["length_controlled_winrate"])
         metrics["lc_standard_error"] = float(lc["lc_standard_error"])
         return metrics, None
-    except Exception as e:  # the GLM needs tatsu-lab/alpaca_eval's instruction_difficulty.csv from the hub
-        return metrics, (f"length-controlled win rate unavailable: alpaca_eval's instruction difficulty data could "
-                         f"not be loaded from the Hugging Face hub ({type(e).__name__}); plain win rate only")
+    except Exception as e:  # no difficulty data: the plain win rate stands, and the note says how to get LC
+        where = (f"{difficulty} ({type(e).__name__}: {e})" if difficulty else
+                 f"the Hugging Face hub ({type(e).__name__}{'; HF_HUB_OFFLINE is set' if _hub_offline() else ''})")
+        return metrics, (f"length-controlled win rate unavailable: alpaca_eval's df_gamed.csv could not be loaded "
+                         f"from {where}; plain win rate only. Offline, pass --difficulty FILE (or set "
+                         "ALLO_ALPACA_DIFFICULTY) with a copy of df_gamed.csv from the tatsu-lab/alpaca_eval dataset, "
+                         "or put it in the hub cache: huggingface-cli download tatsu-lab/alpaca_eval df_gamed.csv "
+                         "--repo-type dataset")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _local_hub_file(path: Path):
+    """An hf_hub_download stand-in answering from `path`: the file itself for df_gamed.csv, or a directory's file."""
+    def download(repo_id: str = "", filename: str = "", **_) -> str:
+        found = path / filename if path.is_dir() else path if filename == "df_gamed.csv" else path.parent / filename
+        if not found.is_file():
+            raise FileNotFoundError(f"{found}: no such file ({repo_id} {filename})")
+        return str(found)
+    return download
 
 
 # ----------------------------------------------------------------------------------------------- Arena-Hard
