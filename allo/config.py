@@ -255,10 +255,30 @@ class DistributedConfig:
 
 
 @dataclass
+class GuardsConfig:
+    min_pairs: int = knob(1, "Stop after `pairs` when fewer preference pairs came out (0: off).", ge=0)
+    warn_pair_share: float = knob(0.05, "Warn when fewer problems than this share yield a pair.", ge=0, le=1)
+    min_rewrite_share: float = knob(0.2, "Stop after `reward-data` when fewer of the teacher's rewrites than this "
+                                         "share are right (the reward model would learn only \"keep\"; 0: off).",
+                                    ge=0, le=1)
+    min_flagged_share: float = knob(1e-3, "Stop after `reward-score` when the token reward model flags (p < 0.5) "
+                                          "fewer tokens of the wrong responses than this share, or when fewer get a "
+                                          "nonzero forget weight (forget would train on nothing; 0: off).", ge=0, le=1)
+    warn_flagged_share: float = knob(0.95, "Warn when the reward model flags more than this share (token-NPO is "
+                                           "then close to plain NPO).", ge=0, le=1)
+    stalled: bool = knob(True, "Stop a training stage whose gradient norm was 0 at every step (its weights did "
+                               "not move), and warn when its loss moved less than `min_loss_change`.")
+    min_loss_change: float = knob(1e-4, "Loss change (first vs last tenth of the steps) below which a stage is "
+                                        "reported as barely moving.", ge=0)
+
+
+@dataclass
 class RewardConfig:
-    teacher: Literal["programmatic", "openai"] = knob(
-        "programmatic", "Who rewrites wrong responses: the programmatic minimum-edit teacher (the tiny recipe's "
-        "arithmetic), or an LLM behind `teacher_endpoint` (any OpenAI-compatible server).")
+    teacher: str = knob(
+        "programmatic", "Who rewrites wrong responses: `programmatic` (the minimum-edit teacher of the tiny "
+        "recipe's arithmetic task, allo/tasks/arith.py; it refuses other tasks), `openai` (an LLM behind "
+        "`teacher_endpoint`, any OpenAI-compatible server), or `python:MODULE:FUNCTION`, your own "
+        "FUNCTION(problem, wrong, reference) -> rewrite or None, imported from MODULE (README, \"Your own teacher\").")
     teacher_endpoint: EndpointConfig = knob(factory=EndpointConfig)
     teacher_cache: Optional[str] = knob(None, "Teacher response cache; None: OUTPUT_DIR/reward-data/cache.")
     init: Optional[str] = knob(None, "Reward model's starting checkpoint; None: the SFT model (same tokenizer).")
@@ -288,6 +308,7 @@ class Recipe:
     generation: GenerationConfig = knob(factory=GenerationConfig)
     distributed: DistributedConfig = knob(factory=DistributedConfig)
     reward: RewardConfig = knob(factory=RewardConfig)
+    guards: GuardsConfig = knob(factory=GuardsConfig)
     # Keys the recipe sets in its `train` section (they win over the stages' spec defaults). Filled by
     # `load_recipe`; a field, so `dataclasses.replace` keeps it; not a knob (`to_dict` and `--doc` leave it out).
     train_keys: frozenset = field(default=frozenset(), repr=False, metadata={"internal": True})
@@ -485,6 +506,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         node[keys[-1]] = value
         where.overridden.add(tuple(keys))
     recipe = dataclasses.replace(_build(Recipe, data, (), where), train_keys=frozenset(data.get("train") or {}))
+    teacher = recipe.reward.teacher
+    if teacher not in ("programmatic", "openai") and not re.fullmatch(r"python:[\w.]+:\w+", teacher):
+        raise ConfigError(where.at(("reward", "teacher"), f"{teacher!r} is not programmatic, openai or "
+                                   "python:MODULE:FUNCTION (e.g. python:mypkg.rewrite:fix)"))
     if recipe.reward.teacher == "openai" and not (recipe.reward.teacher_endpoint.base_url and
                                                   recipe.reward.teacher_endpoint.model):
         raise ConfigError(where.at(("reward", "teacher"), "openai needs reward.teacher_endpoint.base_url and .model"))

@@ -114,6 +114,7 @@ class Trainer:
         if self.stage.needs_reference:
             self._reference_logps(must_exist=resumed)
         self.metrics = MetricLogger(self.out_dir, enabled=s.is_rank0, append=resumed)
+        self.trace: list[tuple[float, float]] = []  # (loss, grad norm) of each step this process ran, every rank
 
     def _freeze_unmasked(self, named: list) -> float:
         """Check the mask fits the model and freeze tensors with no selected element (before initialize)."""
@@ -227,6 +228,7 @@ class Trainer:
                          optim_state_mb=stats.pop("optim_state") * s.world / 2 ** 20,
                          grad_norm=s.grad_norm(), trainable_fraction=self.trainable_fraction,
                          peak_mem_mb=_peak_memory_mb(), epoch=self.pos.consumed / len(self.stage.examples))
+            self.trace.append((float(stats["loss"]), float(stats["grad_norm"])))
             if self.last_write_s is not None:  # the checkpoint written after the previous step
                 stats["ckpt_write_s"], self.last_write_s = self.last_write_s, None
             if self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps:

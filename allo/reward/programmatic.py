@@ -25,6 +25,16 @@ def _operations(problem: str) -> Optional[tuple[int, list[tuple[str, int]]]]:
     return int(start.group(1)), ops
 
 
+TASK = ("the tiny recipe's arithmetic word problems (allo/tasks/arith.py: \"NAME has N ITEMS. He buys/finds/gets N more. "
+        "She gives away/loses/sells N. ...\")")
+
+
+def understands(problem: str) -> bool:
+    """Whether `problem` is one of TASK's: a starting amount and at least one operation in its wording."""
+    parsed = _operations(problem)
+    return parsed is not None and bool(parsed[1])
+
+
 def rewrite(problem: str, wrong: str, reference: str) -> str:
     """Minimal-edit correction of `wrong`; the reference solution when its steps cannot be repaired in place."""
     parsed = _operations(problem)

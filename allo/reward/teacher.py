@@ -60,3 +60,41 @@ def programmatic_rewrites(items: Sequence[dict]) -> list[Optional[str]]:
     from allo.reward.programmatic import rewrite
 
     return [rewrite(it["prompt"], it["wrong"], it["reference"]) for it in items]
+
+
+def check_programmatic(items: Sequence[dict]) -> None:
+    """The programmatic teacher knows one task (allo/tasks/arith.py); on any other it would "fix" every response
+    into nonsense that is then dropped as wrong, and the run would quietly forget nothing. Refuse up front."""
+    from allo.reward.programmatic import TASK, understands
+
+    alien = [it["prompt"] for it in items if not understands(it["prompt"])]
+    if alien:
+        raise ValueError(f"reward.teacher: programmatic only understands {TASK}, and {len(alien)} of {len(items)} "
+                         f"problems are not of that kind (e.g. {alien[0][:80]!r}); use reward.teacher: openai with a "
+                         "teacher_endpoint, or python:MODULE:FUNCTION with your own rewrite function")
+
+
+def python_rewrites(spec: str):
+    """`python:MODULE:FUNCTION` -> a teacher over items, calling FUNCTION(problem, wrong, reference) for each; its
+    None (or an exception, logged) counts as a teacher failure."""
+    import importlib
+
+    module, _, name = spec.removeprefix("python:").rpartition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward.teacher: cannot import {name} from {module} ({type(e).__name__}: {e}); the module "
+                         "must be importable from the job's environment (installed, or on PYTHONPATH)") from None
+
+    def rewrites(items: Sequence[dict]) -> list[Optional[str]]:
+        out = []
+        for it in items:
+            try:
+                fixed = fn(it["prompt"], it["wrong"], it["reference"])
+            except Exception as e:  # one bad item must not end a long job: counted as teacher_failed
+                log.warning("reward.teacher %s raised on one item (%s: %s); counted as a teacher failure", spec,
+                            type(e).__name__, e)
+                fixed = None
+            out.append(fixed if isinstance(fixed, str) else None)
+        return out
+    return rewrites

@@ -35,8 +35,9 @@ def reward_items(ctx: Context) -> list[dict]:
 def reward_data_step(ctx: Context) -> Optional[dict]:
     """The teacher's minimum-edit rewrites, kept when right, plus "keep" copies -> reward-data/reward.jsonl. Sharded
     over the ranks: each calls the teacher for its units of wrong responses."""
+    from allo.guards import check_rewrites
     from allo.reward.model import reward_data
-    from allo.reward.teacher import llm_rewrites, programmatic_rewrites
+    from allo.reward.teacher import check_programmatic, llm_rewrites, programmatic_rewrites, python_rewrites
     from allo.tasks import is_correct
 
     r = ctx.recipe
@@ -50,7 +51,10 @@ def reward_data_step(ctx: Context) -> Optional[dict]:
         client = ChatClient(r.reward.teacher_endpoint.endpoint("reward.teacher_endpoint"),
                             cache_dir=r.reward.teacher_cache or str(ctx.dir("reward-data") / "cache"))
         teacher, unit = (lambda sub: llm_rewrites(client, sub)), 4 * r.reward.teacher_endpoint.concurrency
+    elif r.reward.teacher.startswith("python:"):
+        teacher, unit = python_rewrites(r.reward.teacher), 256
     else:
+        check_programmatic(items)
         teacher, unit = programmatic_rewrites, 256
 
     def work(k: int, idx: range) -> list[list[dict]]:
@@ -69,6 +73,7 @@ def reward_data_step(ctx: Context) -> Optional[dict]:
     counts = {"items": len(items), **{c: sum(row["outcome"] == c for row in rows)
                                       for c in ("kept", "rewrite_wrong", "teacher_failed")}}
     log.info("reward data: %s", counts)
+    check_rewrites(counts, r.guards)
     return counts
 
 
@@ -80,6 +85,8 @@ def reward_score_step(ctx: Context) -> Optional[dict]:
 
     from allo.generate import device_and_dtype
     from allo.model import load_tokenizer
+    from allo.guards import check_flagged
+    from allo.losses import token_weights
     from allo.reward.model import keep_probs
 
     rm_dir = ctx.path("reward-train/model")
@@ -102,8 +109,10 @@ def reward_score_step(ctx: Context) -> Optional[dict]:
         return None
     write_jsonl(ctx.dir("reward-score") / "forget.jsonl", rows)
     flat = [x for row in rows for x in row["keep_probs"]]
-    return {"responses": len(rows), "tokens": len(flat),
-            "unaligned_fraction": round(sum(x < 0.5 for x in flat) / max(1, len(flat)), 4)}
+    weights = token_weights(torch.tensor(flat, dtype=torch.float32), ctx.recipe.forget.token_weight).tolist()
+    shares = check_flagged(flat, weights, ctx.recipe.guards)
+    return {"responses": len(rows), "tokens": len(flat), "unaligned_fraction": shares["flagged_share"],
+            "forget_weighted_fraction": shares["weighted_share"]}
 
 
 def _text(x, role: str = "assistant") -> str:

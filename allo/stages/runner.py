@@ -50,6 +50,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     once training is done, before the export (the warm-up's masks from its partitions, its fp32 weights).
     """
     from allo.engine import Strategy, fit_micro_batch
+    from allo.guards import check_stalled
     from allo.model import build_model, load_tokenizer
     from allo.train import Stage, Trainer
 
@@ -90,6 +91,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
     trainer.setup()
     trainer.train()
+    check_stalled(stage if section == d.section else section, trainer.trace, recipe.guards)
     if after:
         resolve(after)(recipe, strategy, trainer.engine, list(model.named_parameters()), str(init_path), out)
     exported = trainer.export()

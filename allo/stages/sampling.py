@@ -117,6 +117,8 @@ def sample_step(ctx: Context) -> Optional[dict]:
 
 def pairs_step(ctx: Context) -> dict:
     """(correct, wrong) pairs from the samples, or the recipe's own pairs (task.pairs) -> pairs/pairs.jsonl."""
+    from allo.guards import check_pairs
+
     r = ctx.recipe
     out = ctx.dir("pairs") / "pairs.jsonl"
     if r.task.pairs:
@@ -128,6 +130,7 @@ def pairs_step(ctx: Context) -> dict:
         if p["prompt"] in reference:
             p["reference"] = reference[p["prompt"]]
     write_jsonl(out, pairs)
+    check_pairs(stats, r.guards)
     return stats
 
 
@@ -135,9 +138,12 @@ def _given_pairs(ctx: Context, out: Path) -> dict:
     """task.pairs, validated (data.columns / data.split / data.on_bad_record apply) into pairs/pairs.jsonl."""
     from allo.data.records import read_records
 
+    from allo.guards import check_pairs
+
     d, path = ctx.recipe.data, ctx.recipe.task.pairs
     records, stats = read_records(path, split=d.split, columns=d.columns, on_bad_record=d.on_bad_record,
                                   optional=("reference", "answer"))
     rows = [{k: v for k, v in r.items() if k != "source"} for r in records]
     write_jsonl(out, rows)
+    check_pairs({"pairs": len(rows)}, ctx.recipe.guards)
     return {"pairs": len(rows), "source": path, "read": stats.read, "skipped": dict(stats.skipped)}

@@ -1,0 +1,125 @@
+"""Silent degeneration stops loudly (issue 19): the teacher refuses tasks it does not know, and each guard rail
+between steps stops (or warns) on a constructed degenerate input, naming the knob that lowers it."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import torch
+from conftest import torchrun, write_recipe
+from safetensors.torch import load_file
+
+from allo.config import ConfigError, GuardsConfig, load_recipe
+from allo.guards import GuardStop, check_flagged, check_pairs, check_rewrites, check_stalled
+from allo.losses import token_weights
+from allo.masks.io import save_masks
+from allo.reward.teacher import check_programmatic, python_rewrites
+
+G = GuardsConfig()
+# The issue's case: unit-conversion word problems, which the arithmetic teacher cannot read.
+UNITS = [{"prompt": f"A rope is {n} meters long. How many centimeters is that?", "wrong": f" {n} * 100 = {n}00. The "
+          f"answer is {n}40.", "reference": f" {n} * 100 = {n}00. The answer is {n}00.", "answer": f"{n}00"}
+         for n in range(2, 9)]
+
+
+def test_programmatic_teacher_refuses_other_tasks() -> None:
+    with pytest.raises(ValueError, match=r"programmatic only understands the tiny recipe's arithmetic .* 7 of 7 "
+                                         r"problems are not of that kind .*A rope is 2 meters.*python:MODULE:FUNCTION"):
+        check_programmatic(UNITS)
+    check_programmatic([{"prompt": "Tom has 12 apples. He buys 7 more. How many apples does Tom have now?"}])
+
+
+def test_python_teacher_by_import_path(tmp_path, monkeypatch) -> None:
+    (tmp_path / "myteacher.py").write_text(
+        "def fix(problem, wrong, reference):\n"
+        "    if '5 meters' in problem:\n        raise RuntimeError('cannot')\n"
+        "    return wrong.replace('40.', '00.') if 'meters' in problem else None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = python_rewrites("python:myteacher:fix")(UNITS)
+    assert out[0] == " 2 * 100 = 200. The answer is 200." and out[3] is None  # the raise counts as a failure
+    with pytest.raises(ValueError, match=r"cannot import nope from myteacher \(AttributeError"):
+        python_rewrites("python:myteacher:nope")
+    with pytest.raises(ValueError, match="cannot import fix from no_such_pkg.x"):
+        python_rewrites("python:no_such_pkg.x:fix")
+    with pytest.raises(ConfigError, match="reward.teacher: 'python:fix' is not programmatic, openai or python:"):
+        load_recipe(None, ["reward.teacher=python:fix"])
+    assert load_recipe(None, ["reward.teacher=python:myteacher:fix"]).reward.teacher == "python:myteacher:fix"
+
+
+def test_pairs_guard(caplog) -> None:
+    with pytest.raises(GuardStop, match="0 preference pairs from 40 problems, fewer than guards.min_pairs 1"):
+        check_pairs({"pairs": 0, "problems": 40, "problems_without_pair": 40}, G)
+    with caplog.at_level(logging.WARNING):
+        check_pairs({"pairs": 3, "problems": 100, "problems_without_pair": 98}, G)
+    assert "only 2.0% of 100 problems yield a pair" in caplog.text
+    check_pairs({"pairs": 0}, GuardsConfig(min_pairs=0))
+
+
+def test_rewrite_guard() -> None:
+    with pytest.raises(GuardStop, match=r"0 of 7 teacher rewrites are right \(0.0% < guards.min_rewrite_share 20%; "
+                                        r"7 wrong"):
+        check_rewrites({"items": 7, "kept": 0, "rewrite_wrong": 7, "teacher_failed": 0}, G)
+    check_rewrites({"items": 7, "kept": 2}, G)
+    check_rewrites({"items": 7, "kept": 0}, GuardsConfig(min_rewrite_share=0))
+
+
+def test_flagged_guard(caplog) -> None:
+    keep = [1.0] * 500
+    for mode in ("indicator", "soft"):
+        with pytest.raises(GuardStop, match=r"flags 0.00% of 500 tokens .* 0.00% get a nonzero forget weight"):
+            check_flagged(keep, token_weights(torch.tensor(keep), mode).tolist(), G)
+    keep = [0.9] * 499 + [0.1]
+    shares = check_flagged(keep, token_weights(torch.tensor(keep), "indicator").tolist(), G)
+    assert shares == {"flagged_share": 0.002, "weighted_share": 0.002}
+    with caplog.at_level(logging.WARNING):
+        check_flagged([0.1] * 10, [1.0] * 10, G)
+    assert "flags 100.0% of the wrong responses' tokens" in caplog.text
+
+
+def test_stalled_guard(caplog) -> None:
+    with pytest.raises(GuardStop, match="forget: the gradient norm was 0 at all 3 steps"):
+        check_stalled("forget", [(0.5, 0.0), (0.4, 0.0), (0.3, 0.0)], G)
+    with pytest.raises(GuardStop, match="the loss was 0.693147, unchanged to the last bit"):
+        check_stalled("dpo", [(0.6931471805599453, float("nan"))] * 5, G)
+    check_stalled("dpo", [(0.6931471805599453, float("nan"))] * 5, GuardsConfig(stalled=False))
+    with caplog.at_level(logging.WARNING):
+        check_stalled("dpo", [(0.69315, 0.1), (0.69314, 0.1), (0.69313, 0.1)], G)
+    assert "dpo: the loss barely moved over 3 steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_stalled("dpo", [(0.69, 0.1), (0.6, 0.1), (0.5, 0.1)], G)
+    assert caplog.text == ""
+
+
+def test_forget_on_nothing_stops(tmp_path, tiny_model, pairs_file) -> None:
+    """The issue's end state, built directly: forget records whose every token the reward model kept. The stage
+    runs, its loss is 0 at every step, and the guard stops it instead of exporting an unchanged model."""
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    data = tmp_path / "forget.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "rejected": r["rejected"], "keep_probs": [1.0] * 99})
+                            + "\n" for r in rows))
+    mask = tmp_path / "all.safetensors"
+    weights = load_file(str(tiny_model / "model.safetensors"))
+    save_masks(mask, {k: torch.ones_like(v, dtype=torch.bool) for k, v in weights.items()}, {})
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, data, tmp_path / "out",
+                          "forget: {train: {max_steps: 3, global_batch_size: 4, micro_batch_size: 2}}")
+    proc = torchrun(["forget", str(recipe), "--mask", str(mask)], nproc=1, check=False, timeout=180)
+    assert proc.returncode != 0
+    assert re.search(r"allo forget: error: forget: the (gradient norm was 0|loss was 0, unchanged to the last bit,) at "
+                     r"all 3 steps, so the weights did not move", proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "forget" / "model").exists()
+
+
+def test_reward_data_refuses_an_unknown_task(tmp_path, tiny_model) -> None:
+    """`allo run` on unit-conversion pairs with the programmatic teacher stops at reward-data with the sentence."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": u["prompt"], "chosen": u["reference"], "rejected": u["wrong"]})
+                             + "\n" for u in UNITS))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs, tmp_path / "out",
+                          f"task: {{pairs: {pairs}, family: math}}")
+    torchrun(["run", str(recipe), "--only", "pairs"], nproc=1)
+    proc = torchrun(["run", str(recipe), "--only", "reward-data"], nproc=1, check=False)
+    assert proc.returncode != 0
+    assert "programmatic only understands" in proc.stderr and "7 of 7 problems" in proc.stderr, proc.stderr[-3000:]
