@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.stage == "masks":
             from allo.masks.show import heatmap, render
+            from allo.preflight import check_mask
 
+            check_mask(args.mask, None)
             print(render(args.mask))
             print(heatmap(args.mask, args.png or str(args.mask).rsplit(".", 1)[0] + ".png"))
             return 0

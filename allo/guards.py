@@ -28,7 +28,8 @@ def check_pairs(stats: dict, g: GuardsConfig) -> None:
                         "wrong response (raise sample.n or sample.temperature, check task.family's answer checker, "
                         "or set guards.min_pairs: 0 to go on)")
     if problems:
-        share = 1 - stats.get("problems_without_pair", 0) / problems
+        without = stats.get("problems_without_pair", {})  # make_pairs' counts: all_correct, all_wrong
+        share = 1 - sum(without.values()) / problems
         if share < g.warn_pair_share:
             log.warning("pairs: only %.1f%% of %d problems yield a pair (guards.warn_pair_share %.1f%%): the SFT "
                         "model is right (or wrong) on almost every sample; preference training sees few problems",

@@ -65,6 +65,18 @@ def iter_jsonl(path: str | Path, bad: str = "raise") -> Iterator[tuple[int, Any]
             yield n, BadLine(problem)
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON document; bytes that are not UTF-8 or text that is not JSON raise ValueError naming `file:line`."""
+    raw = Path(path).read_bytes()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}; save the file as UTF-8)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_jsonl(path: str | Path) -> list:
     """Every record of a JSONL file (see `iter_jsonl` for what an error names)."""
     return [rec for _, rec in iter_jsonl(path)]

@@ -16,6 +16,7 @@ from allo.guards import GuardStop, check_flagged, check_pairs, check_rewrites, c
 from allo.losses import token_weights
 from allo.masks.io import save_masks
 from allo.reward.teacher import check_programmatic, python_rewrites
+from allo.stages.sampling import make_pairs
 
 G = GuardsConfig()
 # The issue's case: unit-conversion word problems, which the arithmetic teacher cannot read.
@@ -49,11 +50,16 @@ def test_python_teacher_by_import_path(tmp_path, monkeypatch) -> None:
 
 
 def test_pairs_guard(caplog) -> None:
+    """On make_pairs' own counts: samples all right (or all wrong) give no pair."""
+    right = [{"prompt": f"p{i}", "response": f"r{j}", "answer": "1", "correct": True} for i in range(40) for j in range(4)]
+    _, stats = make_pairs(right)
     with pytest.raises(GuardStop, match="0 preference pairs from 40 problems, fewer than guards.min_pairs 1"):
-        check_pairs({"pairs": 0, "problems": 40, "problems_without_pair": 40}, G)
+        check_pairs(stats, G)
+    mixed = right + [{"prompt": "p0", "response": "bad", "answer": "1", "correct": False}]
+    _, stats = make_pairs(mixed)
     with caplog.at_level(logging.WARNING):
-        check_pairs({"pairs": 3, "problems": 100, "problems_without_pair": 98}, G)
-    assert "only 2.0% of 100 problems yield a pair" in caplog.text
+        check_pairs(stats, G)
+    assert "only 2.5% of 40 problems yield a pair" in caplog.text
     check_pairs({"pairs": 0}, GuardsConfig(min_pairs=0))
 
 

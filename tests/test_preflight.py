@@ -73,6 +73,12 @@ def test_broken_checkpoints_name_the_file(setup, tiny_model, capsys) -> None:
     for f in no_tok.glob("tokenizer*"):
         f.unlink()
     _fails(capsys, ["dpo", str(recipe), "--init", str(no_tok)], f"{no_tok}: no tokenizer")
+    for argv in (["locate", "--base", str(truncated), "--tuned", str(tiny_model), "--lr", "1e-6", "--ratio", "10",
+                  "--out", str(tmp / "m")], ["masks", "show", str(weights)],
+                 ["eval", "bench", "--model", str(truncated), "--benchmark", "gsm8k", "--out", str(tmp / "e")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{weights}: truncated or corrupt" in err.splitlines()[-1] and "Traceback" not in err, err
     sharded = copy("sharded")
     (sharded / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))

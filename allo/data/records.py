@@ -11,14 +11,13 @@ returned and logged, so nothing is dropped silently.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from allo.io import BadLine, iter_jsonl
+from allo.io import BadLine, iter_jsonl, read_json
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +57,10 @@ def _iter_file(p: Path, path: str, split: str) -> Iterator[tuple[str, Any]]:
         for n, rec in iter_jsonl(p, bad="yield"):  # a bad line comes as its problem, to raise or count
             yield f"{p}:{n}", rec
     elif p.suffix == ".json":
-        raw = p.read_bytes()
         try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}; save the file as UTF-8)") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+            obj = read_json(p)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         items = obj.get("data") if isinstance(obj, dict) else obj
         if not isinstance(items, list):
             raise DataError(f"{p}: expected a JSON array of records or an object with a 'data' array")

@@ -11,12 +11,11 @@ A record a normalizer cannot read stops the load with `file:line: field: problem
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from allo.io import iter_jsonl
+from allo.io import iter_jsonl, read_json
 from allo.tasks import last_boxed
 
 
@@ -133,12 +132,13 @@ def get(name: str) -> Benchmark:
 
 def _read_local(path: Path) -> list[tuple[str, dict]]:
     """(location, record) pairs from a JSONL file or a JSON array."""
-    text = path.read_text()
-    if path.suffix == ".json" or text.lstrip().startswith("["):
+    with open(path, "rb") as f:
+        array = f.read(4096).lstrip().startswith(b"[")
+    if path.suffix == ".json" or array:
         try:
-            data = json.loads(text)
+            data = read_json(path)
         except ValueError as e:
-            raise BenchmarkError(f"{path}: not valid JSON ({e})") from None
+            raise BenchmarkError(str(e)) from None
         if not isinstance(data, list):
             raise BenchmarkError(f"{path}: expected a JSON array of records")
         return [(f"{path}[{i}]", r) for i, r in enumerate(data)]

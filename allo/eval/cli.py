@@ -103,6 +103,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        if getattr(args, "model", None):
+            from allo.preflight import model_dir
+
+            model_dir(args.model)
         result = globals()["_" + args.cmd.replace("-", "_")](args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"allo eval {args.cmd}: error: {e}", file=sys.stderr)
@@ -217,8 +221,9 @@ def _alpaca(args) -> dict:
 
 def _alpaca_score(args) -> dict:
     from allo.eval import judges
+    from allo.io import read_json
 
-    data = json.loads(Path(args.annotations).read_text())
+    data = read_json(args.annotations)
     if not isinstance(data, list) or not all(isinstance(a, dict) and "preference" in a for a in data):
         raise ValueError(f"{args.annotations}: expected a JSON array of annotations with a `preference` field")
     metrics, note = judges.alpaca_score(data, args.difficulty)

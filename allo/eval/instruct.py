@@ -2,17 +2,16 @@
 formats (alpaca_eval's model_outputs.json; Arena-Hard's model_answer JSONL), so their own tools read ours too."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
-from allo.io import read_jsonl, write_json, write_jsonl
+from allo.io import read_json, read_jsonl, write_json, write_jsonl
 
 
 def read_alpaca_outputs(path: str) -> list[dict]:
     """alpaca_eval model_outputs.json: a JSON array of {instruction, output, generator, dataset?}."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of {{instruction, output, generator}}")
     for i, row in enumerate(data):

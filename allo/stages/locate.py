@@ -77,6 +77,11 @@ def add_arguments(parser) -> None:
 
 
 def main(recipe: Recipe, args) -> None:
+    from allo.preflight import model_dir
+
+    for path in (args.base, args.tuned):
+        if path:
+            model_dir(path, tokenizer=False)
     run_locate(recipe, base=args.base, tuned=args.tuned, lr=args.lr, ratios=args.ratio, out_dir=args.out)
 
 
