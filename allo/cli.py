@@ -19,6 +19,10 @@ from allo.steps import REGISTRY, STEPS, resolve
 COMMANDS = {
     "run": f"All steps in order ({', '.join(STEPS)}), each skipped when its manifest says it is complete; "
            "--from STEP / --only STEP rerun. Launch with torchrun: training steps use every rank.",
+    "plan": "Per-GPU memory (model states under the recipe's ZeRO stage, activations, logits, generation engine) "
+            "and GPU-hours of every step for --nodes × --gpus-per-node GPUs of --gpu-memory, from the model's "
+            "config.json alone; says whether each step fits and, when not, the smallest change that does. Exit 3 "
+            "when a step does not fit.",
     "report": "Tables in the paper's layouts (Table 2 accuracy from the eval result files, Table 3 win rates vs "
               "SFT) and PNG plots of a run directory: loss and reward-margin curves per stage, mask fraction per "
               "layer, histogram of token keep-probabilities. Writes RUN_DIR/report/.",
@@ -36,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("run_dir", help="a run directory (a recipe's output_dir, e.g. runs/tiny/seed0)")
             continue
         _recipe_arguments(sp)
+        if name == "plan":
+            resolve("allo.plan:add_arguments")(sp)
+            continue
         step = REGISTRY.get(name)
         if step is not None and step.standalone:
             _training_arguments(sp)
@@ -111,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(path.read_text() if path.suffix == ".md" else path)
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.stage == "plan":
+            from allo.plan import main as plan_main
+
+            return plan_main(recipe, args)
         log_file = _log_to_file(recipe.output_dir, rank) if args.stage != "config" else None
         if args.stage == "config":
             import yaml

@@ -36,6 +36,24 @@ def keep_only(x: torch.Tensor, keep: torch.Tensor, inplace: bool = True) -> torc
     return bits.mul_(ones).view(x.dtype) if inplace else torch.mul(bits, ones).view(x.dtype)
 
 
+# The update runs over slices of at most this many elements: DeepSpeed hands the optimizer whole flat partitions
+# (a 7B model's ZeRO-3 partition on 16 GPUs is 437M elements), and each temporary of the update would otherwise be
+# that size (bench/RESULTS.md, "allo plan"). Elementwise arithmetic, so the result does not depend on it.
+STEP_CHUNK = 1 << 24
+
+
+def _adamw_update(m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, values: torch.Tensor, beta1: float,
+                  beta2: float, step_size: float, bias2: float, eps: float, decay: float) -> torch.Tensor:
+    """Moments updated in place; returns the (negative) step of AdamW for these elements, decay included."""
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (v.clamp_min(TINY).sqrt_() / bias2).add_(eps)
+    update = (m / denom).mul_(-step_size)
+    if decay:
+        update.add_(values, alpha=-decay)
+    return update
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, sparse_state: bool = False):
@@ -81,17 +99,16 @@ class MaskedAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step = state["step"].item()
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = lr / (1 - beta1 ** step)
-                denom = (v.clamp_min(TINY).sqrt_() / math.sqrt(1 - beta2 ** step)).add_(eps)
-                update = (m / denom).mul_(-step_size)
-                if wd:
-                    update.add_(values, alpha=-lr * wd)
-                if index is not None:
-                    flat_p.index_add_(0, index, update.to(flat_p.dtype))
-                elif keep is not None:
-                    flat_p.add_(keep_only(update, keep).to(flat_p.dtype))
-                else:
-                    flat_p.add_(update.to(flat_p.dtype))
+                bias2 = math.sqrt(1 - beta2 ** step)
+                for at in range(0, values.numel(), STEP_CHUNK):  # temporaries of one chunk at a time
+                    sl = slice(at, at + STEP_CHUNK)
+                    update = _adamw_update(m[sl], v[sl], grad[sl], values[sl], beta1, beta2, step_size, bias2, eps,
+                                           lr * wd)
+                    if index is not None:
+                        flat_p.index_add_(0, index[sl], update.to(flat_p.dtype))
+                    elif keep is not None:
+                        flat_p[sl].add_(keep_only(update, keep[sl]).to(flat_p.dtype))
+                    else:
+                        flat_p[sl].add_(update.to(flat_p.dtype))
         return loss

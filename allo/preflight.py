@@ -146,7 +146,7 @@ def tensor_shapes(d: Path) -> dict[str, tuple[int, ...]]:
 
 def check_mask(mask: str, model: Optional[Path]) -> None:
     """The mask file opens, and each of its tensors names a tensor of the model with the same shape."""
-    from allo.masks.io import MaskFile
+    from allo.masks.io import MaskError, MaskFile, check_against_model
 
     p = Path(mask)
     if not p.is_file():
@@ -162,13 +162,12 @@ def check_mask(mask: str, model: Optional[Path]) -> None:
     have = tensor_shapes(model)
     if not have:  # .bin weights only: the stage checks the mask against the loaded model
         return
-    extra = [n for n in shapes if n not in have and not n.endswith("lm_head.weight")]  # lm_head may be tied
-    wrong = [f"{n}: mask {list(shapes[n])} vs model {list(have[n])}" for n in shapes
-             if n in have and tuple(shapes[n]) != have[n]]
-    if extra or wrong:
-        what = (f"{len(extra)} masks name no tensor of the model (e.g. {extra[0]})" if extra else
-                f"{len(wrong)} shapes differ (e.g. {wrong[0]})")
-        raise InputError(f"{mask}: does not fit the model in {model}: {what} (locate the mask on this model)")
+    tied = {n: n.replace("lm_head.weight", "model.embed_tokens.weight") for n in shapes
+            if n.endswith("lm_head.weight") and n not in have}  # a tied head is not saved: it shares the embedding
+    try:
+        check_against_model(p, have, tied)
+    except MaskError as e:
+        raise InputError(f"{e} (locate the mask on the model in {model})") from None
 
 
 def check_data(path: str, skip_bad: bool = False) -> None:

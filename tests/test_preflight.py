@@ -92,11 +92,12 @@ def test_mask_must_fit_the_model(setup, tiny_model, capsys) -> None:
     tmp, recipe = setup
     wrong = tmp / "wrong.safetensors"
     save_masks(wrong, {"model.embed_tokens.weight": torch.ones(3, 3, dtype=torch.bool)}, {})
-    _fails(capsys, ["improve", str(recipe), "--mask", str(wrong)], f"{wrong}: does not fit the model",
-           "model.embed_tokens.weight: mask [3, 3] vs model")
+    _fails(capsys, ["improve", str(recipe), "--mask", str(wrong)], f"{wrong} does not fit the model",
+           "model.embed_tokens.weight: mask (3, 3) vs model")
     alien = tmp / "alien.safetensors"
     save_masks(alien, {"transformer.h.0.attn.weight": torch.ones(2, dtype=torch.bool)}, {})
-    _fails(capsys, ["improve", str(recipe), "--mask", str(alien)], "1 masks name no tensor of the model")
+    _fails(capsys, ["improve", str(recipe), "--mask", str(alien)], "1 masks name no model parameter: "
+           "transformer.h.0.attn.weight")
     not_mask = tmp / "not_mask.safetensors"
     not_mask.write_text("hello")
     _fails(capsys, ["improve", str(recipe), "--mask", str(not_mask)], f"{not_mask}: not a readable safetensors")

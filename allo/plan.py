@@ -1,0 +1,484 @@
+"""`allo plan`: per-GPU memory and GPU-hours of every step of a recipe, before a job is queued.
+
+Nothing is downloaded and no weights are read: the model is built from its `config.json` (a local directory or
+the Hugging Face cache) on the meta device, which gives exact parameter counts for any architecture. Memory terms:
+
+- model states per GPU follow DeepSpeed's own estimators (`estimate_zero2/3_model_states_mem_needs`): 16-bit
+  weights and gradients, fp32 gradients, fp32 master weights and the two Adam moments, each divided over the ranks
+  that ZeRO stage partitions it across, plus ZeRO-3's gathered largest layer (4 bytes a parameter). For ZeRO-1 and
+  ZeRO-0 the same bytes per parameter apply with less partitioned; ZeRO-2/3 add the gradient reduce bucket
+  (`reduce_bucket_size` elements). Neuron masks add 2 bytes per local element (a flat copy for the optimizer and one
+  per parameter); sparse
+  Adam moments keep 8 bytes plus a 4-byte index per selected element instead of 8 per element;
+- activations of one micro batch (chosen and rejected rows together for preference stages) from the decoder layer's
+  saved tensors: 7·H + 3·KV + 4·I values per token and layer (two RMSNorm inputs and outputs, q/k before and after
+  rotary, v, the attention output, gate, up, SiLU and product), plus 2·heads·seq per token for eager attention's
+  score and softmax matrices; with gradient checkpointing, one H-sized layer input per layer plus one layer's
+  tensors during its recompute;
+- logits: the micro batch's bf16 logits and the fp32 chunk `allo.logprobs.token_logps` upcasts (and its softmax);
+- a fixed runtime reserve on GPUs (CUDA context, NCCL buffers, allocator slack), shown on its own line;
+- generation steps: vLLM reserves `generation.gpu_memory_utilization` of each GPU; the HF backend holds the 16-bit
+  weights and a KV cache for its batch.
+
+Tokens per step come from the data files when they exist (a tokenizer on disk counts a sample of records, else 4
+characters a token), else from the recipe's counts. GPU-hours = 6·N·tokens (training) + 2·N·tokens (reference
+log-probs, generation) over MFU × peak FLOP/s.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from allo.config import Recipe
+
+GiB = 2 ** 30
+RUNTIME_RESERVE = 2 * GiB      # CUDA context, NCCL buffers, allocator slack (GPU only)
+DEFAULT_TFLOPS = 989.0         # H100 SXM dense bf16; --gpu-tflops for other GPUs
+ASSUMED_MFU = 0.35             # bench/gpu.py's goal for DPO, used until a measured value exists
+SAMPLE_RECORDS = 2000          # records tokenised to estimate a data file's tokens
+
+
+@dataclass
+class Shape:
+    """What memory depends on, from the model's config."""
+    params: int
+    largest_layer: int
+    layers: int
+    hidden: int
+    heads: int
+    kv: int           # key/value width: KV heads × head dim
+    intermediate: int
+    vocab: int
+
+
+@dataclass
+class Hardware:
+    nodes: int
+    gpus_per_node: int
+    gpu_bytes: int
+    tflops: float = DEFAULT_TFLOPS
+    mfu: float = ASSUMED_MFU
+    mfu_source: str = f"assumed {ASSUMED_MFU} (bench/gpu.py's DPO goal; no GPU measurement on record)"
+    cpu: bool = False  # CPU processes: no runtime reserve (what tests measure)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Zero:
+    stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bucket_elements: int = 0  # the gradient reduce bucket (ZeRO-2/3), in elements
+
+
+@dataclass
+class StepPlan:
+    step: str
+    kind: str                       # "train" or "generate"
+    terms: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    tokens_source: str = ""
+    flops: float = 0.0
+    fits: bool = True
+    fix: Optional[str] = None
+
+    @property
+    def peak(self) -> int:
+        return sum(self.terms.values())
+
+
+# --------------------------------------------------------------------------------------------- model shape
+def shape_of(config: Any) -> Shape:
+    """Exact parameter counts of a transformers config, from a model built on the meta device (no memory, no
+    weights); tied parameters count once, as DeepSpeed's `model_to_params` counts them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return Shape(params=sum(unique.values()), largest_layer=largest, layers=config.num_hidden_layers,
+                 hidden=config.hidden_size, heads=heads, kv=kv_heads * head_dim,
+                 intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
+                 vocab=config.vocab_size)
+
+
+def model_config(recipe: Recipe, path: Optional[str] = None) -> Any:
+    """The config of `path` (default model.path), or of the recipe's random-init model (`model.init`)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    path = path or recipe.model.path
+    if path:
+        from allo.preflight import InputError, model_dir
+
+        local = model_dir(path, tokenizer=False) if Path(path).exists() else None
+        try:
+            return AutoConfig.from_pretrained(str(local or path), local_files_only=True,
+                                              trust_remote_code=recipe.model.trust_remote_code)
+        except OSError:
+            raise InputError(f"{path}: no config.json here or in the Hugging Face cache (allo plan reads only "
+                             f"config.json; fetch it with `huggingface-cli download {path} config.json`)") from None
+    init = dict(recipe.model.init or {})
+    init.setdefault("vocab_size", _tokenizer_size(recipe.model.tokenizer) or 32000)
+    return LlamaConfig(**init)
+
+
+def _tokenizer_size(path: Optional[str]) -> Optional[int]:
+    if not path or not Path(path).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(path))
+
+
+# --------------------------------------------------------------------------------------------- memory terms
+def zero_of(ds_config: str) -> Zero:
+    from allo.engine import ds_config_path
+
+    cfg = json.loads(ds_config_path(ds_config).read_text()).get("zero_optimization", {})
+    device = lambda key: (cfg.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
+    stage = int(cfg.get("stage", 0))
+    bucket = float(cfg.get("reduce_bucket_size", 5e8)) if stage >= 2 else 0  # DeepSpeed's default
+    return Zero(stage, device("offload_optimizer"), device("offload_param"), int(bucket))
+
+
+def model_states(s: Shape, z: Zero, hw: Hardware, mixed: bool = True, mask_ratio: Optional[float] = None,
+                 sparse: bool = False) -> dict[str, int]:
+    """Per-GPU bytes of weights, gradients, fp32 copies and Adam moments, in DeepSpeed's accounting (ZeRO-2: 2 + 18/W
+    bytes a parameter; ZeRO-3: 18/W plus the gathered largest layer). `mixed`: bf16 training with fp32 masters
+    (else fp32 weights and gradients; without ZeRO, no fp32 copies). `mask_ratio`: a neuron-masked stage."""
+    n, w = s.params, hw.world
+    part = lambda stage: n / w if z.stage >= stage else n  # noqa: E731  (elements held: partitioned from `stage`)
+    width = 2 if mixed else 4
+    terms = {"weights": width * part(3), "gradients": width * part(2)}
+    if mixed or z.stage >= 1:  # DeepSpeed's optimizer wrappers keep fp32 copies (also of fp32 weights, for ZeRO)
+        # ZeRO-3 converts gradients to fp32 one sub-group at a time: DeepSpeed allows 2 bytes for it
+        terms["fp32 gradients"] = (2 if z.stage == 3 else 4) * part(1)
+        terms["fp32 master weights"] = 4 * part(1)
+    if mask_ratio is not None and sparse:  # moments and an int32 index for the selected elements only
+        terms["Adam moments (sparse)"] = (8 + 4) * mask_ratio * part(1)
+    else:
+        terms["Adam moments"] = 8 * part(1)
+    if mask_ratio is not None:  # a bool per element, twice: flat per optimizer tensor and per parameter
+        terms["neuron masks"] = 2 * part(1)
+    if z.stage == 3:
+        terms["gathered layer (ZeRO-3)"] = 4 * s.largest_layer
+    if z.bucket_elements:
+        terms["ZeRO reduce bucket"] = width * z.bucket_elements
+    if z.offload_optimizer:  # gradients, fp32 copies, moments and masks live in CPU memory
+        for k in [k for k in terms if k.startswith(("gradients", "fp32", "Adam", "neuron"))]:
+            terms.pop(k)
+    if z.offload_params and z.stage == 3:
+        terms.pop("weights")
+    return {k: int(v) for k, v in terms.items()}
+
+
+def activation_bytes(s: Shape, rows: int, seq: int, checkpointing: bool, attn: str, width: int = 2) -> int:
+    """Saved activations of one forward/backward of `rows` sequences of `seq` tokens (see module doc)."""
+    per_layer = 7 * s.hidden + 3 * s.kv + 4 * s.intermediate + (2 * s.heads * seq if attn == "eager" else 0)
+    tokens = rows * seq
+    if checkpointing:
+        return width * tokens * (s.layers * s.hidden + per_layer)
+    return width * tokens * s.layers * per_layer
+
+
+def logits_bytes(s: Shape, rows: int, seq: int, width: int = 2) -> int:
+    """The micro batch's logits plus the fp32 chunk token_logps upcasts and its log-softmax."""
+    from allo.logprobs import LOGP_CHUNK
+
+    return width * rows * seq * s.vocab + 2 * 4 * min(LOGP_CHUNK, rows * seq * s.vocab)
+
+
+# --------------------------------------------------------------------------------------------- per step
+def train_plan(recipe: Recipe, step, s: Shape, hw: Hardware, z: Optional[Zero] = None,
+               micro: Optional[int] = None, checkpointing: Optional[bool] = None) -> StepPlan:
+    from allo.stages import STAGES
+
+    t = recipe.stage_train(step.train.section)
+    d = STAGES[step.train.stage]
+    z = z or zero_of(t.ds_config)
+    micro = micro or t.micro_batch_size
+    ckpt = recipe.model.gradient_checkpointing if checkpointing is None else checkpointing
+    mixed = recipe.model.dtype == "bf16"
+    width = 2 if mixed else 4
+    ratio = {"n1": recipe.locate.forget_ratio, "n2": recipe.locate.improve_ratio}.get(d.mask or "", None)
+    rows, seq = micro * len(d.responses), recipe.data.max_length
+    terms = model_states(s, z, hw, mixed, None if ratio is None else ratio / 100, t.sparse_optimizer_state)
+    terms["activations"] = activation_bytes(s, rows, seq, ckpt, recipe.model.attn_implementation, width)
+    terms["logits"] = logits_bytes(s, rows, seq, width)
+    if not hw.cpu:
+        terms["runtime reserve"] = RUNTIME_RESERVE
+    return StepPlan(step.name, "train", terms)
+
+
+def generate_plan(recipe: Recipe, step, s: Shape, hw: Hardware) -> StepPlan:
+    g = recipe.generation
+    if g.backend == "vllm" or (g.backend == "auto" and not hw.cpu):
+        terms = {"vLLM engine (gpu_memory_utilization)": int(g.gpu_memory_utilization * hw.gpu_bytes)}
+    else:
+        seq = recipe.data.max_length
+        terms = {"weights (16-bit)": 2 * s.params,
+                 "KV cache": 2 * 2 * s.layers * s.kv * seq * g.batch_size}
+    return StepPlan(step.name, "generate", terms)
+
+
+def smallest_fix(recipe: Recipe, step, s: Shape, hw: Hardware) -> Optional[str]:
+    """The first change (in this order) that makes a training step fit: a smaller micro batch, gradient
+    checkpointing, ZeRO-3, optimizer offload, parameter offload, then more nodes."""
+    t = recipe.stage_train(step.train.section)
+    z = zero_of(t.ds_config)
+    sec = step.train.section
+    micro = t.micro_batch_size
+    while micro > 1:
+        micro //= 2
+        if train_plan(recipe, step, s, hw, z, micro).peak <= hw.gpu_bytes:
+            return f"--set {sec}.train.micro_batch_size={micro}"
+    if not recipe.model.gradient_checkpointing and train_plan(recipe, step, s, hw, z, 1, True).peak <= hw.gpu_bytes:
+        return f"--set {sec}.train.micro_batch_size=1 --set model.gradient_checkpointing=true"
+    for cfg, zz in (("ds_configs/zero3.json", Zero(3)), ("ds_configs/zero3_offload.json", Zero(3, True, True))):
+        if train_plan(recipe, step, s, hw, zz, 1, True).peak <= hw.gpu_bytes:
+            return (f"--set {sec}.train.micro_batch_size=1 --set model.gradient_checkpointing=true "
+                    f"--set {sec}.train.ds_config={cfg}")
+    for nodes in range(hw.nodes + 1, 64 * hw.nodes + 1):
+        more = Hardware(nodes, hw.gpus_per_node, hw.gpu_bytes, cpu=hw.cpu)
+        if train_plan(recipe, step, s, more, Zero(3), 1, True).peak <= hw.gpu_bytes:
+            return f"{nodes} nodes × {hw.gpus_per_node} GPUs with ZeRO-3, micro batch 1 and gradient checkpointing"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- tokens, time
+def _records(path: Optional[str]) -> Optional[list[dict]]:
+    from allo.io import iter_jsonl
+
+    if not path or not Path(path).is_file():
+        return None
+    if Path(path).suffix != ".jsonl":
+        from allo.data.records import _iter_raw
+
+        return [r for _, r in _iter_raw(path, "train") if isinstance(r, dict)]
+    return [r for _, r in iter_jsonl(path, bad="yield") if isinstance(r, dict)]
+
+
+def _text_chars(rec: dict, fields: tuple[str, ...]) -> list[int]:
+    def chars(v: Any) -> int:
+        return len(v) if isinstance(v, str) else sum(len(str(m.get("content", ""))) for m in v or [])
+    prompt = chars(rec.get("prompt", ""))
+    return [prompt + chars(rec.get(f, "")) for f in fields]
+
+
+def data_tokens(recipe: Recipe, path: Optional[str], fields: tuple[str, ...], fallback_records: int,
+                fallback_note: str) -> tuple[int, int, str]:
+    """(tokens one epoch processes: every row of every record, each capped at data.max_length; records; source)."""
+    cap = recipe.data.max_length
+    records = _records(path)
+    if records is None:
+        return (fallback_records * len(fields) * cap // 2, fallback_records,
+                f"{fallback_note}; assumed half of data.max_length a row")
+    sample = records[:SAMPLE_RECORDS]
+    tok_dir = recipe.model.tokenizer or recipe.model.path
+    per_char, how = 0.25, "4 characters a token"
+    if tok_dir and Path(tok_dir).is_dir() and sample:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        texts = [str(r.get("prompt", "")) + str(r.get(fields[0], "")) for r in sample[:200]]
+        chars = sum(len(t) for t in texts)
+        if chars:
+            per_char, how = sum(len(tok(t)["input_ids"]) for t in texts) / chars, "tokenizer on a sample"
+    per_record = [sum(min(cap, int(c * per_char) + 2) for c in _text_chars(r, fields)) for r in sample]
+    mean = sum(per_record) / max(1, len(per_record))
+    return int(mean * len(records)), len(records), f"{len(records)} records in {path} ({how})"
+
+
+def step_tokens(recipe: Recipe, step) -> tuple[int, int, str]:
+    """Tokens per epoch of a training step's data, from its file when it exists (a run already started or the
+    recipe's own file), else from the recipe's counts."""
+    from allo.stages import STAGES
+
+    run = Path(recipe.output_dir)
+    problems = _records(recipe.task.problems)
+    n_problems = len(problems) if problems is not None else 0
+    pairs_guess = n_problems * recipe.sample.max_pairs_per_problem
+    note = f"at most {recipe.sample.max_pairs_per_problem} pairs × {n_problems} problems (sample.max_pairs_per_problem)"
+    fields = STAGES[step.train.stage].responses
+    data = step.train.data
+    if data.startswith("recipe:"):
+        key = data.split(":", 1)[1]
+        path = recipe.task.sft_data if key == "task.sft_data" else None
+        return data_tokens(recipe, path, fields, 0, "no data file")
+    path = run / data
+    if step.name in ("warmup", "dpo", "simpo", "improve") and recipe.task.pairs:
+        path = Path(recipe.task.pairs)
+    if path.exists():
+        return data_tokens(recipe, str(path), fields, 0, "")
+    if step.name == "reward-train":
+        return data_tokens(recipe, None, fields, 2 * pairs_guess, f"about 2 × {note}")
+    return data_tokens(recipe, None, fields, pairs_guess, note)
+
+
+def train_flops(recipe: Recipe, step, s: Shape, tokens: int, records: int) -> float:
+    """6·N per trained token over the stage's passes (epochs, or max_steps × global batch records), plus 2·N per
+    token for the reference log-probs."""
+    from allo.stages import STAGES
+
+    t = recipe.stage_train(step.train.section)
+    passes = t.max_steps * t.global_batch_size / max(1, records) if t.max_steps else t.epochs
+    return 6 * s.params * tokens * passes + (2 * s.params * tokens if STAGES[step.train.stage].needs_reference else 0)
+
+
+def generate_tokens(recipe: Recipe, step) -> tuple[int, str]:
+    problems = _records(recipe.task.problems)
+    n = len(problems) if problems else 0
+    if step.name == "sample":
+        return n * recipe.sample.n * recipe.sample.max_new_tokens, (
+            f"{n} problems × sample.n {recipe.sample.n} × sample.max_new_tokens (upper bound)")
+    held = _records(recipe.task.eval)
+    m = len(held) if held else 0
+    models = 1 + sum(1 for st in _steps() if st.label)
+    return m * models * recipe.task.eval_max_new_tokens, f"{m} held-out problems × {models} models (upper bound)"
+
+
+def _steps():
+    from allo.steps import REGISTRY
+
+    return list(REGISTRY.values())
+
+
+# --------------------------------------------------------------------------------------------- the plan
+def measured_mfu() -> Optional[tuple[float, float, str]]:
+    """(MFU, peak TFLOP/s, source) of the newest bench/gpu.py result on record, if any."""
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    found = sorted(results.glob("gpu*.json"), key=lambda p: p.stat().st_mtime) if results.is_dir() else []
+    for f in reversed(found):
+        try:
+            r = json.loads(f.read_text())
+            return float(r["dpo"]["mfu"]), float(r["peak_flops"]) / 1e12, f"measured by bench/gpu.py ({f.name})"
+        except (KeyError, ValueError, TypeError):
+            continue
+    return None
+
+
+def plan(recipe: Recipe, hw: Hardware) -> list[StepPlan]:
+    from allo.steps import REGISTRY
+
+    s = shape_of(model_config(recipe))
+    shapes = {None: s}
+    out = []
+    for step in REGISTRY.values():
+        if step.skip and step.skip(recipe):
+            continue
+        if step.train is not None:
+            init = recipe.reward.init if step.name == "reward-train" else None
+            if init not in shapes:
+                shapes[init] = shape_of(model_config(recipe, init))
+            sh = shapes[init]
+            p = train_plan(recipe, step, sh, hw)
+            p.tokens, records, p.tokens_source = step_tokens(recipe, step)
+            p.flops = train_flops(recipe, step, sh, p.tokens, records)
+        elif step.name in ("sample", "eval"):
+            p = generate_plan(recipe, step, s, hw)
+            p.tokens, p.tokens_source = generate_tokens(recipe, step)
+            p.flops = 2 * s.params * p.tokens
+        else:
+            continue
+        p.fits = p.peak <= hw.gpu_bytes
+        if not p.fits and p.kind == "train":
+            p.fix = smallest_fix(recipe, step, shapes.get(recipe.reward.init if step.name == "reward-train" else None,
+                                                          s), hw)
+        out.append(p)
+    return out
+
+
+def gpu_hours(p: StepPlan, hw: Hardware) -> float:
+    return p.flops / (hw.mfu * hw.tflops * 1e12) / 3600
+
+
+def verdict(steps: list[StepPlan], hw: Hardware) -> str:
+    bad = [p for p in steps if not p.fits]
+    hours = sum(gpu_hours(p, hw) for p in steps)
+    worst = max(steps, key=lambda p: p.peak)
+    head = (f"fits: every step within {hw.gpu_bytes / GiB:.0f} GiB per GPU (peak {worst.peak / GiB:.1f} GiB, "
+            f"{worst.step})" if not bad else
+            f"does not fit: {', '.join(p.step for p in bad)} exceed {hw.gpu_bytes / GiB:.0f} GiB per GPU "
+            f"({bad[0].step}: {bad[0].peak / GiB:.1f} GiB; fix: {bad[0].fix or 'none found'})")
+    return f"{head}; about {hours:.1f} GPU-hours ({hours / hw.world:.2f} h wall on {hw.world} GPUs) at MFU {hw.mfu:.2f}"
+
+
+def render(steps: list[StepPlan], hw: Hardware) -> str:
+    lines = [f"{hw.nodes} nodes × {hw.gpus_per_node} GPUs, {hw.gpu_bytes / GiB:.0f} GiB each, "
+             f"{hw.tflops:.0f} TFLOP/s peak, MFU {hw.mfu:.2f} ({hw.mfu_source})", ""]
+    for p in steps:
+        mark = "ok " if p.fits else "NO "
+        lines.append(f"{mark}{p.step:13s} peak {p.peak / GiB:8.2f} GiB  {p.tokens / 1e6:10.2f} M tokens  "
+                     f"{gpu_hours(p, hw):8.2f} GPU-h   ({p.tokens_source})")
+        for k, v in p.terms.items():
+            lines.append(f"      {k:38s} {v / GiB:8.2f} GiB")
+        if p.fix:
+            lines.append(f"      smallest change that fits: {p.fix}")
+    return "\n".join(lines + ["", verdict(steps, hw)])
+
+
+def as_json(steps: list[StepPlan], hw: Hardware) -> dict:
+    return {"hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu_bytes": hw.gpu_bytes,
+                         "tflops": hw.tflops, "mfu": hw.mfu, "mfu_source": hw.mfu_source},
+            "steps": [{"step": p.step, "kind": p.kind, "terms": p.terms, "peak": p.peak, "fits": p.fits,
+                       "fix": p.fix, "tokens": p.tokens, "tokens_source": p.tokens_source,
+                       "gpu_hours": round(gpu_hours(p, hw), 3)} for p in steps],
+            "fits": all(p.fits for p in steps), "verdict": verdict(steps, hw)}
+
+
+def parse_bytes(text: str) -> int:
+    """"80GiB", "80GB", "141 GiB", "81920MiB" -> bytes."""
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2 ** 10, "mib": 2 ** 20,
+             "gib": GiB, "tib": 2 ** 40}
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if not num or unit not in units:
+        raise ValueError(f"--gpu-memory {text!r}: expected a size such as 80GiB, 80GB or 141GiB")
+    return int(float(num) * units[unit])
+
+
+def hardware(nodes: int, gpus_per_node: int, gpu_memory: str, tflops: Optional[float], mfu: Optional[float],
+             cpu: bool = False) -> Hardware:
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"--nodes {nodes} and --gpus-per-node {gpus_per_node} must both be >= 1")
+    hw = Hardware(nodes, gpus_per_node, parse_bytes(gpu_memory), cpu=cpu)
+    measured = measured_mfu()
+    if measured:
+        hw.mfu, hw.tflops, hw.mfu_source = measured
+    if tflops:
+        hw.tflops = tflops
+    if mfu:
+        hw.mfu, hw.mfu_source = mfu, "given (--mfu)"
+    if not 0 < hw.mfu <= 1:
+        raise ValueError(f"--mfu {hw.mfu}: must be in (0, 1]")
+    return hw
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 141GiB (default 80GiB)")
+    p.add_argument("--gpu-tflops", type=float, help=f"peak dense bf16 TFLOP/s of one GPU (default {DEFAULT_TFLOPS:g}, "
+                                                    "H100 SXM; or bench/gpu.py's measured peak)")
+    p.add_argument("--mfu", type=float, help="model FLOP utilisation for GPU-hours (default: bench/gpu.py's measured "
+                                             f"value when on record, else an assumed {ASSUMED_MFU})")
+    p.add_argument("--json", action="store_true", help="the plan as JSON (for scripts)")
+
+
+def main(recipe: Recipe, args) -> int:
+    """`allo plan`: prints the plan; exit 0 when every step fits, 3 when one does not."""
+    hw = hardware(args.nodes, args.gpus_per_node, args.gpu_memory, args.gpu_tflops, args.mfu)
+    steps = plan(recipe, hw)
+    print(json.dumps(as_json(steps, hw), indent=2) if args.json else render(steps, hw))
+    return 0 if all(p.fits for p in steps) else 3

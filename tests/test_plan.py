@@ -1,0 +1,99 @@
+"""`allo plan` (issue 18): model-state bytes equal DeepSpeed's own estimators; the CLI's verdict, fix and JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_recipe
+
+from allo.cli import main
+from allo.config import load_recipe
+from allo.plan import Hardware, Zero, model_states, parse_bytes, shape_of
+
+WORLDS = [(1, 1), (1, 2), (1, 8), (2, 8), (4, 8), (3, 5)]
+
+
+def _configs():
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    llama = dict(hidden_size=96, intermediate_size=260, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000)
+    return {"llama": LlamaConfig(**llama, tie_word_embeddings=False),
+            "llama-tied": LlamaConfig(**llama, tie_word_embeddings=True),
+            "qwen2-bias": Qwen2Config(**llama, tie_word_embeddings=False),
+            "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=700, n_positions=128)}
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "qwen2-bias", "gpt2"])
+def test_model_states_equal_deepspeeds_estimators(name) -> None:
+    """For real models (DeepSpeed counts their live parameters, tied ones once) on several world sizes, the plan's
+    model-state bytes, computed from the config alone on the meta device, equal DeepSpeed's ZeRO-2 and ZeRO-3
+    estimators with and without offload (to the few bytes of per-term integer rounding)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from transformers import AutoModelForCausalLM
+
+    config = _configs()[name]
+    total, largest = model_to_params(AutoModelForCausalLM.from_config(config))
+    shape = shape_of(config)
+    assert (shape.params, shape.largest_layer) == (total, largest)
+    for nodes, gpn in WORLDS:
+        hw = Hardware(nodes, gpn, 80 * 2 ** 30)
+        cases = [
+            (Zero(3), estimate_zero3_model_states_mem_needs(total, largest, gpn, nodes, cpu_offload=False)[1]),
+            (Zero(3, True, True), estimate_zero3_model_states_mem_needs(total, largest, gpn, nodes)[1]),
+            (Zero(3, True, False), estimate_zero3_model_states_mem_needs(total, largest, gpn, nodes,
+                                                                         cpu_offload_params=False)[1]),
+            (Zero(2), estimate_zero2_model_states_mem_needs(total, gpn, nodes, cpu_offload=False)[1]),
+            (Zero(2, True), estimate_zero2_model_states_mem_needs(total, gpn, nodes)[1]),
+        ]
+        for zero, expected in cases:  # DeepSpeed's estimators leave out the communication buckets
+            ours = sum(model_states(shape, zero, hw).values())
+            assert abs(ours - expected) <= 8, (name, nodes, gpn, zero, ours, expected)
+
+
+def test_masks_and_sparse_moments_change_only_their_terms() -> None:
+    shape = shape_of(_configs()["llama"])
+    hw = Hardware(1, 4, 80 * 2 ** 30)
+    dense = model_states(shape, Zero(3), hw)
+    masked = model_states(shape, Zero(3), hw, mask_ratio=0.1)
+    sparse = model_states(shape, Zero(3), hw, mask_ratio=0.1, sparse=True)
+    local = shape.params / 4
+    assert masked["neuron masks"] == int(2 * local) and masked["Adam moments"] == dense["Adam moments"]
+    assert sparse["Adam moments (sparse)"] == int(12 * 0.1 * local) and "Adam moments" not in sparse
+    fp32 = model_states(shape, Zero(0), hw, mixed=False)
+    assert fp32 == {"weights": 4 * shape.params, "gradients": 4 * shape.params, "Adam moments": 8 * shape.params}
+    buckets = model_states(shape, Zero(3, bucket_elements=10 ** 8), hw)
+    assert buckets["ZeRO reduce bucket"] == 2 * 10 ** 8
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("80GiB") == 80 * 2 ** 30 and parse_bytes("80 GB") == 80 * 10 ** 9
+    assert parse_bytes("81920MiB") == 80 * 2 ** 30
+    with pytest.raises(ValueError, match="expected a size such as 80GiB"):
+        parse_bytes("lots")
+
+
+def test_plan_cli_verdict_fix_and_json(tmp_path, tiny_model, pairs_file, capsys) -> None:
+    """A recipe that fits says so (exit 0); a GPU too small gets exit 3 and a change that fits, which `allo plan`
+    with that change then confirms; --json carries the same numbers."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "out",
+                          f"task: {{pairs: {pairs_file}, family: instruct}}")
+    assert main(["plan", str(recipe), "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: every step within 80 GiB per GPU" in out and "32 records in" in out
+    big = ["--set", "train.micro_batch_size=256", "--set", "train.global_batch_size=512", "--set",
+           "data.max_length=1024"]  # activations of 256 (×2 for pairs) sequences of 1024 tokens: about 5 GB
+    assert main(["plan", str(recipe), "--gpus-per-node", "2", "--gpu-memory", "3GiB", "--json"] + big) == 3
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["fits"] and plan["verdict"].startswith("does not fit")
+    bad = [s for s in plan["steps"] if not s["fits"] and s["kind"] == "train"]
+    assert bad and all(s["peak"] == sum(s["terms"].values()) for s in plan["steps"])
+    fix = bad[0]["fix"]
+    assert fix and fix.startswith("--set")
+    sets = [x for x in fix.split() if x != "--set"]
+    assert main(["plan", str(recipe), "--gpus-per-node", "2", "--gpu-memory", "3GiB", "--json"] + big
+                + [a for kv in sets for a in ("--set", kv)]) in (0, 3)
+    again = json.loads(capsys.readouterr().out)
+    assert next(s for s in again["steps"] if s["step"] == bad[0]["step"])["fits"]
+    assert load_recipe(str(recipe)).model.path == str(tiny_model)
