@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from allo.config import Recipe
+from allo.optim import STEP_CHUNK
 
 GiB = 2 ** 30
 RUNTIME_RESERVE = 2 * GiB      # CUDA context, NCCL buffers, allocator slack (GPU only)
@@ -174,8 +175,14 @@ def model_states(s: Shape, z: Zero, hw: Hardware, mixed: bool = True, mask_ratio
         terms["gathered layer (ZeRO-3)"] = 4 * s.largest_layer
     if z.bucket_elements:
         terms["ZeRO reduce bucket"] = width * z.bucket_elements
+    # MaskedAdamW's update: two fp32 temporaries of one slice (at most STEP_CHUNK elements) of its largest tensor,
+    # a flat partition under ZeRO (ZeRO-3 splits it into sub-groups of 1e9), a parameter without; sparse moments
+    # also gather the selected weights and gradients.
+    largest = min(part(1), 10 ** 9) if z.stage >= 1 else s.largest_layer
+    terms["optimizer step temporaries"] = 2 * 4 * min(STEP_CHUNK, largest) + (
+        8 * mask_ratio * largest if mask_ratio is not None and sparse else 0)
     if z.offload_optimizer:  # gradients, fp32 copies, moments and masks live in CPU memory
-        for k in [k for k in terms if k.startswith(("gradients", "fp32", "Adam", "neuron"))]:
+        for k in [k for k in terms if k.startswith(("gradients", "fp32", "Adam", "neuron", "optimizer"))]:
             terms.pop(k)
     if z.offload_params and z.stage == 3:
         terms.pop("weights")
