@@ -119,13 +119,12 @@ def model_config(recipe: Recipe, path: Optional[str] = None) -> Any:
 
     path = path or recipe.model.path
     if path:
-        from allo.preflight import InputError, model_dir
+        from allo.preflight import InputError
 
-        local = model_dir(path, tokenizer=False) if Path(path).exists() else None
-        try:
-            return AutoConfig.from_pretrained(str(local or path), local_files_only=True,
+        try:  # a local directory, or the hub cache; never a download (local_files_only)
+            return AutoConfig.from_pretrained(path, local_files_only=True,
                                               trust_remote_code=recipe.model.trust_remote_code)
-        except OSError:
+        except (OSError, ValueError):
             raise InputError(f"{path}: no config.json here or in the Hugging Face cache (allo plan reads only "
                              f"config.json; fetch it with `huggingface-cli download {path} config.json`)") from None
     init = dict(recipe.model.init or {})
@@ -306,22 +305,30 @@ def data_tokens(recipe: Recipe, path: Optional[str], fields: tuple[str, ...], fa
     return int(mean * len(records)), len(records), f"{len(records)} records in {path} ({how})"
 
 
-def step_tokens(recipe: Recipe, step) -> tuple[int, int, str]:
+def problem_count(recipe: Recipe, given: Optional[int]) -> tuple[int, str]:
+    """Training problems: task.problems' records, else `given` (--problems), else 0 with a note saying so."""
+    problems = _records(recipe.task.problems)
+    if problems is not None:
+        return len(problems), f"{len(problems)} problems in {recipe.task.problems}"
+    if given:
+        return given, f"{given} problems (--problems)"
+    return 0, "no task.problems file yet: pass --problems N"
+
+
+def step_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tuple[int, int, str]:
     """Tokens per epoch of a training step's data, from its file when it exists (a run already started or the
     recipe's own file), else from the recipe's counts."""
     from allo.stages import STAGES
 
     run = Path(recipe.output_dir)
-    problems = _records(recipe.task.problems)
-    n_problems = len(problems) if problems is not None else 0
-    pairs_guess = n_problems * recipe.sample.max_pairs_per_problem
-    note = f"at most {recipe.sample.max_pairs_per_problem} pairs × {n_problems} problems (sample.max_pairs_per_problem)"
+    n, where = problem_count(recipe, problems)
+    pairs_guess = n * recipe.sample.max_pairs_per_problem
+    note = f"at most sample.max_pairs_per_problem {recipe.sample.max_pairs_per_problem} pairs × {where}"
     fields = STAGES[step.train.stage].responses
     data = step.train.data
     if data.startswith("recipe:"):
-        key = data.split(":", 1)[1]
-        path = recipe.task.sft_data if key == "task.sft_data" else None
-        return data_tokens(recipe, path, fields, 0, "no data file")
+        path = recipe.task.sft_data if data == "recipe:task.sft_data" else None
+        return data_tokens(recipe, path, fields, n, f"one SFT record per problem, {where}")
     path = run / data
     if step.name in ("warmup", "dpo", "simpo", "improve") and recipe.task.pairs:
         path = Path(recipe.task.pairs)
@@ -342,16 +349,16 @@ def train_flops(recipe: Recipe, step, s: Shape, tokens: int, records: int) -> fl
     return 6 * s.params * tokens * passes + (2 * s.params * tokens if STAGES[step.train.stage].needs_reference else 0)
 
 
-def generate_tokens(recipe: Recipe, step) -> tuple[int, str]:
-    problems = _records(recipe.task.problems)
-    n = len(problems) if problems else 0
+def generate_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tuple[int, str]:
     if step.name == "sample":
+        n, where = problem_count(recipe, problems)
         return n * recipe.sample.n * recipe.sample.max_new_tokens, (
-            f"{n} problems × sample.n {recipe.sample.n} × sample.max_new_tokens (upper bound)")
+            f"sample.n {recipe.sample.n} × sample.max_new_tokens × {where} (upper bound)")
     held = _records(recipe.task.eval)
     m = len(held) if held else 0
     models = 1 + sum(1 for st in _steps() if st.label)
-    return m * models * recipe.task.eval_max_new_tokens, f"{m} held-out problems × {models} models (upper bound)"
+    return m * models * recipe.task.eval_max_new_tokens, (
+        f"{m} held-out problems × {models} models × task.eval_max_new_tokens (upper bound; benchmarks not counted)")
 
 
 def _steps():
@@ -374,33 +381,38 @@ def measured_mfu() -> Optional[tuple[float, float, str]]:
     return None
 
 
-def plan(recipe: Recipe, hw: Hardware) -> list[StepPlan]:
-    from allo.steps import REGISTRY
+def plan(recipe: Recipe, hw: Hardware, only: Optional[list[str]] = None,
+         problems: Optional[int] = None) -> list[StepPlan]:
+    """The plan of every step the recipe runs (or of the steps in `only`)."""
+    from allo.steps import REGISTRY, resolve
 
+    unknown = [n for n in only or () if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"--step {unknown[0]}: no such step (steps: {', '.join(REGISTRY)})")
     s = shape_of(model_config(recipe))
     shapes = {None: s}
     out = []
     for step in REGISTRY.values():
-        if step.skip and step.skip(recipe):
+        if (step.skip and step.skip(recipe)) or (only and step.name not in only):
             continue
         if step.train is not None:
             init = recipe.reward.init if step.name == "reward-train" else None
             if init not in shapes:
                 shapes[init] = shape_of(model_config(recipe, init))
             sh = shapes[init]
-            p = train_plan(recipe, step, sh, hw)
-            p.tokens, records, p.tokens_source = step_tokens(recipe, step)
-            p.flops = train_flops(recipe, step, sh, p.tokens, records)
+            r = resolve(step.train.recipe)(recipe) if step.train.recipe else recipe  # the reward model's lengths
+            p = train_plan(r, step, sh, hw)
+            p.tokens, records, p.tokens_source = step_tokens(r, step, problems)
+            p.flops = train_flops(r, step, sh, p.tokens, records)
         elif step.name in ("sample", "eval"):
             p = generate_plan(recipe, step, s, hw)
-            p.tokens, p.tokens_source = generate_tokens(recipe, step)
+            p.tokens, p.tokens_source = generate_tokens(recipe, step, problems)
             p.flops = 2 * s.params * p.tokens
         else:
             continue
         p.fits = p.peak <= hw.gpu_bytes
         if not p.fits and p.kind == "train":
-            p.fix = smallest_fix(recipe, step, shapes.get(recipe.reward.init if step.name == "reward-train" else None,
-                                                          s), hw)
+            p.fix = smallest_fix(r, step, sh, hw)
         out.append(p)
     return out
 
@@ -415,7 +427,8 @@ def verdict(steps: list[StepPlan], hw: Hardware) -> str:
     worst = max(steps, key=lambda p: p.peak)
     head = (f"fits: every step within {hw.gpu_bytes / GiB:.0f} GiB per GPU (peak {worst.peak / GiB:.1f} GiB, "
             f"{worst.step})" if not bad else
-            f"does not fit: {', '.join(p.step for p in bad)} exceed {hw.gpu_bytes / GiB:.0f} GiB per GPU "
+            f"does not fit: {', '.join(p.step for p in bad)} {'exceeds' if len(bad) == 1 else 'exceed'} "
+            f"{hw.gpu_bytes / GiB:.0f} GiB per GPU "
             f"({bad[0].step}: {bad[0].peak / GiB:.1f} GiB; fix: {bad[0].fix or 'none found'})")
     return f"{head}; about {hours:.1f} GPU-hours ({hours / hw.world:.2f} h wall on {hw.world} GPUs) at MFU {hw.mfu:.2f}"
 
@@ -480,12 +493,17 @@ def add_arguments(p) -> None:
                                                     "H100 SXM; or bench/gpu.py's measured peak)")
     p.add_argument("--mfu", type=float, help="model FLOP utilisation for GPU-hours (default: bench/gpu.py's measured "
                                              f"value when on record, else an assumed {ASSUMED_MFU})")
+    p.add_argument("--problems", type=int, help="training problems, for GPU-hours before task.problems exists "
+                                                "(e.g. 7473 for GSM8K's train split)")
+    p.add_argument("--step", action="append", help="plan only this step (repeatable; default: every step)")
     p.add_argument("--json", action="store_true", help="the plan as JSON (for scripts)")
+    p.add_argument("--verdict", action="store_true", help="print only the one-line verdict (slurm/submit.sh)")
 
 
 def main(recipe: Recipe, args) -> int:
     """`allo plan`: prints the plan; exit 0 when every step fits, 3 when one does not."""
     hw = hardware(args.nodes, args.gpus_per_node, args.gpu_memory, args.gpu_tflops, args.mfu)
-    steps = plan(recipe, hw)
-    print(json.dumps(as_json(steps, hw), indent=2) if args.json else render(steps, hw))
+    steps = plan(recipe, hw, args.step, args.problems)
+    print(json.dumps(as_json(steps, hw), indent=2) if args.json else verdict(steps, hw) if args.verdict else
+          render(steps, hw))
     return 0 if all(p.fits for p in steps) else 3

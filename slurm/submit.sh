@@ -1,16 +1,19 @@
 #!/bin/bash
 # Submit `allo run` (or one training stage) as a multi-node job after checking its batch arithmetic.
 #
-#   slurm/submit.sh RECIPE [--stage STAGE] --nodes N --gpus-per-node G [--time HH:MM:SS] [--partition P]
-#                   [--cpu] [--dry-run] [--sbatch "EXTRA SBATCH ARGS"] [-- EXTRA ALLO ARGS]
+#   slurm/submit.sh RECIPE [--stage STAGE] --nodes N --gpus-per-node G [--gpu-memory 80GiB] [--time HH:MM:SS]
+#                   [--partition P] [--cpu] [--force] [--dry-run] [--sbatch "EXTRA SBATCH ARGS"] [-- EXTRA ALLO ARGS]
 #
 # STAGE: run (default: the whole pipeline, `allo run`, resumable step by step) or one training stage (sft,
 # warmup, dpo, npo, forget, improve). Prints the world size, each stage's global = micro x accumulation x world,
-# and the sbatch command, then submits (not with --dry-run). --cpu runs G processes per node without requesting GPUs (tests, CPU clusters).
+# the memory plan's one-line verdict (`allo plan`, for GPUs of --gpu-memory, default $ALLO_GPU_MEMORY or 80GiB),
+# and the sbatch command, then submits (not with --dry-run). A plan that does not fit is refused unless --force.
+# --cpu runs G processes per node without requesting GPUs (tests, CPU clusters; no memory plan).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 recipe=${1:?usage: slurm/submit.sh RECIPE [--stage STAGE] --nodes N --gpus-per-node G [...]}; shift
-nodes=1 gpus=1 stage="" time="" partition="" cpu=0 dry=0 extra_sbatch="" allo_extra=()
+nodes=1 gpus=1 stage="" time="" partition="" cpu=0 dry=0 force=0 extra_sbatch="" allo_extra=()
+memory=${ALLO_GPU_MEMORY:-80GiB}
 while [ $# -gt 0 ]; do
   case "$1" in
     --nodes) nodes=$2; shift 2 ;;
@@ -19,7 +22,9 @@ while [ $# -gt 0 ]; do
     --time) time=$2; shift 2 ;;
     --partition) partition=$2; shift 2 ;;
     --sbatch) extra_sbatch=$2; shift 2 ;;
+    --gpu-memory) memory=$2; shift 2 ;;
     --cpu) cpu=1; shift ;;
+    --force) force=1; shift ;;
     --dry-run) dry=1; shift ;;
     --) shift; allo_extra=("$@"); break ;;
     *) echo "submit.sh: unknown option $1" >&2; exit 2 ;;
@@ -29,6 +34,24 @@ stage=${stage:-run}
 python=${ALLO_PYTHON:-$here/.venv/bin/python}
 check=(--stage "$stage"); [ "$stage" = run ] && check=()  # run: every training stage's arithmetic
 "$python" -m allo.launch "$recipe" --nodes "$nodes" --gpus-per-node "$gpus" "${check[@]}" || exit 2
+if [ "$cpu" = 0 ]; then
+  sets=()  # the --set overrides among the allo arguments change the plan too
+  for ((i = 0; i < ${#allo_extra[@]}; i++)); do
+    [ "${allo_extra[$i]}" = --set ] && sets+=(--set "${allo_extra[$((i + 1))]}")
+  done
+  only=(); [ "$stage" = run ] || only=(--step "$stage")
+  rc=0
+  verdict=$("$python" -m allo plan "$recipe" --nodes "$nodes" --gpus-per-node "$gpus" --gpu-memory "$memory" \
+            "${only[@]}" "${sets[@]}" --verdict) || rc=$?
+  echo "memory plan: $verdict"
+  if [ "$rc" = 3 ] && [ "$force" = 0 ]; then
+    echo "submit.sh: refused: the plan does not fit (see \`allo plan $recipe --nodes $nodes --gpus-per-node $gpus" \
+         "--gpu-memory $memory\`; --force submits anyway)" >&2
+    exit 2
+  elif [ "$rc" != 0 ] && [ "$rc" != 3 ]; then
+    exit 2
+  fi
+fi
 export ALLO_LOG_DIR=${ALLO_LOG_DIR:-$here/logs}
 mkdir -p "$ALLO_LOG_DIR"
 args=(--nodes="$nodes" --job-name="allo-$stage" --output="$ALLO_LOG_DIR/%x-%j.out")

@@ -30,3 +30,30 @@ def test_refuses_impossible_combinations(capsys):
     assert "dpo      global batch 32 = micro 4 × accumulation 1 × world 8" in capsys.readouterr().out
     assert main([TINY, "--nodes", "1", "--gpus-per-node", "8", "--stage", "nonsense"]) == 2
     assert "unknown stage 'nonsense'" in capsys.readouterr().err
+
+
+def test_submit_prints_the_memory_plan_and_refuses_what_does_not_fit(tmp_path, tiny_model, pairs_file):
+    """slurm/submit.sh --dry-run: the plan's verdict line; a plan that does not fit is refused (exit 2) unless
+    --force; the --set overrides given for allo reach the plan."""
+    import subprocess
+
+    from conftest import ENV, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "out")
+    env = dict(ENV, ALLO_PYTHON=str(ROOT / ".venv" / "bin" / "python"))
+
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "slurm/submit.sh", str(recipe), "--stage", "dpo", "--nodes", "2",
+                               "--gpus-per-node", "1", "--dry-run", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    small = submit("--gpu-memory", "1GiB")
+    assert small.returncode == 2 and "memory plan: does not fit: dpo exceeds 1 GiB per GPU" in small.stdout
+    assert "refused: the plan does not fit" in small.stderr and "command:" not in small.stdout
+    forced = submit("--gpu-memory", "1GiB", "--force")
+    assert forced.returncode == 0 and "command: ALLO_ARGS='dpo " in forced.stdout
+    ok = submit("--", "--set", "data.max_length=512")
+    assert ok.returncode == 0 and "memory plan: fits: every step within 80 GiB per GPU" in ok.stdout
+    longer = submit("--gpu-memory", "3GiB", "--", "--set", "train.micro_batch_size=256", "--set",
+                    "dpo.train.global_batch_size=512", "--set", "data.max_length=1024")
+    assert longer.returncode == 2 and "fix: --set dpo.train.micro_batch_size=" in longer.stdout, longer.stdout
