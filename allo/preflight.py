@@ -54,18 +54,34 @@ def model_dir(path: str, *, tokenizer: bool = True) -> Optional[Path]:
     return None
 
 
+def check_tokenizer(path: str) -> None:
+    """`model.tokenizer`: a directory holding a tokenizer, or a hub id (in the cache when HF_HUB_OFFLINE is set)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not any((p / f).is_file() for f in TOKENIZER_FILES):
+            raise InputError(f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save one there with "
+                             "tokenizer.save_pretrained, or fix model.tokenizer")
+        return
+    if not HUB_ID.match(path):
+        raise InputError(f"{path}: no such tokenizer directory (model.tokenizer)")
+    if _offline() and _hub_snapshot(path, "tokenizer_config.json") is None:
+        raise InputError(f"{path}: no such directory, and no hub tokenizer of that name in the local Hugging Face "
+                         f"cache (HF_HUB_OFFLINE is set: `huggingface-cli download {path}` first, or fix "
+                         "model.tokenizer)")
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _hub_snapshot(repo: str) -> Optional[Path]:
-    """The cached snapshot of a hub model, if its config is in the local cache (nothing is downloaded)."""
+def _hub_snapshot(repo: str, filename: str = "config.json") -> Optional[Path]:
+    """The cached snapshot of a hub model, if `filename` of it is in the local cache (nothing is downloaded)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
     try:
-        found = try_to_load_from_cache(repo, "config.json")
+        found = try_to_load_from_cache(repo, filename)
     except ValueError:  # not a valid repo id after all
         return None
     return Path(found).parent if isinstance(found, str) else None
@@ -237,6 +253,8 @@ def check_training(recipe, *, data: Optional[str], init: Optional[str], mask: Op
         check_data(data, recipe.data.on_bad_record == "skip")
     path = init or recipe.model.path
     model = model_dir(path, tokenizer=init is not None or recipe.model.tokenizer is None) if path else None
+    if recipe.model.tokenizer and init is None:
+        check_tokenizer(recipe.model.tokenizer)
     if mask:
         check_mask(mask, model)
     check_output(out, checkpoint_bytes(model, recipe.model.dtype, keep_last))
@@ -245,7 +263,9 @@ def check_training(recipe, *, data: Optional[str], init: Optional[str], mask: Op
 def check_run(recipe, files: Iterable[tuple[str, str]]) -> None:
     """`allo run`'s inputs from outside the run: the starting model, every data file the steps name (`files`:
     (recipe key, path)), and the output directory."""
-    model = model_dir(recipe.model.path) if recipe.model.path else None
+    model = model_dir(recipe.model.path, tokenizer=recipe.model.tokenizer is None) if recipe.model.path else None
+    if recipe.model.tokenizer:
+        check_tokenizer(recipe.model.tokenizer)
     for key, path in files:
         if key != "model.path":
             try:

@@ -49,6 +49,10 @@ def test_missing_init_dir_and_hub_id_offline(setup, capsys) -> None:
     _fails(capsys, ["dpo", str(recipe), "--init", "someorg/somemodel"], "someorg/somemodel: no such directory, and no "
            "hub model of that name in the local Hugging Face cache")
     _fails(capsys, ["run", str(recipe), "--set", f"model.path={tmp}/gone/model"], f"{tmp}/gone/model: no such dir")
+    _fails(capsys, ["run", str(recipe), "--set", f"model.tokenizer={tmp}/gone/tok"], f"{tmp}/gone/tok: no such "
+           "tokenizer directory (model.tokenizer)")
+    _fails(capsys, ["dpo", str(recipe), "--set", "model.tokenizer=someorg/sometok"], "someorg/sometok: no such "
+           "directory, and no hub tokenizer of that name")
 
 
 def test_broken_checkpoints_name_the_file(setup, tiny_model, capsys) -> None:
