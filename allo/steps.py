@@ -85,9 +85,9 @@ def _declare() -> list[Step]:
              config=("sample", "task.problems", "task.family", "data.template", "seed"), files=("task.problems",),
              run="allo.stages.sampling:sample_step", every_rank=True,
              skip=lambda r: "task.pairs is set: the pairs step reads them" if r.task.pairs else None),
-        Step("pairs", "Build (correct, wrong) preference pairs per problem from the samples, at most 5 per problem, "
-                      "seeded.",
-             inputs=("sample/samples.jsonl",), outputs=("pairs.jsonl",),
+        Step("pairs", "Build (correct, wrong) preference pairs per problem from the samples (distinct responses, at "
+                      "most sample.max_pairs_per_problem, seeded), and the list of every distinct wrong response.",
+             inputs=("sample/samples.jsonl",), outputs=("pairs.jsonl", "wrong.jsonl"),
              config=("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.columns"),
              files=("task.pairs",), run="allo.stages.sampling:pairs_step"),
         Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (spec §1): the reference run whose "
@@ -102,7 +102,7 @@ def _declare() -> list[Step]:
              command="allo.stages.locate"),
         Step("reward-data", "Minimum-edit rewrites of wrong responses by a teacher (OpenAI-compatible endpoint or the "
                             "programmatic teacher) for training the token reward model.",
-             inputs=("pairs/pairs.jsonl",), outputs=("reward.jsonl",),
+             inputs=("pairs/wrong.jsonl",), outputs=("reward.jsonl",),
              config=("reward.teacher", "reward.teacher_endpoint.base_url", "reward.teacher_endpoint.model",
                      "task.family"), run="allo.stages.reward:reward_data_step", every_rank=True),
         Step("reward-train", "Train the small token reward model (an LM sharing the policy's tokenizer) on the "
@@ -112,7 +112,7 @@ def _declare() -> list[Step]:
                             recipe="allo.stages.reward:reward_model_recipe")),
         Step("reward-score", "Score every token of every wrong response with the reward model's keep-probability "
                              "p_ij.",
-             inputs=("reward-train/model", "pairs/pairs.jsonl"), outputs=("forget.jsonl",),
+             inputs=("reward-train/model", "pairs/wrong.jsonl"), outputs=("forget.jsonl",),
              config=("data.template",), run="allo.stages.reward:reward_score_step", every_rank=True),
         Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask (spec §3).",
              inputs=(SFT_MODEL, "reward-score/forget.jsonl", "locate/n1.safetensors"), outputs=("model",),
@@ -127,9 +127,9 @@ def _declare() -> list[Step]:
         Step("dpo", "Baseline DPO (or IPO / SimPO with dpo.loss_type) from the SFT model on the same loop.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo",), label="+DPO",
              train=Training("dpo", "dpo", data="pairs/pairs.jsonl", init=SFT_MODEL, same_as="warmup")),
-        Step("npo", "Baseline sequence-level NPO on the rejected responses on the same loop.",
-             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("npo",), label="+NPO",
-             train=Training("npo", "npo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
+        Step("npo", "Baseline sequence-level NPO on every distinct wrong response on the same loop.",
+             inputs=(SFT_MODEL, "pairs/wrong.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("npo",), label="+NPO",
+             train=Training("npo", "npo", data="pairs/wrong.jsonl", init=SFT_MODEL)),
         Step("simpo", "Baseline SimPO (length-normalised margin, no reference model; Table 2's +SimPO row) from the "
                       "SFT model on the same loop.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("simpo",),

@@ -37,6 +37,9 @@ def setup_run(tmp_path, tiny_model, name: str) -> tuple[list[str], "Path"]:  # n
     (run / "pairs" / "pairs.jsonl").write_text("".join(json.dumps({
         "prompt": p["prompt"], "chosen": p["response"], "rejected": p["response"].replace("answer is", "answer is 1"),
         "answer": p["answer"], "reference": p["response"]}) + "\n" for p in problems))
+    (run / "pairs" / "wrong.jsonl").write_text("".join(json.dumps({
+        "prompt": p["prompt"], "rejected": p["response"].replace("answer is", "answer is 1"), "answer": p["answer"],
+        "reference": p["response"]}) + "\n" for p in problems))
     shutil.copytree(tiny_model, run / "reward-train" / "model")
     sets = [f"output_dir={run}", f"model.path={tiny_model}", f"task.problems={data / 'problems.jsonl'}",
             f"task.eval={data / 'test.jsonl'}", "sample.n=3", "sample.max_new_tokens=12", "task.eval_max_new_tokens=8",

@@ -25,11 +25,10 @@ def reward_model_recipe(recipe: Recipe) -> Recipe:
 
 
 def reward_items(ctx: Context) -> list[dict]:
-    """Wrong responses with their reference: the problem's reference solution, else the chosen response
-    (spec §2: for instruction following the chosen response is what the teacher edits towards)."""
-    return [{"prompt": _text(p["prompt"], "user"), "wrong": _text(p["rejected"]),
-             "reference": _text(p.get("reference", p["chosen"])), "answer": p.get("answer", "")}
-            for p in read_jsonl(ctx.path("pairs/pairs.jsonl"))]
+    """Every distinct wrong response once (pairs/wrong.jsonl) with its reference: the problem's reference solution,
+    a right sample, or for instruction following the chosen response (what the teacher edits towards, spec §2)."""
+    return [{"prompt": _text(p["prompt"], "user"), "wrong": _text(p["rejected"]), "reference": _text(p["reference"]),
+             "answer": p.get("answer", "")} for p in read_jsonl(ctx.path("pairs/wrong.jsonl"))]
 
 
 def reward_data_step(ctx: Context) -> Optional[dict]:

@@ -47,7 +47,8 @@ def make_pairs(samples: Sequence[dict], max_per_problem: int = 5, seed: int = 0)
         if not group["ok"] or not group["bad"]:
             no_pair["all_wrong" if not group["ok"] else "all_correct"] += 1
             continue
-        combos = [(c, w) for c in group["ok"] for w in group["bad"] if c["response"] != w["response"]]
+        ok, bad = _unique(group["ok"]), _unique(group["bad"])  # duplicate predictions pair once (reference code)
+        combos = [(c, w) for c in ok for w in bad if c["response"] != w["response"]]
         for c, w in rng.sample(combos, min(max_per_problem, len(combos))):
             pairs.append({"prompt": prompt, "chosen": c["response"], "rejected": w["response"],
                           "answer": c["answer"]})
@@ -115,8 +116,50 @@ def sample_step(ctx: Context) -> Optional[dict]:
     return {"problems": len(problems), "samples": len(samples), "correct": n_ok}
 
 
+def _unique(samples: Sequence[dict]) -> list[dict]:
+    """The first sample of each distinct response text, in order."""
+    return list({s["response"]: s for s in reversed(samples)}.values())[::-1]
+
+
+def unique_wrong(samples: Sequence[dict]) -> tuple[list[dict], dict]:
+    """Every distinct wrong response of every problem, each once (the reference code's forget data), problems where
+    every sample was wrong included: {prompt, rejected, reference, answer}. The reference the teacher edits towards
+    is the problem's reference solution, else its first right sample, else the bare gold answer."""
+    by_problem: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_problem[s["prompt"]].append(s)
+    rows, all_wrong = [], 0
+    for prompt, group in by_problem.items():
+        right = [s for s in group if s["correct"]]
+        wrong = _unique([s for s in group if not s["correct"]])
+        all_wrong += bool(wrong) and not right
+        reference = next((s["reference"] for s in group if s.get("reference")), None) or (
+            right[0]["response"] if right else f" The answer is {group[0]['answer']}.")
+        rows += [{"prompt": prompt, "rejected": w["response"], "reference": reference, "answer": w["answer"]}
+                 for w in wrong]
+    stats = {"wrong_samples": sum(not s["correct"] for s in samples), "unique_wrong": len(rows),
+             "unique_wrong_all_wrong_problems": sum(len(_unique([s for s in g if not s["correct"]]))
+                                                    for g in by_problem.values() if not any(s["correct"] for s in g)),
+             "all_wrong_problems": all_wrong}
+    return rows, stats
+
+
+def wrong_of_pairs(pairs: Sequence[dict]) -> list[dict]:
+    """Given pairs' distinct (prompt, rejected) responses, each once, with the chosen response (or the pair's
+    reference) as what the teacher edits towards (spec §2, instruction following)."""
+    import json
+
+    seen: dict[str, dict] = {}
+    for p in pairs:
+        key = json.dumps([p["prompt"], p["rejected"]], sort_keys=True)
+        seen.setdefault(key, {"prompt": p["prompt"], "rejected": p["rejected"],
+                              "reference": p.get("reference", p["chosen"]), "answer": p.get("answer", "")})
+    return list(seen.values())
+
+
 def pairs_step(ctx: Context) -> dict:
-    """(correct, wrong) pairs from the samples, or the recipe's own pairs (task.pairs) -> pairs/pairs.jsonl."""
+    """(correct, wrong) pairs from the samples, or the recipe's own pairs (task.pairs) -> pairs/pairs.jsonl; and
+    every distinct wrong response once -> pairs/wrong.jsonl (what reward-data, reward-score and npo read)."""
     from allo.guards import check_pairs
 
     r = ctx.recipe
@@ -130,8 +173,11 @@ def pairs_step(ctx: Context) -> dict:
         if p["prompt"] in reference:
             p["reference"] = reference[p["prompt"]]
     write_jsonl(out, pairs)
+    wrong, wrong_stats = unique_wrong(samples)
+    write_jsonl(out.with_name("wrong.jsonl"), wrong)
+    log.info("wrong responses to forget: %s", wrong_stats)
     check_pairs(stats, r.guards)
-    return stats
+    return {**stats, **wrong_stats}
 
 
 def _given_pairs(ctx: Context, out: Path) -> dict:
@@ -145,5 +191,8 @@ def _given_pairs(ctx: Context, out: Path) -> dict:
                                   optional=("reference", "answer"))
     rows = [{k: v for k, v in r.items() if k != "source"} for r in records]
     write_jsonl(out, rows)
+    wrong = wrong_of_pairs(rows)
+    write_jsonl(out.with_name("wrong.jsonl"), wrong)
     check_pairs({"pairs": len(rows)}, ctx.recipe.guards)
-    return {"pairs": len(rows), "source": path, "read": stats.read, "skipped": dict(stats.skipped)}
+    return {"pairs": len(rows), "unique_wrong": len(wrong), "source": path, "read": stats.read,
+            "skipped": dict(stats.skipped)}
