@@ -43,7 +43,7 @@ def test_run_all_ratios_from_fastest_and_median_rounds():
     import run_all
 
     steps = {"trl_precomputed": [0.30, 0.20, 0.25], "allo_dpo": [0.10, 0.16, 0.12], "trl_live_reference": [0.4] * 3,
-             "allo_improve_10": [0.11, 0.13, 0.30], "zero3_dpo": [0.50, 0.70]}
+             "allo_improve_10": [0.11, 0.13, 0.30], "zero3_dpo": [0.50, 0.70], "zero3_dpo_masked_10": [0.52, 0.71]}
     for r in (5, 10, 20):
         steps[f"zero3_improve_dense_{r}"], steps[f"zero3_improve_sparse_{r}"] = [0.55, 0.65], [0.6, 0.6]
     res = {"step_s_all": steps, "locate": {"fraction_of_read_bandwidth": 0.1, "locate": {"peak_rss_mb": 900},
@@ -57,6 +57,8 @@ def test_run_all_ratios_from_fastest_and_median_rounds():
     value, median = got["masked dense 10% / DPO step time (ZeRO-3, 2 ranks)"]
     assert value == pytest.approx(0.55 / 0.50) and median == pytest.approx(0.60 / 0.60)
     assert got["sparse / dense Adam moments at 10%"] == (pytest.approx(0.1), None)
+    value, median = got["DPO under the 10% mask / DPO step time (masking alone)"]
+    assert value == pytest.approx(0.52 / 0.50) and median == pytest.approx(0.615 / 0.60)
     assert got["locate peak RSS / (2 x largest tensor + 1 GiB)"] == (pytest.approx(0.9), None)
     assert "| 1 | ALLO improve (10% mask) / allo DPO, pairs/s | 0.909 | 0.923 | >= 0.95 |" in run_all.table(
         run_all.ratios_of(res))
