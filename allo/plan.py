@@ -39,6 +39,7 @@ RUNTIME_RESERVE = 2 * GiB      # CUDA context, NCCL buffers, allocator slack (GP
 DEFAULT_TFLOPS = 989.0         # H100 SXM dense bf16; --gpu-tflops for other GPUs
 ASSUMED_MFU = 0.35             # bench/gpu.py's goal for DPO, used until a measured value exists
 SAMPLE_RECORDS = 2000          # records tokenised to estimate a data file's tokens
+GPU_RESULT = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu.json"  # bench/gpu.py's, not its smoke
 
 
 @dataclass
@@ -370,15 +371,12 @@ def _steps():
 # --------------------------------------------------------------------------------------------- the plan
 def measured_mfu() -> Optional[tuple[float, float, str]]:
     """(MFU, peak TFLOP/s, source) of the newest bench/gpu.py result on record, if any."""
-    results = Path(__file__).resolve().parents[1] / "bench" / "results"
-    found = sorted(results.glob("gpu*.json"), key=lambda p: p.stat().st_mtime) if results.is_dir() else []
-    for f in reversed(found):
-        try:
-            r = json.loads(f.read_text())
-            return float(r["dpo"]["mfu"]), float(r["peak_flops"]) / 1e12, f"measured by bench/gpu.py ({f.name})"
-        except (KeyError, ValueError, TypeError):
-            continue
-    return None
+    f = GPU_RESULT
+    try:
+        r = json.loads(f.read_text())
+        return float(r["dpo"]["mfu"]), float(r["peak_flops"]) / 1e12, f"measured by bench/gpu.py ({f.name})"
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
 
 
 def plan(recipe: Recipe, hw: Hardware, only: Optional[list[str]] = None,

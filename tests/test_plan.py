@@ -68,6 +68,18 @@ def test_masks_and_sparse_moments_change_only_their_terms() -> None:
     assert buckets["ZeRO reduce bucket"] == 2 * 10 ** 8
 
 
+def test_mfu_from_bench_gpu_result_else_a_labelled_assumption(tmp_path, monkeypatch) -> None:
+    import allo.plan
+
+    monkeypatch.setattr(allo.plan, "GPU_RESULT", tmp_path / "gpu.json")
+    hw = allo.plan.hardware(1, 8, "80GiB", None, None)
+    assert hw.mfu == 0.35 and hw.mfu_source.startswith("assumed")
+    (tmp_path / "gpu.json").write_text(json.dumps({"peak_flops": 7.5e14, "dpo": {"mfu": 0.41}}))
+    hw = allo.plan.hardware(1, 8, "80GiB", None, None)
+    assert (hw.mfu, hw.tflops, hw.mfu_source) == (0.41, 750.0, "measured by bench/gpu.py (gpu.json)")
+    assert allo.plan.hardware(1, 8, "80GiB", 989, 0.3).mfu_source == "given (--mfu)"
+
+
 def test_parse_bytes() -> None:
     assert parse_bytes("80GiB") == 80 * 2 ** 30 and parse_bytes("80 GB") == 80 * 10 ** 9
     assert parse_bytes("81920MiB") == 80 * 2 ** 30
