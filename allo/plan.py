@@ -16,6 +16,8 @@ the Hugging Face cache) on the meta device, which gives exact parameter counts f
   score and softmax matrices; with gradient checkpointing, one H-sized layer input per layer plus one layer's
   tensors during its recompute;
 - logits: the micro batch's bf16 logits and the fp32 chunk `allo.logprobs.token_logps` upcasts (and its softmax);
+- the reference log-probs: computed once before training and kept on disk (`allo.logprobs.ReferenceCache`), so
+  only the micro batch's float32 values are on the GPU;
 - a fixed runtime reserve on GPUs (CUDA context, NCCL buffers, allocator slack), shown on its own line;
 - generation steps: vLLM reserves `generation.gpu_memory_utilization` of each GPU; the HF backend holds the 16-bit
   weights and a KV cache for its batch.
@@ -222,6 +224,8 @@ def train_plan(recipe: Recipe, step, s: Shape, hw: Hardware, z: Optional[Zero] =
     terms = model_states(s, z, hw, mixed, None if ratio is None else ratio / 100, t.sparse_optimizer_state)
     terms["activations"] = activation_bytes(s, rows, seq, ckpt, recipe.model.attn_implementation, width)
     terms["logits"] = logits_bytes(s, rows, seq, width)
+    if d.needs_reference:  # the precomputed reference log-probs live on disk; one micro batch of them is on the GPU
+        terms["reference log-probs (micro batch)"] = 4 * rows * seq
     if not hw.cpu:
         terms["runtime reserve"] = RUNTIME_RESERVE
     return StepPlan(step.name, "train", terms)
