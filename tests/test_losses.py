@@ -126,3 +126,20 @@ def test_noise_mask_gradient_flows_only_through_kept_tokens():
     out = losses.noise_masked_dpo_loss(pol.detach(), pol, pol.detach(), ref, m, m, 0.1, 0.2)
     out.losses.sum().backward()
     assert pol.grad[0].nonzero().flatten().tolist() == [3, 5]
+
+
+def test_dpo_plus_nll_by_hand():
+    """dpo.nll_weight / improve.nll_weight add w · mean over pairs of the chosen responses' token-mean NLL; 0 leaves
+    the loss as it was. One pair with 2 chosen tokens (log-probs -1, -3), one with 1 (-2): NLL 2 and 2, mean 2."""
+    from allo.config import DPOConfig, ImproveConfig
+    from allo.stages.objectives import improve, preference
+
+    labels = torch.tensor([[-100, 5, 6], [-100, 7, -100], [-100, 8, 9], [-100, 4, -100]])  # chosen ×2, rejected ×2
+    logps = torch.tensor([[0.0, -1.0, -3.0], [0.0, -2.0, 0.0], [0.0, -1.5, -0.5], [0.0, -2.5, 0.0]])
+    batch = {"labels": labels, "ref_logps": torch.full_like(logps, -1.0)}
+    for make, cfg in ((preference, DPOConfig), (improve, ImproveConfig)):
+        plain, metrics = make(cfg())(logps, batch)
+        assert "nll/chosen" not in metrics
+        loss, metrics = make(cfg(nll_weight=0.5))(logps, batch)
+        assert math.isclose(float(loss), float(plain) + 0.5 * 2.0, rel_tol=1e-6)
+        assert torch.allclose(metrics["nll/chosen"], torch.tensor([2.0, 2.0]))

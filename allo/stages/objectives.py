@@ -40,8 +40,17 @@ def preference(cfg: DPOConfig):
         args = (reduce(pc, mc), reduce(pr, mr), reduce(rc, mc), reduce(rr, mr))
         out = (losses.ipo_loss(*args, beta=cfg.beta) if cfg.loss_type == "ipo"
                else losses.dpo_loss(*args, beta=cfg.beta, label_smoothing=cfg.label_smoothing))
-        return out.losses.mean(), _pair_metrics(out)
+        return _with_nll(out.losses.mean(), _pair_metrics(out), pc, mc, cfg.nll_weight)
     return objective
+
+
+def _with_nll(loss: torch.Tensor, metrics: dict, chosen: torch.Tensor, mask: torch.Tensor,
+              weight: float) -> tuple[torch.Tensor, dict]:
+    """loss + weight · mean over pairs of the chosen response's token-mean NLL (the DPO+NLL option)."""
+    if not weight:
+        return loss, metrics
+    nll = -losses.masked_mean(chosen, mask)
+    return loss + weight * nll.mean(), {**metrics, "nll/chosen": nll.detach()}
 
 
 def simpo(cfg: SimPOConfig):
@@ -82,5 +91,6 @@ def improve(cfg: ImproveConfig):
         out = losses.noise_masked_dpo_loss(pc, pr, rc, rr, mc, mr, cfg.beta, cfg.epsilon, cfg.k_basis,
                                            cfg.noise_side)
         kept = out.rejected_weights.sum() / mr.sum().clamp(min=1)
-        return out.losses.mean(), {**_pair_metrics(out), "rejected_kept_fraction": kept}
+        return _with_nll(out.losses.mean(), {**_pair_metrics(out), "rejected_kept_fraction": kept}, pc, mc,
+                         cfg.nll_weight)
     return objective
