@@ -38,6 +38,10 @@ def write_manifest(directory: Path, step: str, info: dict, fingerprint: Optional
     body = {"step": step, **info}
     if fingerprint is not None:
         body["fingerprint"] = fingerprint
+    if body.get("model"):  # a model card first: a complete manifest means the directory is ready to publish
+        from allo.model_card import write_card
+
+        write_card(step, body, Path(directory))
     write_json(Path(directory) / "manifest.json", {**body, "complete": True})
 
 

@@ -40,6 +40,8 @@ def test_dpo_baseline_takes_the_identical_warmup_run(tmp_path, tiny_model, pairs
     assert manifest["same_as"] == "warmup" and manifest["trainable_fraction"] == 1.0
     a, b = run / "warmup" / "model" / "model.safetensors", run / "dpo" / "model" / "model.safetensors"
     assert os.path.samefile(a, b) and (run / "dpo" / "metrics.jsonl").exists()
+    assert (run / "warmup" / "model" / "README.md").read_text().startswith("---\nlibrary_name: transformers")
+    assert "# dpo model, trained with allo" in (run / "dpo" / "model" / "README.md").read_text()
     warmup_weights = a.read_bytes()
     torchrun(["run", "--only", "dpo"] + args + ["--set", "dpo.beta=0.2"], nproc=1)  # now it differs: it trains
     manifest = json.loads((run / "dpo" / "manifest.json").read_text())
