@@ -54,6 +54,8 @@ class ModelConfig:
 class DataConfig:
     train: Optional[str] = knob(None, "Training records: a .jsonl/.json/.parquet file or a `datasets` hub name.")
     split: str = knob("train", "Split to read when `train` is a hub name.")
+    subset: Optional[str] = knob(None, "Configuration (subset) of a hub dataset that has several, e.g. `main` for "
+                                       "openai/gsm8k: load_dataset(name, subset, split=split).")
     columns: dict = knob(factory=dict, help="Column renames {our_name: their_name}, e.g. {prompt: question}.")
     template: Literal["alpaca", "alpaca_cot", "chat", "raw"] = knob(
         "alpaca_cot", "Prompt format: Alpaca (spec §6, `alpaca_cot` adds \"Let's think step by step.\"), the "

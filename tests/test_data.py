@@ -155,3 +155,24 @@ def test_undecodable_and_non_object_lines_name_file_and_line(tmp_path):
     q.write_bytes(good + b"\n" + b'"just a string"\n')
     with pytest.raises(DataError, match=rf"{q}:2: expected a JSON object, got str"):
         read_records(str(q))
+
+
+def test_hub_dataset_with_a_subset(monkeypatch) -> None:
+    """data.subset reaches load_dataset as its configuration name, and the records' places say which."""
+    import datasets
+
+    from allo.config import load_recipe
+    from allo.data.records import read_records
+
+    calls = []
+
+    def fake(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    recipe = load_recipe(None, ["data.subset=main", "data.split=test"])
+    records, _ = read_records("org/pairs", split=recipe.data.split, subset=recipe.data.subset)
+    assert calls == [("org/pairs", "main", "test")] and records[0]["source"] == "org/pairs[main:test][0]"
+    read_records("org/pairs")
+    assert calls[-1] == ("org/pairs", None, "train")

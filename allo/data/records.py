@@ -41,18 +41,18 @@ class ReadStats:
             f" ({detail})" if detail else "")
 
 
-def _iter_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
+def _iter_raw(path: str, split: str, subset: Optional[str] = None) -> Iterator[tuple[str, Any]]:
     """Yield (source, raw record) pairs; a raw record is a dict, or a str for an unparsable JSONL line."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"{p}: is a directory, not a data file (.jsonl, .json or .parquet)")
     try:
-        yield from _iter_file(p, path, split)
+        yield from _iter_file(p, path, split, subset)
     except OSError as e:
         raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
 
 
-def _iter_file(p: Path, path: str, split: str) -> Iterator[tuple[str, Any]]:
+def _iter_file(p: Path, path: str, split: str, subset: Optional[str]) -> Iterator[tuple[str, Any]]:
     if p.suffix == ".jsonl" or (p.exists() and p.suffix not in (".json", ".parquet")):
         for n, rec in iter_jsonl(p, bad="yield"):  # a bad line comes as its problem, to raise or count
             yield f"{p}:{n}", rec
@@ -81,8 +81,8 @@ def _iter_file(p: Path, path: str, split: str) -> Iterator[tuple[str, Any]]:
             raise DataError(f"{path}: no such file (and not a hub dataset name 'owner/name')")
         import datasets
 
-        for i, rec in enumerate(datasets.load_dataset(path, split=split)):
-            yield f"{path}[{split}][{i}]", rec
+        for i, rec in enumerate(datasets.load_dataset(path, subset, split=split)):
+            yield f"{path}[{subset + ':' if subset else ''}{split}][{i}]", rec
 
 
 def _is_text(value: Any) -> bool:
@@ -109,8 +109,8 @@ def _text_of(value: Any) -> str:
 
 
 def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = "train",
-                 columns: dict | None = None, on_bad_record: str = "error", limit: int | None = None,
-                 optional: Sequence[str] = ()) -> tuple[list[dict], ReadStats]:
+                 subset: Optional[str] = None, columns: dict | None = None, on_bad_record: str = "error",
+                 limit: int | None = None, optional: Sequence[str] = ()) -> tuple[list[dict], ReadStats]:
     """Read, rename and validate records. Returns (records, stats); see the module docstring for policy."""
     rename = {theirs: ours for ours, theirs in (columns or {}).items()}
     stats = ReadStats()
@@ -123,7 +123,7 @@ def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = 
         stats.skipped["malformed"] += 1
         log.warning("skipping %s: %s", source, msg)
 
-    for source, raw in _iter_raw(path, split):
+    for source, raw in _iter_raw(path, split, subset):
         if limit is not None and stats.read >= limit:
             break
         stats.read += 1

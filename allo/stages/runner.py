@@ -23,7 +23,8 @@ def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict
     """Read and tokenise a stage's records; forget records carry per-token keep-probabilities."""
     d = STAGES[stage]
     optional = ("keep_probs",) if "keep_probs" in d.token_arrays else ()
-    records, _ = read_records(data, d.fields, split=recipe.data.split, columns=recipe.data.columns,
+    records, _ = read_records(data, d.fields, split=recipe.data.split, subset=recipe.data.subset,
+                              columns=recipe.data.columns,
                               on_bad_record=recipe.data.on_bad_record, limit=recipe.data.limit, optional=optional)
     policy = TruncationPolicy(recipe.data.max_length, recipe.data.max_prompt_length, recipe.data.truncation)
     examples = tokenize_records(records, tokenizer, recipe.data.template, policy, d.responses)

@@ -187,8 +187,8 @@ def _given_pairs(ctx: Context, out: Path) -> dict:
     from allo.guards import check_pairs
 
     d, path = ctx.recipe.data, ctx.recipe.task.pairs
-    records, stats = read_records(path, split=d.split, columns=d.columns, on_bad_record=d.on_bad_record,
-                                  optional=("reference", "answer"))
+    records, stats = read_records(path, split=d.split, subset=d.subset, columns=d.columns,
+                                  on_bad_record=d.on_bad_record, optional=("reference", "answer"))
     rows = [{k: v for k, v in r.items() if k != "source"} for r in records]
     write_jsonl(out, rows)
     wrong = wrong_of_pairs(rows)
