@@ -50,3 +50,23 @@ def test_pairs_at_most_five_per_problem_and_counted():
     pairs, stats = make_pairs(samples, 5, seed=0)
     assert len(pairs) == 5 and stats["problems_without_pair"] == {"all_correct": 0, "all_wrong": 1}
     assert pairs == make_pairs(samples, 5, seed=0)[0]
+
+
+def test_a_pathological_math_check_is_cut_off(monkeypatch):
+    """One LaTeX check that never ends (here math-verify's verify made to hang) counts as wrong after
+    MATH_CHECK_SECONDS instead of hanging the evaluation; the next check works normally."""
+    import time
+
+    import math_verify
+
+    import allo.tasks
+    from allo.tasks import math_equal
+
+    assert math_equal("\\frac{1}{2}", "0.5") and not math_equal("\\frac{1}{3}", "\\frac{1}{2}")
+    monkeypatch.setattr(allo.tasks, "MATH_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **k: time.sleep(60))
+    started = time.monotonic()
+    assert math_equal("\\frac{1}{2}", "\\frac{2}{4}") is False
+    assert time.monotonic() - started < 30  # cut off at 0.5 s; the bound only says it did not wait the 60 s
+    monkeypatch.undo()
+    assert math_equal("\\frac{1}{2}", "\\frac{2}{4}")

@@ -9,10 +9,14 @@ Spec §6: the answer is the text after the last "The answer is" (case-insensitiv
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
+import threading
 from typing import Optional
 
+log = logging.getLogger(__name__)
 FAMILIES = ("math", "qa", "yesno")
 _ANSWER = re.compile(r"the answer is", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -66,11 +70,42 @@ def to_number(text: Optional[str]) -> Optional[float]:
     return float(m.group().replace(",", "")) if m else None
 
 
+MATH_CHECK_SECONDS = 5.0  # one LaTeX equivalence check (parse both, verify) at most; then it counts as wrong
+
+
+class _CheckTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _CheckTimeout in the block after `seconds` (SIGALRM timer: main thread only, where every eval and
+    sampling step checks answers; elsewhere the block runs unguarded, which is logged once)."""
+    if threading.current_thread() is not threading.main_thread():
+        if not getattr(_time_limit, "warned", False):
+            log.warning("math answer checks off the main thread run without a time limit")
+            _time_limit.warned = True
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _CheckTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def math_equal(answer: str, gold: str) -> bool:
     """A plain-number gold is compared with the first number of a plain-text answer ("18 dollars", "$18"); LaTeX
     answers and non-numeric golds go through math-verify's equivalence of the two LaTeX strings. A \\boxed{}
-    inside the answer is what it states. math-verify's own timeouts use SIGALRM, which only works on the main
-    thread, so they are off here."""
+    inside the answer is what it states. math-verify's own timeouts are off (they would replace our SIGALRM
+    handler); the whole check runs under MATH_CHECK_SECONDS instead, so one pathological expression cannot hang
+    an evaluation: past it, the answer counts as wrong (logged)."""
     boxed = last_boxed(answer)
     answer = boxed if boxed is not None else answer
     if _PLAIN_NUMBER.match(gold.strip()) and not _LATEX.search(answer):
@@ -85,8 +120,13 @@ def math_equal(answer: str, gold: str) -> bool:
         return parse(f"${(inner if inner is not None else s).strip().strip('$')}$", parsing_timeout=None)
 
     try:
-        g, a = latex(gold), latex(answer)
-        return bool(g) and bool(a) and verify(g, a, timeout_seconds=None)
+        with _time_limit(MATH_CHECK_SECONDS):
+            g, a = latex(gold), latex(answer)
+            return bool(g) and bool(a) and verify(g, a, timeout_seconds=None)
+    except _CheckTimeout:
+        log.warning("math check of %.60r against %.60r took over %g s: counted as wrong", answer, gold,
+                    MATH_CHECK_SECONDS)
+        return False
     except Exception:  # sympy can fail on odd input; an unparseable answer is simply not correct
         return False
 
