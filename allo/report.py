@@ -169,12 +169,17 @@ def tables(run: Path) -> str | None:
     if res.get("table3"):
         t3 = {m: v for m, v in res["table3"].items() if not m.startswith("_")}
         judge = res["table3"].get("_judge", {}).get("model")
-        parts.append(f"Table 3 layout: win rate % against the SFT model (judge {judge}, both orders)\n\n"
-                     "| method | AlpacaEval 2.0 | Arena-Hard |\n|---|---|---|\n" + "\n".join(
-                         f"| {m} | {_cell(v.get('alpaca_eval'))} | {_cell(v.get('arena_hard'))} |"
-                         for m, v in t3.items()))
+        ci = res["table3"].get("_arena_hard_ci95", {})
+        parts.append(f"Table 3 layout: win rate % against the SFT model (judge {judge}, both orders; Arena-Hard with "
+                     "its bootstrap 95% interval)\n\n| method | AlpacaEval 2.0 | Arena-Hard |\n|---|---|---|\n" +
+                     "\n".join(f"| {m} | {_cell(v.get('alpaca_eval'))} | {_cell(v.get('arena_hard'))}"
+                               f"{_interval(ci.get(m))} |" for m, v in t3.items()))
     return "\n\n".join(parts) or None
 
 
 def _cell(v) -> str:
     return "–" if v is None else f"{v:.2f}"
+
+
+def _interval(ci) -> str:
+    return f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci and None not in ci else ""

@@ -148,7 +148,8 @@ def test_arena_end_to_end(judge, tmp_path, capsys):
     write_arena_answers(str(tmp_path / "model.jsonl"), qs, ["plain", "GOOD", "same", "GOOD"], "ours")
     args = ["eval", "arena", "--questions", str(tmp_path / "question.jsonl"), "--baseline",
             str(tmp_path / "base.jsonl"), "--answers", str(tmp_path / "model.jsonl"), "--out", str(tmp_path / "out"),
-            "--judge-url", judge.url, "--judge-model", "judge", "--judge-key-env", "none", "--bootstrap", "20"]
+            "--judge-url", judge.url, "--judge-model", "judge", "--judge-key-env", "none", "--bootstrap", "20",
+            "--judge-prompt", "allo"]  # allo's parsing: a double verdict is asked again (the official takes the last)
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
     # games (A, B): q0 base better: game1 A>>B (base, w3), game2 B>A (base, w1); q1 model better: game1 B>A
@@ -161,3 +162,42 @@ def test_arena_end_to_end(judge, tmp_path, capsys):
     n = len(judge.bodies)
     assert main(args) == 0 and len(judge.bodies) == n  # rerun: every judgment from the cache
     capsys.readouterr()
+
+
+def official_judge(body, n):
+    return ok("Thinking about [[A>B]] first... no. Final verdict: [[B>A]]")
+
+
+@pytest.mark.parametrize("judge", [official_judge], indirect=True)
+def test_arena_official_prompts_parsing_and_setup(judge, tmp_path, capsys):
+    """By default the leaderboard's setup of the question file's version: its judge prompt per category (verbatim
+    from arena-hard-auto), its verdict parsing (the last label of the first matching pattern), its token budget,
+    and whether the run is comparable with the leaderboard (official baseline and judge)."""
+    from allo.eval.instruct import write_arena_answers
+
+    for version, qs, base, budget in (
+            ("v0.1", [{"uid": "a", "category": "arena-hard-v0.1", "prompt": "q a"}], "gpt-4-0314", 4096),
+            ("v2.0", [{"uid": "b", "category": "hard_prompt", "prompt": "q b"},
+                      {"uid": "c", "category": "creative_writing", "prompt": "q c"}], "o3-mini-2025-01-31", 16000)):
+        d = tmp_path / version
+        d.mkdir()
+        (d / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+        write_arena_answers(str(d / "base.jsonl"), qs, ["x"] * len(qs), base)
+        write_arena_answers(str(d / "model.jsonl"), qs, ["y"] * len(qs), "ours")
+        start = len(judge.bodies)
+        assert main(["eval", "arena", "--questions", str(d / "question.jsonl"), "--baseline", str(d / "base.jsonl"),
+                     "--answers", str(d / "model.jsonl"), "--out", str(d / "out"), "--judge-url", judge.url,
+                     "--judge-model", judges.ARENA_VERSIONS[version]["judge"], "--judge-key-env", "none",
+                     "--bootstrap", "5"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        bodies = judge.bodies[start:]
+        assert len(bodies) == 2 * len(qs) and all(b["max_tokens"] == budget for b in bodies)
+        prompts = {b["messages"][1]["content"].split("\n")[1]: b["messages"][0]["content"] for b in bodies}
+        assert prompts["q a" if version == "v0.1" else "q b"] == judges.ARENA_OFFICIAL
+        if version == "v2.0":
+            assert prompts["q c"] == judges.ARENA_OFFICIAL_CREATIVE and "your own answer" not in prompts["q c"]
+        games = [json.loads(x) for x in (d / "out" / "judgments.jsonl").read_text().splitlines()]
+        assert {g["verdict"] for g in games} == {"B>A"}  # the last label, asked once
+        assert res["system_prompt"] == f"arena-hard-auto official ({version})"
+        assert res["leaderboard_comparable"] is (version == "v0.1")  # v2.0's creative baseline is another model
+    assert judges.official_verdict("my verdict: [a>>b]") == "A>>B" and judges.official_verdict("none") is None

@@ -91,7 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     ar.add_argument("--baseline", required=True, help="baseline model_answer JSONL (v0.1: gpt-4-0314; paper: SFT)")
     ar.add_argument("--answers", required=True, help="the model's model_answer JSONL")
     ar.add_argument("--out", required=True, help="output directory (judgments.jsonl, result.json)")
-    ar.add_argument("--system-prompt", help="judge system prompt file (default: allo's wording of the rubric)")
+    ar.add_argument("--judge-prompt", choices=["official", "allo"], default="official",
+                    help="official (default): the leaderboard's judge prompts and verdict parsing of the question "
+                         "file's version (arena-hard-auto v0.1 / v2.0, by category); allo: allo's wording, a verdict "
+                         "only when the judgment names one distinct label")
+    ar.add_argument("--system-prompt", help="a judge system prompt file (overrides --judge-prompt)")
     ar.add_argument("--bootstrap", type=int, default=100, help="bootstrap rounds for the 95%% interval")
     ar.add_argument("--limit", type=int)
     _judge_args(ar)
@@ -243,19 +247,30 @@ def _arena(args) -> dict:
     base_name, model_name = instruct.model_name(args.baseline), instruct.model_name(args.answers)
     if base_name == model_name:
         model_name += " (model)"
-    system = Path(args.system_prompt).read_text() if args.system_prompt else judges.ARENA_SYSTEM
+    version = instruct.arena_version(questions)
+    official = args.judge_prompt == "official" and not args.system_prompt
+    system = (Path(args.system_prompt).read_text() if args.system_prompt else
+              judges.official_system_prompt if official else judges.ARENA_SYSTEM)
+    setup = judges.ARENA_VERSIONS.get(version, judges.ARENA_VERSIONS["v0.1"])
     client = _client(args, out)
     games = judges.arena_games(client, questions, instruct.read_arena_answers(args.baseline),
-                               instruct.read_arena_answers(args.answers), system)
+                               instruct.read_arena_answers(args.answers), system, max_tokens=setup["max_tokens"],
+                               verdict=judges.official_verdict if official else judges.parse_verdict)
     write_jsonl(out / "judgments.jsonl", games)
     battles, groups, missing = judges.battles(games, model_name, base_name)
     if not battles:
         raise RuntimeError("the judge gave no usable verdict in any game")
     scores = bradley_terry.scores(battles, base_name, args.bootstrap, groups=groups)
-    result = {"arena_hard_version": instruct.arena_version(questions), "questions": len(questions),
+    official_baselines = {setup["baseline"].get(q.get("category"), "?") for q in questions}
+    comparable = (official and version in judges.ARENA_VERSIONS and official_baselines == {base_name}
+                  and args.judge_model == setup["judge"])  # every question against its own official baseline
+    result = {"arena_hard_version": version, "questions": len(questions),
+              "leaderboard_comparable": comparable,
+              "leaderboard_setup": {"judge": setup["judge"], "baseline": sorted(official_baselines)},
               "games": len(games), "games_without_verdict": missing, "model": model_name, "baseline": base_name,
               "score": scores[model_name]["score"], "ci95": scores[model_name]["ci95"],
-              "system_prompt": args.system_prompt or "allo default (not the leaderboard's wording)",
+              "system_prompt": args.system_prompt or (f"arena-hard-auto official ({version})" if official else
+                                                      "allo's wording (not the leaderboard's)"),
               "judge": {"url": args.judge_url, "model": args.judge_model},
               "usage": client.usage.summary(client.ep), **harness()}
     write_json(out / "result.json", result)

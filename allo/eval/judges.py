@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 from unittest import mock
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from allo.openai_client import ChatClient, content
 
@@ -177,6 +177,52 @@ ARENA_SYSTEM = (
 VERDICT = re.compile(r"\[\[([AB<>=]+)\]\]")
 LABELS = {"A>>B", "A>B", "A=B", "B>A", "B>>A"}
 
+# The leaderboard's judge prompts, verbatim from arena-hard-auto (lmarena/arena-hard-auto @ 196f6b8,
+# utils/judge_utils.py, Apache-2.0): one for v0.1 and for v2.0's hard_prompt, coding and math questions; v2.0's
+# creative_writing questions drop "generate your own answer". Scores compare with the leaderboard only with these.
+_OWN = ("Begin your evaluation by generating your own answer to the prompt. You must provide your answers before "
+        "judging any answers.\n\n")
+_RUBRIC = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
+    "user prompt displayed below. You will be given assistant A's answer and assistant B's answer. Your job is to "
+    "evaluate which assistant's answer is better.\n\n{own}When evaluating the assistants' answers, compare both "
+    "assistants' answers{yours}. You must identify and correct any mistakes or inaccurate information.\n\nThen "
+    "consider if the assistant's answers are helpful, relevant, and concise. Helpful means the answer correctly "
+    "responds to the prompt or follows the instructions. Note when user prompt has any ambiguity or more than one "
+    "interpretation, it is more helpful and appropriate to ask for clarifications or more information from the user "
+    "than providing an answer based on assumptions. Relevant means all parts of the response closely connect or are "
+    "appropriate to what is being asked. Concise means the response is clear and not verbose or excessive.\n\nThen "
+    "consider the creativity and novelty of the assistant's answers when needed. Finally, identify any missing "
+    "important information in the assistants' answers that would be beneficial to include when responding to the "
+    "user prompt.\n\nAfter providing your explanation, you must output only one of the following choices as your "
+    "final verdict with a label:\n\n1. Assistant A is significantly better: [[A>>B]]\n2. Assistant A is slightly "
+    "better: [[A>B]]\n3. Tie, relatively the same: [[A=B]]\n4. Assistant B is slightly better: [[B>A]]\n5. "
+    "Assistant B is significantly better: [[B>>A]]\n\nExample output: \"My final verdict is tie: [[A=B]]\".")
+ARENA_OFFICIAL = _RUBRIC.format(own=_OWN, yours=" with your answer")
+ARENA_OFFICIAL_CREATIVE = _RUBRIC.format(own="", yours="")
+# Each version's judge, baselines (by question category) and token budget, as its config/arena-hard-*.yaml sets them.
+ARENA_VERSIONS = {
+    "v0.1": {"judge": "gpt-4-1106-preview", "max_tokens": 4096, "baseline": {"arena-hard-v0.1": "gpt-4-0314"}},
+    "v2.0": {"judge": "gpt-4.1", "max_tokens": 16000,
+             "baseline": {"hard_prompt": "o3-mini-2025-01-31", "coding": "o3-mini-2025-01-31",
+                          "math": "o3-mini-2025-01-31", "creative_writing": "gemini-2.0-flash-001"}},
+}
+_OFFICIAL_PATTERNS = (re.compile(r"\[\[([AB<>=]+)\]\]"), re.compile(r"\[([AB<>=]+)\]"))
+
+
+def official_system_prompt(question: dict) -> str:
+    """The leaderboard's judge prompt for this question (by its category)."""
+    return ARENA_OFFICIAL_CREATIVE if question.get("category") == "creative_writing" else ARENA_OFFICIAL
+
+
+def official_verdict(text: str) -> Optional[str]:
+    """arena-hard-auto's get_score: the last match of the first pattern that matches the upper-cased judgment."""
+    for pattern in _OFFICIAL_PATTERNS:
+        found = [m for m in pattern.findall(text.upper()) if m]
+        if found:
+            return found[-1] if found[-1] in LABELS else None
+    return None
+
 
 def parse_verdict(text: str) -> Optional[str]:
     """The verdict label when the judgment names exactly one distinct label, else None."""
@@ -185,22 +231,26 @@ def parse_verdict(text: str) -> Optional[str]:
 
 
 def arena_games(client: ChatClient, questions: Sequence[dict], baseline: dict[str, str], model: dict[str, str],
-                system_prompt: str = ARENA_SYSTEM, attempts: int = 2, max_tokens: int = 4096) -> list[dict]:
+                system_prompt: str | Callable[[dict], str] = official_system_prompt, attempts: int = 2,
+                max_tokens: int = 4096, verdict: Callable[[str], Optional[str]] = official_verdict) -> list[dict]:
     """Per question two games: game 1 shows the baseline as A, game 2 the model as A. Returns rows
-    {uid, game, verdict, judgment}; verdict None when the judge gave no single label after `attempts` tries."""
+    {uid, game, verdict, judgment}; verdict None when the judge gave no label after `attempts` tries.
+    `system_prompt`: a prompt, or one per question (default: the leaderboard's, by category); `verdict`: how a
+    judgment is read (default: the leaderboard's; `parse_verdict` wants exactly one distinct label)."""
+    prompt_of = system_prompt if callable(system_prompt) else (lambda q: system_prompt)
     games = []
     for q in questions:
         uid = q["uid"]
         if uid not in baseline or uid not in model:
             raise ValueError(f"question {uid}: missing {'baseline' if uid not in baseline else 'model'} answer")
-        games.append((uid, 1, baseline[uid], model[uid], q["prompt"]))
-        games.append((uid, 2, model[uid], baseline[uid], q["prompt"]))
+        games.append((uid, 1, baseline[uid], model[uid], q["prompt"], prompt_of(q)))
+        games.append((uid, 2, model[uid], baseline[uid], q["prompt"], prompt_of(q)))
     rows = [{"uid": uid, "game": g, "verdict": None, "judgment": ""} for uid, g, *_ in games]
     pending = list(range(len(games)))
     for attempt in range(attempts):
         if not pending:
             break
-        requests = [{"messages": [{"role": "system", "content": system_prompt},
+        requests = [{"messages": [{"role": "system", "content": games[i][5]},
                                   {"role": "user", "content": ARENA_TEMPLATE.format(
                                       question=games[i][4], answer_a=games[i][2], answer_b=games[i][3])}],
                      "temperature": 0, "max_tokens": max_tokens, **({"seed": attempt} if attempt else {})}
@@ -209,7 +259,7 @@ def arena_games(client: ChatClient, questions: Sequence[dict], baseline: dict[st
         still = []
         for i, resp in zip(pending, responses):
             rows[i]["judgment"] = content(resp)
-            rows[i]["verdict"] = parse_verdict(rows[i]["judgment"])
+            rows[i]["verdict"] = verdict(rows[i]["judgment"])
             if rows[i]["verdict"] is None:
                 still.append(i)
         pending = still

@@ -53,11 +53,13 @@ def table3(models: dict[str, str], task: Any, out_dir: Path,
            answers: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, float]]:
     """Win rate (%) of each model against the first model (SFT), judged by `task.judge` in both orders, from the
     models' `answers` ({suite: {model: answers}} to `instruction_suites`, as the eval step generates them)."""
-    from allo.eval import bradley_terry, judges
+    from allo.eval import bradley_terry, instruct, judges
     from allo.openai_client import ChatClient
 
     client = ChatClient(task.judge.endpoint("task.judge"), cache_dir=str(out_dir / "judge_cache"))
     suites = instruction_suites(task)
+    arena = instruct.read_arena_questions(task.arena_hard) if task.arena_hard else []
+    ci: dict[str, Any] = {}
     base = next(iter(models))
     table: dict[str, dict[str, float]] = {name: {} for name in models}
     for suite, by_model in answers.items():
@@ -68,11 +70,15 @@ def table3(models: dict[str, str], task: Any, out_dir: Path,
             elif suite == "alpaca_eval":
                 ann = judges.alpaca_pairs(client, prompts, by_model[base], by_model[name], base, name, "swap")
                 table[name][suite] = round(judges.alpaca_score(ann)[0]["win_rate"], 2)
-            else:
-                qs = [{"uid": str(i), "prompt": p} for i, p in enumerate(prompts)]
+            else:  # the leaderboard's judge prompt per question category; the score with its bootstrap interval
+                qs = [{**q, "uid": str(i)} for i, q in enumerate(arena[:len(prompts)])]
                 games = judges.arena_games(client, qs, dict(zip(map(str, range(len(prompts))), by_model[base])),
                                            dict(zip(map(str, range(len(prompts))), by_model[name])))
                 battles, groups, _ = judges.battles(games, name, base)
-                table[name][suite] = bradley_terry.scores(battles, base, rounds=0)[name]["score"] if battles else None
+                score = bradley_terry.scores(battles, base, rounds=100, groups=groups)[name] if battles else None
+                table[name][suite] = score["score"] if score else None
+                ci[name] = score["ci95"] if score else None
     table["_judge"] = {"model": task.judge.model, "usage": client.usage.summary(client.ep)}
+    if ci:
+        table["_arena_hard_ci95"] = ci
     return table
