@@ -1,7 +1,7 @@
 """Planned vs measured peak memory of a masked training stage on CPU, 2 ranks (issue 18's validation of `allo plan`).
 
 For ZeRO-0 and ZeRO-3, each with dense and sparse Adam moments, the improve stage (10% mask, pairs in one forward)
-runs a few steps on a random-init Llama of two sizes. CPU memory is process RSS, which also holds the Python, torch,
+runs a few steps on a random-init Llama of two sizes (0.1 M and 35 M parameters). CPU memory is process RSS, which also holds the Python, torch,
 DeepSpeed and gloo runtime; so the comparison is differential: measured (peak RSS of rank 0, large − small) over
 planned (large − small). The plan's terms that apply on CPU are all of them except the GPU runtime reserve:
 model states (weights, gradients, fp32 copies, Adam moments, neuron mask, ZeRO-3's gathered layer, ZeRO buckets),
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 SIZES = {"small": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2),
-         "large": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
-                       num_key_value_heads=4)}
+         "large": dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=8, num_attention_heads=10,
+                       num_key_value_heads=2)}
 CASES = [("zero0", False), ("zero0", True), ("zero3", False), ("zero3", True)]
 TOLERANCE = 0.25
 
