@@ -104,6 +104,13 @@ def _train() -> Any:
     return knob(factory=dict, help="Keys of `train` set for this stage only (they win over the `train` section).")
 
 
+def _nll_weight() -> Any:
+    """The DPO+NLL knob, one definition for the DPO baseline's and the improve stage's sections."""
+    return knob(0.0, "Adds this weight × the chosen responses' length-normalised NLL to the loss (iterative reasoning "
+                     "preference optimisation, Pang et al. 2024: it keeps the chosen likelihood from falling). Off (0) "
+                     "for paper runs; set it alike for dpo and improve to compare them fairly.", ge=0)
+
+
 @dataclass
 class SFTConfig:
     SPEC_TRAIN: ClassVar[dict] = dict(lr=1e-4, warmup_ratio=0.03, global_batch_size=32)
@@ -116,10 +123,7 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "ipo", "simpo"] = knob("sigmoid", "DPO (sigmoid), IPO or SimPO.")
     label_smoothing: float = knob(0.0, "Conservative DPO: assumed fraction of flipped labels.", ge=0, lt=0.5)
     simpo_gamma: float = knob(0.5, "SimPO target margin γ.", ge=0)
-    nll_weight: float = knob(0.0, "Adds this weight × the chosen responses' length-normalised NLL to the loss "
-                                  "(iterative reasoning preference optimisation, Pang et al. 2024: it keeps the "
-                                  "chosen likelihood from falling). Off (0) for paper runs; set it alike for dpo and "
-                                  "improve to compare them fairly.", ge=0)
+    nll_weight: float = _nll_weight()
     SPEC_TRAIN: ClassVar[dict] = dict(lr=1e-6, warmup_ratio=0.1, global_batch_size=32)
     train: dict = _train()
 
@@ -177,10 +181,7 @@ class ImproveConfig:
     k_basis: Literal["response", "padded"] = knob("response", "L = response length, or the padded batch length "
                                                               "(reference code).")
     noise_side: Literal["rejected", "both"] = knob("rejected", "Apply noise masking to rejected only, or both.")
-    nll_weight: float = knob(0.0, "Adds this weight × the chosen responses' length-normalised NLL to the loss "
-                                  "(iterative reasoning preference optimisation, Pang et al. 2024: it keeps the "
-                                  "chosen likelihood from falling). Off (0) for paper runs; set it alike for dpo and "
-                                  "improve to compare them fairly.", ge=0)
+    nll_weight: float = _nll_weight()
     SPEC_TRAIN: ClassVar[dict] = dict(lr=5e-6, warmup_ratio=0.1, global_batch_size=128)
     train: dict = _train()
 

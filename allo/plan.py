@@ -28,6 +28,7 @@ log-probs, generation) over MFU × peak FLOP/s.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,15 +269,26 @@ def smallest_fix(recipe: Recipe, step, s: Shape, hw: Hardware) -> Optional[str]:
 
 # --------------------------------------------------------------------------------------------- tokens, time
 def _records(path: Optional[str]) -> Optional[list[dict]]:
-    from allo.io import iter_jsonl
-
+    """The records of a local data file (None when there is none); every step that reads the same file shares one
+    read (keyed by size and modification time, so a rewritten file is read again)."""
     if not path or not Path(path).is_file():
         return None
-    if Path(path).suffix != ".jsonl":
-        from allo.data.records import _iter_raw
+    st = Path(path).stat()
+    return _read_records(str(path), st.st_size, st.st_mtime_ns)
 
-        return [r for _, r in _iter_raw(path, "train") if isinstance(r, dict)]
-    return [r for _, r in iter_jsonl(path, bad="yield") if isinstance(r, dict)]
+
+@functools.lru_cache(maxsize=16)
+def _read_records(path: str, size: int, mtime_ns: int) -> list[dict]:
+    from allo.data.records import _iter_raw
+
+    return [r for _, r in _iter_raw(path, "train") if isinstance(r, dict)]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _text_chars(rec: dict, fields: tuple[str, ...]) -> list[int]:
@@ -298,9 +310,7 @@ def data_tokens(recipe: Recipe, path: Optional[str], fields: tuple[str, ...], fa
     tok_dir = recipe.model.tokenizer or recipe.model.path
     per_char, how = 0.25, "4 characters a token"
     if tok_dir and Path(tok_dir).is_dir() and sample:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = _tokenizer(str(tok_dir))
         texts = [str(r.get("prompt", "")) + str(r.get(fields[0], "")) for r in sample[:200]]
         chars = sum(len(t) for t in texts)
         if chars:
@@ -361,15 +371,11 @@ def generate_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tup
             f"sample.n {recipe.sample.n} × sample.max_new_tokens × {where} (upper bound)")
     held = _records(recipe.task.eval)
     m = len(held) if held else 0
-    models = 1 + sum(1 for st in _steps() if st.label)
-    return m * models * recipe.task.eval_max_new_tokens, (
-        f"{m} held-out problems × {models} models × task.eval_max_new_tokens (upper bound; benchmarks not counted)")
-
-
-def _steps():
     from allo.steps import REGISTRY
 
-    return list(REGISTRY.values())
+    models = 1 + sum(1 for st in REGISTRY.values() if st.label)
+    return m * models * recipe.task.eval_max_new_tokens, (
+        f"{m} held-out problems × {models} models × task.eval_max_new_tokens (upper bound; benchmarks not counted)")
 
 
 # --------------------------------------------------------------------------------------------- the plan

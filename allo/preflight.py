@@ -23,8 +23,6 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-         "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class InputError(ValueError):
@@ -234,13 +232,8 @@ def checkpoint_bytes(model: Optional[Path], dtype: str, keep_last: int) -> int:
     (weights + fp32 master + two fp32 Adam moments per parameter)."""
     if model is None:
         return 0
-    numel = 0
-    for f in weight_files(model):
-        if f.suffix == ".safetensors":
-            header, _ = safetensors_size(f)
-            numel += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
-        else:
-            numel += f.stat().st_size // 2  # a .bin file: bf16 or fp16 at 2 bytes a value, as an estimate
+    numel = sum(math.prod(shape) for shape in tensor_shapes(model).values()) + sum(
+        f.stat().st_size // 2 for f in weight_files(model) if f.suffix != ".safetensors")  # .bin: 2 bytes a value
     width = 2 if dtype == "bf16" else 4
     return numel * width + keep_last * numel * (width + 12)
 

@@ -22,14 +22,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = masked_step.build(tmp)
-        mask10 = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
-        single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json",
-                      env=dict(masked_step.ENV, OMP_NUM_THREADS=str(args.threads)))
         res: dict = {}
-        masked_step.fastest(res, {
-            "allo_dpo": lambda r: masked_step.run(tmp, f"dpo{r}", "dpo", args.steps, [], **single),
-            "allo_improve_10": lambda r: masked_step.run(tmp, f"improve{r}", "improve", args.steps,
-                                                         ["--mask", mask10], **single)}, args.rounds)
+        masked_step.fastest(res, masked_step.figure1_runs(
+            tmp, model, args.steps, dict(masked_step.ENV, OMP_NUM_THREADS=str(args.threads))), args.rounds)
     dpo, improve = res["step_s_all"]["allo_dpo"], res["step_s_all"]["allo_improve_10"]
     print(f"step s, DPO: {[round(x, 4) for x in dpo]}; improve: {[round(x, 4) for x in improve]}")
     print(f"improve / DPO pairs/s: {min(dpo) / min(improve):.3f} (fastest rounds), "

@@ -82,6 +82,16 @@ train: {{micro_batch_size: {micro}, global_batch_size: {global_batch}, lr: 1.0e-
             "peak_rss_mb": max(r["peak_mem_mb"] for r in rows)}
 
 
+def figure1_runs(tmp: Path, model: Path, steps: int, env: dict) -> dict[str, Callable[[int], dict]]:
+    """Figure 1's allo runs (run_all.py, figure1.py): plain DPO and the improve stage under a 10% mask, one process,
+    ZeRO-0, each a function of the round number."""
+    mask10 = str(mask(model, 10, tmp / "m10.safetensors"))
+    single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json", env=env)
+    return {"allo_dpo": lambda r: run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
+            "allo_improve_10": lambda r: run(tmp, f"allo_improve{r}", "improve", steps, ["--mask", mask10],
+                                             **single)}
+
+
 def fastest(res: dict, runs: dict[str, Callable[[int], dict]], rounds: int) -> None:
     """Run every configuration `rounds` times, in alternating order, and keep the fastest run of each in `res`
     (interference from other load only ever slows a run down); every step time goes to res["step_s_all"]."""

@@ -101,15 +101,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model = masked_step.build(tmp)
-        mask10 = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
-        single = dict(nproc=1, micro=8, global_batch=8, weight_decay=0.0, ds_config="ds_configs/zero0.json", env=one)
+        allo = masked_step.figure1_runs(tmp, model, steps, one)
         # 1 + 2: one process each
         masked_step.fastest(res, {
-            "trl_precomputed": lambda r: trl(tmp, steps, True, one),
-            "allo_dpo": lambda r: masked_step.run(tmp, f"allo_dpo{r}", "dpo", steps, [], **single),
-            "trl_live_reference": lambda r: trl(tmp, steps, False, one),
-            "allo_improve_10": lambda r: masked_step.run(tmp, f"allo_improve{r}", "improve", steps, ["--mask", mask10],
-                                                         **single)}, rounds)
+            "trl_precomputed": lambda r: trl(tmp, steps, True, one), "allo_dpo": allo["allo_dpo"],
+            "trl_live_reference": lambda r: trl(tmp, steps, False, one), "allo_improve_10": allo["allo_improve_10"]},
+            rounds)
         # 3: 2 ranks, ZeRO-3
         # figure 3's step times: the median of 5 alternating rounds (dense masked runs, DPO, DPO under the mask);
         # the sparse runs measure bytes, which do not vary, in one round

@@ -128,19 +128,18 @@ def unique_wrong(samples: Sequence[dict]) -> tuple[list[dict], dict]:
     by_problem: dict[str, list[dict]] = defaultdict(list)
     for s in samples:
         by_problem[s["prompt"]].append(s)
-    rows, all_wrong = [], 0
+    rows, all_wrong, unpaired = [], 0, 0
     for prompt, group in by_problem.items():
         right = [s for s in group if s["correct"]]
         wrong = _unique([s for s in group if not s["correct"]])
-        all_wrong += bool(wrong) and not right
+        if wrong and not right:
+            all_wrong, unpaired = all_wrong + 1, unpaired + len(wrong)
         reference = next((s["reference"] for s in group if s.get("reference")), None) or (
             right[0]["response"] if right else f" The answer is {group[0]['answer']}.")
         rows += [{"prompt": prompt, "rejected": w["response"], "reference": reference, "answer": w["answer"]}
                  for w in wrong]
     stats = {"wrong_samples": sum(not s["correct"] for s in samples), "unique_wrong": len(rows),
-             "unique_wrong_all_wrong_problems": sum(len(_unique([s for s in g if not s["correct"]]))
-                                                    for g in by_problem.values() if not any(s["correct"] for s in g)),
-             "all_wrong_problems": all_wrong}
+             "unique_wrong_all_wrong_problems": unpaired, "all_wrong_problems": all_wrong}
     return rows, stats
 
 
