@@ -69,8 +69,18 @@ def test_chunked_step_is_bit_identical(mode, monkeypatch):
     tensor split into many uneven slices ends bit-identical to one slice, with and without masks and sparse state."""
     import allo.optim
 
+    sizes: list[int] = []
+    update = allo.optim._adamw_update
+
+    def recorded(m, *rest):
+        sizes.append(m.numel())
+        return update(m, *rest)
+
+    monkeypatch.setattr(allo.optim, "_adamw_update", recorded)
+
     def run(chunk: int) -> list[torch.Tensor]:
         monkeypatch.setattr(allo.optim, "STEP_CHUNK", chunk)
+        sizes.clear()
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(1001)), torch.nn.Parameter(torch.randn(37))]
         opt = MaskedAdamW(params, lr=1e-2, weight_decay=0.1, sparse_state=mode == "sparse")
@@ -86,3 +96,4 @@ def test_chunked_step_is_bit_identical(mode, monkeypatch):
 
     whole, sliced = run(1 << 24), run(64)
     assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
+    assert max(sizes) <= 64 and len(sizes) > 10  # every temporary of the update is one slice's size
