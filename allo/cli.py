@@ -181,6 +181,7 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
     from allo.pipeline import external_files
     from allo.stages import STAGES
 
+    preflight.check_trackers(recipe)
     step = REGISTRY.get(args.stage)
     if step is not None and step.standalone:
         preflight.check_training(recipe, data=args.data or recipe.data.train, init=args.init, mask=args.mask,

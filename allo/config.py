@@ -98,6 +98,11 @@ class TrainConfig:
                                                "for a launcher to decide on requeue; slurm/allo.sbatch sets it per job "
                                                "through ALLO_PREEMPT_MARKER, which overrides it.")
     ds_config: str = knob("ds_configs/zero3.json", "DeepSpeed JSON; its \"auto\" fields are filled from here.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = knob(
+        factory=lambda: ["tensorboard"], help="Experiment trackers (rank 0): any of tensorboard (STAGE_DIR/tb), wandb, "
+        "trackio; [] for none. One tracker run per stage, grouped by output_dir, eval results included; their "
+        "environment settings apply (WANDB_MODE=offline, TRACKIO_DIR). metrics.jsonl is always written.")
+    tracker_project: str = knob("allo", "The wandb / Trackio project the runs go to.")
 
 
 def _train() -> Any:
@@ -193,9 +198,12 @@ class EndpointConfig:
     model: Optional[str] = knob(None, "Model name at that endpoint.")
     api_key_env: Optional[str] = knob("OPENAI_API_KEY", "Environment variable holding the API key (never logged); "
                                                         "null for a keyless local server.")
+    api_version: Optional[str] = knob(None, "Azure OpenAI: the API version (e.g. 2024-10-21). When set, base_url is the "
+                                            "Azure resource endpoint and model the deployment name.")
     timeout: float = knob(120.0, "Seconds per request before it is retried.", gt=0)
-    max_retries: int = knob(6, "Retries on 429, 5xx, timeouts and malformed replies (exponential backoff).", ge=0)
-    backoff: float = knob(1.0, "Seconds before the first retry; doubled each time (a Retry-After header wins).", ge=0)
+    max_retries: int = knob(6, "Retries on 429, 408/409, 5xx, timeouts, dropped connections (the openai SDK's: backoff "
+                               "from 0.5 s doubling to 8 s, the server's Retry-After honoured up to 2 min) and on "
+                               "malformed replies.", ge=0)
     concurrency: int = knob(8, "Requests in flight.", ge=1)
     price_in: float = knob(0.0, "USD per million prompt tokens, for the cost line in the log.", ge=0)
     price_out: float = knob(0.0, "USD per million completion tokens.", ge=0)
@@ -375,6 +383,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list and typing.get_args(tp):
+        return f"a list, each {_describe(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -402,6 +412,8 @@ def _coerce(tp: Any, value: Any) -> Any:
         return value
     if tp in (str, bool, dict, list) and isinstance(value, tp):
         return value
+    if origin is list and isinstance(value, list) and typing.get_args(tp):
+        return [_coerce(typing.get_args(tp)[0], v) for v in value]
     if origin in (dict, list) and isinstance(value, origin):
         return value
     raise TypeError

@@ -1,12 +1,14 @@
-"""Metric sinks (JSONL, CSV, TensorBoard) on rank 0, and running means reduced once per optimizer step."""
+"""Metric sinks (JSONL, CSV, the trackers of `train.report_to`) on rank 0, and running means reduced once per optimizer step."""
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from allo.tracking import Tracker
 
 
 class RunningMeans:
@@ -33,30 +35,22 @@ class RunningMeans:
 
 
 class MetricLogger:
-    """metrics.jsonl (one record per logged step), metrics.csv and TensorBoard under out_dir/tb; rank 0 only."""
+    """metrics.jsonl (one record per logged step), metrics.csv and the `train.report_to` trackers; rank 0 only."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True, append: bool = False):
-        """`append`: a resumed run continues the files; a fresh run replaces them (and the TensorBoard events)."""
+    def __init__(self, out_dir: Path, enabled: bool = True, append: bool = False,
+                 trackers: Callable[[], list[Tracker]] = list):
+        """`append`: a resumed run continues the files; a fresh run replaces them. `trackers` opens the trackers
+        (`allo.tracking.open_trackers`), on rank 0 only."""
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self._csv_fields: list[str] | None = None
-        self._tb = None
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
-        if not append:
-            import shutil
-
-            shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
         self._jsonl = open(self.out_dir / "metrics.jsonl", mode)
         self._csv = open(self.out_dir / "metrics.csv", mode, newline="")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.out_dir / "tb"))
-        except ImportError:  # tensorboard is optional; JSONL and CSV always work
-            self._tb = None
+        self._trackers = trackers()
 
     def log(self, values: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -70,17 +64,16 @@ class MetricLogger:
                 csv.writer(self._csv).writerow(self._csv_fields)
         csv.writer(self._csv).writerow([record.get(k, "") for k in self._csv_fields])
         self._csv.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
+        for t in self._trackers:
+            t.log(values, step)
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._jsonl.close()
         self._csv.close()
-        if self._tb is not None:
-            self._tb.close()
+        for t in self._trackers:
+            t.finish()
         self.enabled = False
 
 

@@ -1,15 +1,15 @@
-"""A client for any OpenAI-compatible chat endpoint (hosted API, vLLM server, ...), shared by the rewrite teacher
-and the eval judges.
+"""A client for any OpenAI-compatible chat endpoint (hosted API, Azure OpenAI, a vLLM server, ...), shared by the
+rewrite teacher and the eval judges.
 
-What a long teacher or judge job needs and the plain SDK does not give in one place:
+The transport is the `openai` SDK: its retries (429, 408/409, 5xx, timeouts, dropped connections; exponential
+backoff; the server's Retry-After honoured), timeouts, typed errors and Azure / base-URL settings. What is ours on
+top, because a long teacher or judge job needs it and the SDK does not give it:
 - an on-disk cache keyed by the request (model, messages, sampling settings), so a crash or a rerun never pays
   for the same call twice; entries are written atomically, so a killed job leaves no half-written entry;
 - bounded concurrency (`concurrency` requests in flight) with a progress bar;
-- retries with exponential backoff (and the server's Retry-After) on 429, 5xx, timeouts, dropped connections and
-  malformed JSON; other 4xx fail at once, with the server's message;
-- token counts and cost (`price_in` / `price_out` per million tokens) logged at the end.
+- a malformed reply (no JSON, no `choices`) asked again, which the SDK would hand back as it is;
+- token counts, HTTP retries and cost (`price_in` / `price_out` per million tokens) logged at the end.
 The API key is read from the environment variable the config names and never logged or cached.
-Standard library only (urllib), so it runs wherever allo runs.
 """
 from __future__ import annotations
 
@@ -17,11 +17,7 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +27,15 @@ from allo.config import EndpointConfig
 from allo.io import atomic_write_text
 
 log = logging.getLogger(__name__)
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 class EndpointError(RuntimeError):
-    """A request failed for good (non-retryable status, or retries exhausted); the message never holds the key."""
+    """A request failed for good (non-retryable status, or retries exhausted); the message never holds the key.
+    `status` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 Endpoint = EndpointConfig  # where and how to call: the recipe's endpoint settings (allo.config), one type
@@ -45,7 +45,7 @@ Endpoint = EndpointConfig  # where and how to call: the recipe's endpoint settin
 class Usage:
     calls: int = 0
     cache_hits: int = 0
-    retries: int = 0
+    requests: int = 0  # HTTP requests sent, retries included
     prompt_tokens: int = 0
     completion_tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -54,6 +54,10 @@ class Usage:
         with self.lock:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
+
+    @property
+    def retries(self) -> int:
+        return max(0, self.requests - self.calls)
 
     def cost(self, ep: Endpoint) -> float:
         return (self.prompt_tokens * ep.price_in + self.completion_tokens * ep.price_out) / 1e6
@@ -71,10 +75,11 @@ class ChatClient:
         self.ep = endpoint
         self.cache = Path(cache_dir) if cache_dir else None
         self.usage = Usage()
-        self._key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
-        if endpoint.api_key_env and not self._key and not _is_local(endpoint.base_url):
+        key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+        if endpoint.api_key_env and not key and not _is_local(endpoint.base_url):
             raise EndpointError(f"environment variable {endpoint.api_key_env} is not set (the API key for "
                                 f"{endpoint.base_url}); set it, or set api_key_env to null for a keyless server")
+        self._sdk = _sdk_client(endpoint, key, lambda _request: self.usage.add(requests=1))
 
     # ------------------------------------------------------------------------------------------- one call
     def request_body(self, messages: Sequence[dict], **params) -> dict:
@@ -108,39 +113,28 @@ class ChatClient:
         return self.cache / key[:2] / f"{key}.json"
 
     def _post(self, body: dict) -> dict:
-        url = self.ep.base_url.rstrip("/") + "/chat/completions"
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
+        """One call through the SDK (which retries HTTP failures); a malformed reply is asked again."""
+        import openai
+
+        url = self.ep.base_url.rstrip("/")
         last = ""
-        for attempt in range(self.ep.max_retries + 1):
-            wait = self.ep.backoff * (2 ** attempt) * (0.5 + random.random() / 2)
+        for _ in range(self.ep.max_retries + 1):
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.ep.timeout) as resp:
-                    raw = resp.read()
-                try:
-                    out = json.loads(raw)
-                    if not isinstance(out, dict) or not out.get("choices"):
-                        raise ValueError("no 'choices' in the response")
+                raw = self._sdk.chat.completions.with_raw_response.create(**body)
+                out = json.loads(raw.http_response.text)
+                if isinstance(out, dict) and out.get("choices"):
                     return out
-                except ValueError as e:
-                    last = f"malformed response ({e}): {raw[:200]!r}"
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace")
-                last = f"HTTP {e.code}: {detail}"
-                if e.code not in RETRY_STATUS:
-                    raise EndpointError(f"{url}: {last}") from None
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    wait = max(wait, float(retry_after))
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            if attempt < self.ep.max_retries:
-                self.usage.add(retries=1)
-                log.debug("%s: %s; retry %d in %.1fs", url, last, attempt + 1, wait)
-                time.sleep(wait)
+                last = f"malformed response (no 'choices'): {raw.http_response.text[:200]!r}"
+            except ValueError as e:
+                last = f"malformed response ({e})"
+            except openai.APIStatusError as e:
+                failed = f"HTTP {e.status_code}: {(e.response.text or '')[:300]}"
+                raise EndpointError(f"{url}: gave up after {self.ep.max_retries + 1} attempts; last error: {failed}"
+                                    if _retryable(e.status_code) else f"{url}: {failed}", e.status_code) from None
+            except openai.APIConnectionError as e:  # timeouts included, after the SDK's retries
+                raise EndpointError(f"{url}: gave up after {self.ep.max_retries + 1} attempts; last error: "
+                                    f"{type(e).__name__}: {e}") from None
+            log.debug("%s: %s; asking again", url, last)
         raise EndpointError(f"{url}: gave up after {self.ep.max_retries + 1} attempts; last error: {last}")
 
     # ------------------------------------------------------------------------------------------ many calls
@@ -158,6 +152,21 @@ class ChatClient:
 def content(response: dict) -> str:
     """The first choice's message text."""
     return (response["choices"][0].get("message") or {}).get("content") or ""
+
+
+def _sdk_client(ep: Endpoint, key: Optional[str], on_request):
+    """The SDK's client for the endpoint: Azure OpenAI when `api_version` is set, else any base URL."""
+    import openai
+
+    http = openai.DefaultHttpxClient(event_hooks={"request": [on_request]})
+    common = dict(api_key=key or "none", timeout=ep.timeout, max_retries=ep.max_retries, http_client=http)
+    if ep.api_version:
+        return openai.AzureOpenAI(azure_endpoint=ep.base_url, api_version=ep.api_version, **common)
+    return openai.OpenAI(base_url=ep.base_url, **common)
+
+
+def _retryable(status: int) -> bool:
+    return status in (408, 409, 429) or status >= 500
 
 
 def _is_local(url: str) -> bool:

@@ -253,6 +253,17 @@ def check_training(recipe, *, data: Optional[str], init: Optional[str], mask: Op
     check_output(out, checkpoint_bytes(model, recipe.model.dtype, keep_last))
 
 
+def check_trackers(recipe) -> None:
+    """Every tracker a stage reports to (`train.report_to`, or a stage's own) is installed."""
+    from allo.steps import REGISTRY
+    from allo.tracking import check_installed
+
+    check_installed(recipe.train.report_to)
+    for section in dict.fromkeys(s.train.section for s in REGISTRY.values() if s.train):
+        if "report_to" in getattr(recipe, section).train:
+            check_installed(recipe.stage_train(section).report_to, f"{section}.train.report_to")
+
+
 def check_run(recipe, files: Iterable[tuple[str, str]]) -> None:
     """`allo run`'s inputs from outside the run: the starting model, every data file the steps name (`files`:
     (recipe key, path)), and the output directory."""

@@ -36,6 +36,7 @@ from allo.logprobs import token_logps
 from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_layout
 from allo.masks.io import check_against_model, mask_counts
 from allo.metrics import MetricLogger, RunningMeans
+from allo.tracking import open_trackers
 from allo.optim import MaskedAdamW
 from allo.signals import EXIT_REQUEUE, stop_on_signal, write_preempted
 
@@ -64,8 +65,10 @@ class Position:
 
 class Trainer:
     def __init__(self, strategy: Strategy, model: torch.nn.Module, tokenizer, stage: Stage, train: TrainConfig,
-                 out_dir: str | Path, seed: int = 0):
+                 out_dir: str | Path, seed: int = 0, group: str = "", config: Optional[dict] = None):
+        """`group` and `config`: the pipeline run this stage belongs to and its recipe, for the trackers."""
         self.strategy, self.model, self.tokenizer, self.stage = strategy, model, tokenizer, stage
+        self.group, self.run_config = group or str(Path(out_dir).parent), config
         self.cfg, self.out_dir, self.seed = train, Path(out_dir), seed
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.pos = Position()
@@ -113,7 +116,8 @@ class Trainer:
         resumed = self._resume()
         if self.stage.needs_reference:
             self._reference_logps(must_exist=resumed)
-        self.metrics = MetricLogger(self.out_dir, enabled=s.is_rank0, append=resumed)
+        self.metrics = MetricLogger(self.out_dir, enabled=s.is_rank0, append=resumed, trackers=lambda: open_trackers(
+            cfg.report_to, self.out_dir, cfg.tracker_project, self.group, self.out_dir.name, self.run_config, resumed))
         self.trace: list[tuple[float, float]] = []  # (loss, grad norm) of each step this process ran, every rank
 
     def _freeze_unmasked(self, named: list) -> float:

@@ -19,7 +19,7 @@ def ok(text: str, prompt_tokens: int = 10, completion_tokens: int = 2, logprobs:
 
 class ChatServer:
     def __init__(self, reply: Callable[[dict, int], tuple]):
-        self.reply, self.seen, self.bodies, self.headers = reply, Counter(), [], []
+        self.reply, self.seen, self.bodies, self.headers, self.paths = reply, Counter(), [], [], []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,6 +30,7 @@ class ChatServer:
                     server.seen[key] += 1
                     server.bodies.append(body)
                     server.headers.append(dict(self.headers))
+                    server.paths.append(self.path)
                 status, headers, payload = server.reply(body, server.seen[key])
                 self.send_response(status)
                 for k, v in headers.items():

@@ -35,7 +35,7 @@ def judge(request):
 
 
 def client(server, tmp_path):
-    return ChatClient(Endpoint(base_url=server.url, model="judge", api_key_env=None, backoff=0.01),
+    return ChatClient(Endpoint(base_url=server.url, model="judge", api_key_env=None),
                       cache_dir=str(tmp_path / "cache"))
 
 

@@ -9,6 +9,8 @@ from tests.chat_server import ChatServer, ok
 
 def reply(body, n):
     text = body["messages"][-1]["content"]
+    if text == "429, wait 1 s":
+        return (429, {"Retry-After": "1"}, b'{"error": "slow down"}') if n == 1 else ok("fine after waiting")
     if text == "429 then ok":
         return (429, {"Retry-After": "0"}, b'{"error": "rate limited"}') if n == 1 else ok("fine after 429")
     if text == "500 twice":
@@ -35,7 +37,7 @@ def server():
 
 def client(server, tmp_path, **kw):
     ep = Endpoint(base_url=server.url, model="judge-1", api_key_env="ALLO_TEST_KEY", timeout=0.5, max_retries=3,
-                  backoff=0.01, price_in=2.0, price_out=10.0, **kw)
+                  price_in=2.0, price_out=10.0, **kw)
     return ChatClient(ep, cache_dir=str(tmp_path / "cache"))
 
 
@@ -56,10 +58,13 @@ def test_gives_up_and_fails_fast_without_leaking_the_key(server, tmp_path, monke
         c.chat([{"role": "user", "content": "always 500"}])
     assert "sk-secret" not in str(e.value)
     assert server.seen["always 500"] == 4
-    with pytest.raises(EndpointError, match="HTTP 400.*context too long"):
+    with pytest.raises(EndpointError, match="HTTP 400.*context too long") as bad:
         c.chat([{"role": "user", "content": "bad request"}])
+    assert bad.value.status == 400
     assert server.seen["bad request"] == 1  # a 4xx other than 429 is not retried
-    assert server.headers[0]["Authorization"] == "Bearer sk-secret"
+    assert e.value.status == 500
+    assert server.paths[-1] == "/v1/chat/completions"
+    assert {k.lower(): v for k, v in server.headers[0].items()}["authorization"] == "Bearer sk-secret"
 
 
 def test_cache_hit_on_rerun_and_usage(server, tmp_path, monkeypatch):
@@ -87,3 +92,22 @@ def test_missing_key_is_a_clear_error(monkeypatch):
         ChatClient(Endpoint(base_url="https://api.example.com/v1", model="m", api_key_env="ALLO_TEST_KEY"))
     # a keyless local server (vLLM) is fine
     ChatClient(Endpoint(base_url="http://127.0.0.1:8000/v1", model="m", api_key_env="ALLO_TEST_KEY"))
+
+
+def test_retry_after_is_honoured(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALLO_TEST_KEY", "sk-secret")
+    c = client(server, tmp_path)
+    start = time.monotonic()
+    assert content(c.chat([{"role": "user", "content": "429, wait 1 s"}])) == "fine after waiting"
+    assert time.monotonic() - start >= 1.0 and server.seen["429, wait 1 s"] == 2 and c.usage.retries == 1
+
+
+def test_azure_settings_reach_the_deployment_url(server, tmp_path, monkeypatch):
+    """`api_version` set: the SDK's Azure client, which calls /openai/deployments/MODEL/chat/completions with the
+    version in the query and the key in the api-key header."""
+    monkeypatch.setenv("ALLO_TEST_KEY", "azure-secret")
+    c = ChatClient(Endpoint(base_url=server.url.removesuffix("/v1"), model="gpt-4o-judge", api_key_env="ALLO_TEST_KEY",
+                            api_version="2024-10-21"), cache_dir=str(tmp_path / "cache"))
+    assert content(c.chat([{"role": "user", "content": "hi"}])) == "echo: hi"
+    assert server.paths[-1] == "/openai/deployments/gpt-4o-judge/chat/completions?api-version=2024-10-21"
+    assert {k.lower(): v for k, v in server.headers[-1].items()}["api-key"] == "azure-secret"

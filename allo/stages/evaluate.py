@@ -24,8 +24,10 @@ def eval_step(ctx: Context) -> Optional[dict]:
     against the SFT model judged by task.judge (Table 3), for SFT and every model with a table row."""
     from allo.eval import suite
     from allo.eval.provenance import harness
+    from allo.config import to_dict
     from allo.eval.run import write_predictions
     from allo.tasks import is_correct
+    from allo.tracking import log_results
 
     r, t = ctx.recipe, ctx.recipe.task
     if not (t.eval or t.benchmarks or t.alpaca_eval or t.arena_hard):
@@ -56,7 +58,9 @@ def eval_step(ctx: Context) -> Optional[dict]:
     if t.alpaca_eval or t.arena_hard:
         result["table3"] = suite.table3(models, t, out, answers)
     write_json(out / "results.json", result)
-    return {k: result[k] for k in ("accuracy", "table2", "table3") if k in result}
+    summary = {k: result[k] for k in ("accuracy", "table2", "table3") if k in result}
+    log_results(r.train.report_to, out, r.train.tracker_project, r.output_dir, "eval", summary, to_dict(r))
+    return summary
 
 
 def _data_sets(ctx: Context) -> list[tuple[str, object, list[dict]]]:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from allo.config import Recipe, save_resolved
+from allo.config import Recipe, save_resolved, to_dict
 from allo.data.records import DataError, read_records
 from allo.data.tokenize import TruncationPolicy, tokenize_records
 from allo.stages import STAGES
@@ -89,7 +89,8 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     if strategy.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, out / "config.yaml", stage=section, train=train_cfg)
-    trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed)
+    trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed, group=recipe.output_dir,
+                      config=to_dict(recipe))
     trainer.setup()
     trainer.train()
     check_stalled(stage if section == d.section else section, trainer.trace, recipe.guards)
