@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -499,8 +499,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read and validate a recipe; `path` None gives the defaults. Raises ConfigError with file:line."""
+def read_yaml(path: str | Path | None, overrides: Sequence[str] = (), what: str = "keys") -> tuple[dict, "_Where"]:
+    """A YAML mapping with `--set` overrides applied, and where each key came from (for `_build`'s errors)."""
     data: dict = {}
     where = _Where("<defaults>", {})
     if path is not None:
@@ -508,7 +508,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         try:
             text = path.read_text()
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read recipe ({e.strerror})") from None
+            raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
         try:
             data = _safe_load(text) or {}
             where = _Where(str(path), _yaml_lines(text))
@@ -517,8 +517,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
             loc = f"{path}:{mark.line + 1}" if mark else str(path)
             raise ConfigError(f"{loc}: not valid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of recipe keys (model:, data:, train:, ...), got "
-                              f"{type(data).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of {what}, got {type(data).__name__}")
     for item in overrides:
         keys, value = parse_override(item)
         node = data
@@ -528,6 +527,18 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
                 raise ConfigError(f"--set {item}: {k} is not a section")
         node[keys[-1]] = value
         where.overridden.add(tuple(keys))
+    return data, where
+
+
+def load_config(cls: type, path: str | Path, overrides: Sequence[str] = (), what: str = "keys") -> Any:
+    """Any knob dataclass (an eval suite, ...) from a YAML file, validated like a recipe."""
+    data, where = read_yaml(path, overrides, what)
+    return _build(cls, data, (), where)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe; `path` None gives the defaults. Raises ConfigError with file:line."""
+    data, where = read_yaml(path, overrides, "recipe keys (model:, data:, train:, ...)")
     recipe = dataclasses.replace(_build(Recipe, data, (), where), train_keys=frozenset(data.get("train") or {}))
     teacher = recipe.reward.teacher
     if teacher not in ("programmatic", "openai") and not re.fullmatch(r"python:[\w.]+:\w+", teacher):

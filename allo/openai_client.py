@@ -158,6 +158,8 @@ def _sdk_client(ep: Endpoint, key: Optional[str], on_request):
     """The SDK's client for the endpoint: Azure OpenAI when `api_version` is set, else any base URL."""
     import openai
 
+    for name in ("httpx", "httpx2"):  # one INFO line per HTTP request otherwise; the usage summary says it all
+        logging.getLogger(name).setLevel(logging.WARNING)
     http = openai.DefaultHttpxClient(event_hooks={"request": [on_request]})
     common = dict(api_key=key or "none", timeout=ep.timeout, max_retries=ep.max_retries, http_client=http)
     if ep.api_version:

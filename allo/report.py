@@ -170,7 +170,9 @@ def tables(run: Path) -> str | None:
         t3 = {m: v for m, v in res["table3"].items() if not m.startswith("_")}
         judge = res["table3"].get("_judge", {}).get("model")
         ci = res["table3"].get("_arena_hard_ci95", {})
-        parts.append(f"Table 3 layout: win rate % against the SFT model (judge {judge}, both orders; Arena-Hard with "
+        against = res["table3"].get("_baseline")
+        against = f"{against}'s answers" if against else "the SFT model (both orders)"
+        parts.append(f"Table 3 layout: win rate % against {against} (judge {judge}; Arena-Hard with "
                      "its bootstrap 95% interval)\n\n| method | AlpacaEval 2.0 | Arena-Hard |\n|---|---|---|\n" +
                      "\n".join(f"| {m} | {_cell(v.get('alpaca_eval'))} | {_cell(v.get('arena_hard'))}"
                                f"{_interval(ci.get(m))} |" for m, v in t3.items()))

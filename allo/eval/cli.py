@@ -6,6 +6,7 @@
   alpaca        judge model outputs against a baseline (AlpacaEval 2.0 official, or the paper's swap protocol)
   alpaca-score  win rate and length-controlled win rate of an annotations file, as JSON
   arena         judge Arena-Hard answers against a baseline; Bradley–Terry scores with bootstrap 95% intervals
+  suite         an eval suite file (eval/qa.yaml, eval/math.yaml, eval/instruct.yaml) on one or more models
 (`allo eval RECIPE` without a subcommand is the pipeline's eval step.)
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("bench", "score", "answer", "alpaca", "alpaca-score", "arena")
+SUBCOMMANDS = ("bench", "score", "answer", "alpaca", "alpaca-score", "arena", "suite")
 
 
 def _judge_args(p: argparse.ArgumentParser) -> None:
@@ -99,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     ar.add_argument("--bootstrap", type=int, default=100, help="bootstrap rounds for the 95%% interval")
     ar.add_argument("--limit", type=int)
     _judge_args(ar)
+    su = sub.add_parser("suite", help="an eval suite file on one or more models; tables where `allo report` reads")
+    su.add_argument("suite_file", help="a suite YAML (eval/qa.yaml, eval/math.yaml, eval/instruct.yaml)")
+    su.add_argument("--model", dest="models", action="append", required=True, metavar="[LABEL=]PATH",
+                    help="a model to evaluate (repeatable); LABEL names its row (default: the directory's name, its "
+                         "parent's for .../model); with the suite's baseline: first, the first is the baseline")
+    su.add_argument("--out", help="output directory (default: runs/eval/SUITE_NAME); results in OUT/eval/")
+    su.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a suite value, e.g. --set limit=50 (repeatable)")
+    su.add_argument("--only", choices=["generate", "judge"],
+                    help="generate: predictions and answers only (e.g. one Slurm task per GPU); judge: Table 3's "
+                         "judging and the tables from what was generated")
+    su.add_argument("--shard", default="0/1", metavar="I/N|slurm",
+                    help="generate for every N-th model from the I-th; slurm: SLURM_PROCID/SLURM_NTASKS")
     return p
 
 
@@ -107,12 +121,12 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        if getattr(args, "model", None):
+        if isinstance(getattr(args, "model", None), str):
             from allo.preflight import model_dir
 
             model_dir(args.model)
         result = globals()["_" + args.cmd.replace("-", "_")](args)
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # ConfigError and the preflight's InputError included
         print(f"allo eval {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
@@ -274,4 +288,15 @@ def _arena(args) -> dict:
               "judge": {"url": args.judge_url, "model": args.judge_model},
               "usage": client.usage.summary(client.ep), **harness()}
     write_json(out / "result.json", result)
+    return result
+
+
+def _suite(args) -> dict:
+    from allo.eval.suites import load_suite, parse_models, run_suite
+
+    suite = load_suite(args.suite_file, args.overrides)
+    out = Path(args.out or Path("runs") / "eval" / suite.name)
+    result = run_suite(suite, parse_models(args.models), out, args.only, args.shard)
+    if result.get("tables"):
+        print(result["tables"], file=sys.stderr)  # the readable tables; stdout stays JSON
     return result

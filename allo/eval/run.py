@@ -52,18 +52,34 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
 
     engine = engine or GenerationConfig()
     sampling = replace(sampling, n=1)
-
     bench = benchmarks.get(benchmark)
     items, source = benchmarks.load(benchmark, data, limit)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pred_path = out / f"{benchmark}.predictions.jsonl"
+    records = predict_resumable(model, items, out / f"{benchmark}.predictions.jsonl", sampling, template, engine,
+                                loaded, benchmark)
+    metrics = score(records, bench.family)
+    result = {"benchmark": benchmark, "family": bench.family, "model": model, "data": source, **metrics,
+              "generation": {**asdict(sampling), "stop": list(sampling.stop), "template": template,
+                             "batch_size": engine.batch_size, "backend": "vllm" if vllm_available(engine) else "hf"},
+              **harness()}
+    write_json(out / f"{benchmark}.result.json", result)
+    log.info("%s: %s%% (%d / %d)", benchmark, metrics["accuracy"], metrics["correct"], metrics["n"])
+    return result
+
+
+def predict_resumable(model: str, items: Sequence[dict], pred_path: Path, sampling: Sampling, template: str,
+                      engine: GenerationConfig, loaded: Any = None, what: str = "") -> list[dict]:
+    """Prediction records of `items` ({id, prompt, answer}), in order: those already in `pred_path` are kept, the
+    others generated and appended batch by batch (fsync'd), so a killed run resumes where it stopped."""
+    from allo.generate import vllm_available
+
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(pred_path)
     done = _read_done(pred_path)
     todo = [it for it in items if it["id"] not in done]
     if done:
-        log.info("%s: %d of %d predictions already in %s; generating the other %d", benchmark,
-                 len(items) - len(todo), len(items), pred_path, len(todo))
+        log.info("%s: %d of %d predictions already in %s; generating the other %d", what, len(items) - len(todo),
+                 len(items), pred_path, len(todo))
     if todo:
         if loaded is None or loaded[1] is None:
             from transformers import AutoTokenizer
@@ -77,17 +93,9 @@ def evaluate(model: str, benchmark: str, out_dir: str, data: Optional[str] = Non
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                log.info("%s: %d / %d generated", benchmark, len(done) + i + len(chunk), len(items))
+                log.info("%s: %d / %d generated", what, len(items) - len(todo) + i + len(chunk), len(items))
     by_id = _read_done(pred_path)
-    records = [by_id[it["id"]] for it in items]
-    metrics = score(records, bench.family)
-    result = {"benchmark": benchmark, "family": bench.family, "model": model, "data": source, **metrics,
-              "generation": {**asdict(sampling), "stop": list(sampling.stop), "template": template,
-                             "batch_size": engine.batch_size, "backend": "vllm" if vllm_available(engine) else "hf"},
-              **harness()}
-    write_json(out / f"{benchmark}.result.json", result)
-    log.info("%s: %s%% (%d / %d)", benchmark, metrics["accuracy"], metrics["correct"], metrics["n"])
-    return result
+    return [by_id[it["id"]] for it in items]
 
 
 def predict(model: str, items: Sequence[dict], sampling: Sampling, template: str,

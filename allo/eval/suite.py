@@ -49,14 +49,16 @@ def instruction_suites(task: Any) -> dict[str, list[str]]:
     return {k: v[:task.eval_limit] if task.eval_limit else v for k, v in suites.items()}
 
 
-def table3(models: dict[str, str], task: Any, out_dir: Path,
-           answers: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, float]]:
-    """Win rate (%) of each model against the first model (SFT), judged by `task.judge` in both orders, from the
-    models' `answers` ({suite: {model: answers}} to `instruction_suites`, as the eval step generates them)."""
+def table3(models: dict[str, str], task: Any, out_dir: Path, answers: dict[str, dict[str, list[str]]],
+           protocol: str = "swap", judge_key: str = "task.judge") -> dict[str, dict[str, float]]:
+    """Win rate (%) of each model against the first model (the run's SFT model, or a suite's reference answers),
+    judged by `task.judge`, from the models' `answers` ({suite: {model: answers}} to `instruction_suites`).
+    AlpacaEval under `protocol` (swap: both orders, the paper's; official: one seeded random order); Arena-Hard
+    always both orders, the leaderboard's setup."""
     from allo.eval import bradley_terry, instruct, judges
     from allo.openai_client import ChatClient
 
-    client = ChatClient(task.judge.endpoint("task.judge"), cache_dir=str(out_dir / "judge_cache"))
+    client = ChatClient(task.judge.endpoint(judge_key), cache_dir=str(out_dir / "judge_cache"))
     suites = instruction_suites(task)
     arena = instruct.read_arena_questions(task.arena_hard) if task.arena_hard else []
     ci: dict[str, Any] = {}
@@ -68,7 +70,7 @@ def table3(models: dict[str, str], task: Any, out_dir: Path,
             if name == base:
                 table[name][suite] = 50.0
             elif suite == "alpaca_eval":
-                ann = judges.alpaca_pairs(client, prompts, by_model[base], by_model[name], base, name, "swap")
+                ann = judges.alpaca_pairs(client, prompts, by_model[base], by_model[name], base, name, protocol)
                 table[name][suite] = round(judges.alpaca_score(ann)[0]["win_rate"], 2)
             else:  # the leaderboard's judge prompt per question category; the score with its bootstrap interval
                 qs = [{**q, "uid": str(i)} for i, q in enumerate(arena[:len(prompts)])]
