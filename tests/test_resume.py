@@ -24,9 +24,9 @@ def recipe(tmp_path, tiny_model, pairs_file, name):
                         f" save_every: 0}}}}")
 
 
-def sigterm_after_steps(args: list[str], metrics, steps: int = 3, env: dict = ENV) -> str:
+def sigterm_after_steps(args: list[str], metrics, steps: int = 3) -> str:
     """Start `allo ARGS` on 2 ranks, SIGTERM torchrun once `metrics` logs `steps` steps; the run's output."""
-    proc = subprocess.Popen(torchrun_command(args, 2), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun_command(args, 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -76,40 +76,6 @@ def test_checkpoint_rotation_keeps_last(tmp_path, tiny_model, pairs_file):
     assert ckpts == ["step_0000006", "step_0000009"]
 
 
-def test_preemption_through_allo_run(tmp_path, tiny_model, pairs_file):
-    """SIGTERM during a pipeline training step: the step checkpoints and stops without a complete manifest, and
-    `allo run` again resumes that step from its checkpoint (every step logged once) and completes it. Every tracker
-    (offline) holds each step once too: the resumed attempt continues the stage's wandb run and Trackio run."""
-    from test_tracking import trackio_logs, wandb_history
-
-    r = write_recipe(tmp_path / "run.yaml", tiny_model, pairs_file, tmp_path / "run",
-                     f"task: {{pairs: {pairs_file}, family: instruct}}\n"
-                     f"train: {{report_to: [tensorboard, wandb, trackio], tracker_project: resume-test}}\n"
-                     f"warmup: {{train: {{lr: 0.002, global_batch_size: 4, micro_batch_size: 1, max_steps: {STEPS}}}}}")
-    env = dict(ENV, WANDB_MODE="offline", WANDB_SILENT="true", TRACKIO_DIR=str(tmp_path / "trackio"))
-    torchrun(["run", str(r), "--only", "pairs"], env=env)
-    metrics = tmp_path / "run" / "warmup" / "metrics.jsonl"
-    out = sigterm_after_steps(["run", str(r), "--only", "warmup"], metrics, env=env)
-    assert (tmp_path / "run" / "warmup" / "preempted.json").exists(), out[-4000:]
-    manifest = tmp_path / "run" / "warmup" / "manifest.json"
-    assert not manifest.exists() or not json.loads(manifest.read_text()).get("fingerprint")
-    torchrun(["run", str(r), "--only", "warmup"], env=env)
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
-    assert json.loads(manifest.read_text())["complete"] and json.loads(manifest.read_text())["fingerprint"]
-    losses = [(row["step"], row["loss"]) for row in rows]
-    run, history = wandb_history(tmp_path / "run" / "warmup" / "wandb")
-    assert (run["group"], run["name"], run["project"]) == (str(tmp_path / "run"), "warmup", "resume-test")
-    assert [(h["_step"], h["loss"]) for h in history] == losses
-    import os
-
-    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]
-    try:
-        assert [(h["step"], h["loss"]) for h in trackio_logs("resume-test", f"{tmp_path / 'run'}/warmup")] == losses
-    finally:
-        del os.environ["TRACKIO_DIR"]
-
-
 def test_time_based_checkpoints_log_their_write_time(tmp_path, tiny_model, pairs_file):
     """`save_every_minutes` checkpoints by the clock (agreed by every rank) and the metrics say how long each write
     took, the number the Slurm signal lead time must exceed."""
@@ -125,14 +91,21 @@ def test_time_based_checkpoints_log_their_write_time(tmp_path, tiny_model, pairs
 
 
 def test_run_one_node_exits_75_on_preemption(tmp_path, tiny_model, pairs_file):
-    """recipes/run_one_node.sh (torchrun, no Slurm): SIGUSR1 to the script mid-step gives exit 75 (torchrun alone
-    would say 1), and the same command again resumes and exits 0."""
+    """A pipeline training step preempted and resumed, through recipes/run_one_node.sh (torchrun, no Slurm): SIGUSR1
+    to the script mid-step makes the step checkpoint and stop without a complete manifest, the script exit 75
+    (torchrun alone would say 1); the same command again resumes the step from its checkpoint (every step logged
+    once), completes it and exits 0. Every tracker (offline) holds each step once too: the resumed attempt continues
+    the stage's wandb run and Trackio run."""
+    from test_tracking import trackio_logs, wandb_history
+
     r = write_recipe(tmp_path / "run.yaml", tiny_model, pairs_file, tmp_path / "run",
                      f"task: {{pairs: {pairs_file}, family: instruct}}\n"
+                     f"train: {{report_to: [tensorboard, wandb, trackio], tracker_project: resume-test}}\n"
                      f"warmup: {{train: {{lr: 0.002, global_batch_size: 4, micro_batch_size: 1, max_steps: {STEPS}}}}}")
     cmd = ["bash", "recipes/run_one_node.sh", str(r), "--only", "warmup"]
-    env = dict(ENV, ALLO_GPUS="2", ALLO_PYTHON=str(ROOT / ".venv" / "bin" / "python"))
-    torchrun(["run", str(r), "--only", "pairs"])
+    env = dict(ENV, ALLO_GPUS="2", ALLO_PYTHON=str(ROOT / ".venv" / "bin" / "python"), WANDB_MODE="offline",
+               WANDB_SILENT="true", TRACKIO_DIR=str(tmp_path / "trackio"))
+    torchrun(["run", str(r), "--only", "pairs"], env=env)
     metrics = tmp_path / "run" / "warmup" / "metrics.jsonl"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
@@ -144,7 +117,22 @@ def test_run_one_node_exits_75_on_preemption(tmp_path, tiny_model, pairs_file):
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 75, out[-4000:]
     assert "preempted after a checkpoint: exit 75" in out
+    assert (tmp_path / "run" / "warmup" / "preempted.json").exists(), out[-4000:]
+    manifest = tmp_path / "run" / "warmup" / "manifest.json"
+    assert not manifest.exists() or not json.loads(manifest.read_text()).get("fingerprint")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert logged == list(range(1, STEPS + 1))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert json.loads(manifest.read_text())["complete"] and json.loads(manifest.read_text())["fingerprint"]
+    losses = [(row["step"], row["loss"]) for row in rows]
+    run, history = wandb_history(tmp_path / "run" / "warmup" / "wandb")
+    assert (run["group"], run["name"], run["project"]) == (str(tmp_path / "run"), "warmup", "resume-test")
+    assert [(h["_step"], h["loss"]) for h in history] == losses
+    import os
+
+    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]
+    try:
+        assert [(h["step"], h["loss"]) for h in trackio_logs("resume-test", f"{tmp_path / 'run'}/warmup")] == losses
+    finally:
+        del os.environ["TRACKIO_DIR"]

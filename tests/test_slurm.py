@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,3 +93,36 @@ def test_two_node_job_and_usr1_requeue(cluster, tmp_path, tiny_model, pairs_file
     a = load_file(str(tmp_path / "a" / "dpo" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "dpo" / "model" / "model.safetensors"))
     assert all(torch.equal(a[n], b[n]) for n in a), "the requeued job did not end with the same weights"
+
+
+def test_eval_suite_job_one_task_per_model_and_resume(cluster, tmp_path, tiny_model, shared_dir):
+    """eval/eval.sbatch with 2 tasks (no GPUs here: --gpus-per-task=0): each task generates for its own model, the
+    batch host writes the tables, equal to one process's; the same job again generates nothing."""
+    from tiny import make_model_dir
+
+    other = make_model_dir(tmp_path / "other", seed=1)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: math\nbenchmarks: [gsm8k={shared_dir}/benchdata/gsm8k/test.jsonl]\ntemplate: raw\n"
+                     "max_new_tokens: 4\nlimit: 2\ngeneration: {batch_size: 2}\n")
+    models = ["--model", f"sft={tiny_model}", "--model", f"other={other}"]
+    env = dict(ENV, ALLO_PYTHON=sys.executable)
+    for attempt in (1, 2):
+        log = tmp_path / f"eval-{attempt}.out"
+        job = sh("sbatch", "--parsable", "--ntasks=2", "--gpus-per-task=0", f"--output={log}", "eval/eval.sbatch",
+                 str(suite), "--out", str(tmp_path / "out"), *models, cwd=ROOT, env=env)
+        st = wait_for(job)
+        text = log.read_text()
+        assert st["JobState"] == "COMPLETED", f"{st}\n{text[-4000:]}"
+        results = [json.loads(m) for m in re.findall(r'^\{\n  "suite": "math".*?^\}', text, re.M | re.S)]
+        assert sorted(list(r["models"]) for r in results[:2]) == [["other"], ["sft"]], "one model per task"
+        assert list(results[2]["models"]) == ["sft", "other"] and "table2" in results[2]
+        predictions = {p: p.read_text() for p in (tmp_path / "out" / "eval").glob("*/*.predictions.jsonl")}
+        assert len(predictions) == 2
+        if attempt == 1:
+            first = predictions
+        else:
+            assert "2 of 2 predictions already in" in text and " / 2 generated" not in text
+            assert predictions == first, "the second job generated again"
+    local = subprocess.run([sys.executable, "-m", "allo", "eval", "suite", str(suite), "--out", str(tmp_path / "one"),
+                            *models], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(local.stdout)["table2"] == results[2]["table2"]
