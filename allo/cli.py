@@ -23,6 +23,10 @@ COMMANDS = {
             "and GPU-hours of every step for --nodes × --gpus-per-node GPUs of --gpu-memory, from the model's "
             "config.json alone; says whether each step fits and, when not, the smallest change that does. Exit 3 "
             "when a step does not fit.",
+    "ablate": "The paper's controls over a finished run (--ratios R ... / --without forget|improve|locate / --mask "
+              "random|bottom), each a variant run in OUTPUT_DIR/ablate/ that reuses the run's SFT model, pairs, "
+              "warm-up and reward model and redoes locate, forget, improve and ALLO's eval. Launch with torchrun; "
+              "`allo report OUTPUT_DIR` tables and plots them.",
     "report": "Tables in the paper's layouts (Table 2 accuracy from the eval result files, Table 3 win rates vs "
               "SFT) and PNG plots of a run directory: loss and reward-margin curves per stage, mask fraction per "
               "layer, histogram of token keep-probabilities. Writes RUN_DIR/report/.",
@@ -43,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "plan":
             resolve("allo.plan:add_arguments")(sp)
             continue
+        if name == "ablate":
+            resolve("allo.ablate:add_arguments")(sp)
+            continue
         step = REGISTRY.get(name)
         if step is not None and step.standalone:
             _training_arguments(sp)
@@ -50,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
             resolve(step.command + ":add_arguments")(sp)
     run = sub.choices["run"]
     run.add_argument("--from", dest="start", metavar="STEP", help="rerun from this step on (later steps too)")
-    run.add_argument("--only", metavar="STEP", help="rerun just this step")
+    run.add_argument("--only", metavar="STEP[,STEP...]", help="rerun just this step (or these, in pipeline order)")
     masks = sub.add_parser("masks", help="Inspect a neuron mask file",
                            description="`allo masks show MASK`: selected fraction per layer and module, and a PNG "
                                        "heatmap (layer × module).")
@@ -188,7 +195,7 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
                                  out=Path(args.out or Path(recipe.output_dir) / step.name),
                                  keep_last=recipe.stage_train(STAGES[step.name].section).keep_last)
         return
-    only = args.stage if step is not None else args.only
+    only = args.stage if step is not None else getattr(args, "only", None)
     preflight.check_run(recipe, external_files(recipe, only=None if getattr(args, "start", None) else only))
 
 
@@ -197,6 +204,11 @@ def _distributed(args: argparse.Namespace, recipe) -> None:
     from allo.engine import init_distributed
 
     init_distributed(recipe.distributed.timeout_minutes)  # the recipe's collective timeout, for any stage
+    if args.stage == "ablate":
+        from allo.ablate import main as ablate
+
+        ablate(args.recipe, args.overrides, args)
+        return
     step = REGISTRY.get(args.stage)
     if step is not None and step.standalone:
         from allo.stages.runner import run_standalone

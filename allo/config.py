@@ -156,6 +156,8 @@ class LocateConfig:
     scope: Literal["global", "per_tensor", "per_layer"] = knob("global", "Where the top-k threshold is taken.")
     band_start: float = knob(0.0, "Skip the top `band_start` percent (keep ranks in (l%, r%]).", ge=0, lt=100)
     bottom: bool = knob(False, "Select the least important elements instead (the paper's control).")
+    random: bool = knob(False, "Select a uniformly random mask of the same size instead, seeded by `seed` (the "
+                               "paper's ALLO-without-locate control); the warm-up's weights are not read.")
     from_partitions: bool = knob(False, "Compute the masks at the end of the warm-up run from its ZeRO-1/2/3 "
                                         "partitions, with collectives (no rank reads the merged θ'); the locate step "
                                         "then takes them over. This ranks the fp32 master drift (a bf16 export "
@@ -172,6 +174,8 @@ class LocateConfig:
 
 @dataclass
 class ForgetConfig:
+    enabled: bool = knob(True, "False: the step passes its starting model through untrained (the paper's ALLO "
+                               "without forget: improve starts from the SFT model).")
     beta: float = knob(0.1, "Token-NPO β.", gt=0)
     token_weight: Literal["indicator", "soft", "raw"] = knob(
         "indicator", "w = 1[p<0.5] (default), 1-p, or p (the reference code's stored value).")
@@ -181,6 +185,8 @@ class ForgetConfig:
 
 @dataclass
 class ImproveConfig:
+    enabled: bool = knob(True, "False: the step passes its starting model through untrained (the paper's ALLO "
+                               "without improve: the forget model is ALLO's row).")
     beta: float = knob(0.1, "DPO β.", gt=0)
     epsilon: float = knob(0.1, "Fraction of rejected tokens kept as key errors (K = ⌊ε·L⌋).", gt=0, le=1)
     k_basis: Literal["response", "padded"] = knob("response", "L = response length, or the padded batch length "
@@ -233,6 +239,9 @@ class TaskConfig:
                                             "every model answers; judged against the SFT model's answers (paper).")
     arena_hard: Optional[str] = knob(None, "Instruction following: an Arena-Hard question.jsonl, judged the same way.")
     judge: EndpointConfig = knob(factory=EndpointConfig)
+    eval_models: Optional[list] = knob(None, "The eval step's rows, as step names (e.g. [sft, improve]): those "
+                                             "models only (Table 3 judges against the first). None: SFT and every "
+                                             "model with a table row.")
 
 
 @dataclass
@@ -547,6 +556,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     if recipe.reward.teacher == "openai" and not (recipe.reward.teacher_endpoint.base_url and
                                                   recipe.reward.teacher_endpoint.model):
         raise ConfigError(where.at(("reward", "teacher"), "openai needs reward.teacher_endpoint.base_url and .model"))
+    if recipe.locate.random and recipe.locate.bottom:
+        raise ConfigError(where.at(("locate", "random"), "random and bottom are two different controls; set one"))
     if recipe.data.max_prompt_length >= recipe.data.max_length:
         raise ConfigError(where.at(("data", "max_prompt_length"), f"{recipe.data.max_prompt_length} leaves no room "
                                    f"for a response within data.max_length {recipe.data.max_length}"))

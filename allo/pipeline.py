@@ -52,13 +52,15 @@ class Pipeline:
         self._fingerprints: dict[str, str] = {}  # stable within a run: no step writes the recipe or task files
 
     def run(self, start: Optional[str] = None, only: Optional[str] = None) -> None:
-        """Run the steps in order. `start`: rerun from that step on; `only`: rerun just that step."""
-        for name in (start, only):
-            if name is not None and name not in REGISTRY:
+        """Run the steps in order. `start`: rerun from that step on; `only`: rerun just that step (or those steps,
+        comma-separated, in pipeline order)."""
+        chosen = set(only.split(",")) if only else set()
+        for name in ([start] if start else []) + sorted(chosen):
+            if name not in REGISTRY:
                 raise StepFailed(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
-        forced = {only} if only else set(STEPS[STEPS.index(start):]) if start else set()
+        forced = chosen or (set(STEPS[STEPS.index(start):]) if start else set())
         for name in STEPS:
-            if only and name != only:
+            if chosen and name not in chosen:
                 continue
             step = REGISTRY[name]
             manifest = self.ctx.dir(name) / "manifest.json"
@@ -186,10 +188,11 @@ def _free_memory() -> None:
 
 
 def external_files(recipe: Recipe, only: Optional[str] = None) -> list[tuple[str, str]]:
-    """(recipe key, path) of every input file from outside the run that the steps (or step `only`) read."""
+    """(recipe key, path) of every input file from outside the run that the steps (or the steps `only`, comma-
+    separated) read."""
     values, out = to_dict(recipe), []
     for step in REGISTRY.values():
-        if (only and step.name != only) or (step.skip and step.skip(recipe)):
+        if (only and step.name not in only.split(",")) or (step.skip and step.skip(recipe)):
             continue
         out += [(k, lookup(values, k)) for k in step.files if lookup(values, k)]
         if step.name == "eval":

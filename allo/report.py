@@ -110,6 +110,7 @@ def report(run_dir: str | Path) -> list[Path]:
     out = run / "report"
     out.mkdir(exist_ok=True)
     made = [p for p in (plot_curves(run, out), plot_masks(run, out), plot_token_rewards(run, out)) if p]
+    made += plot_ablations(run, out)
     text = tables(run)
     if text:
         (out / "tables.md").write_text(text + "\n")
@@ -166,6 +167,9 @@ def tables(run: Path) -> str | None:
     t2 = table2(run)
     if t2:
         parts.append("Table 2 layout: accuracy %\n\n" + t2)
+    ab = ablation_table(run)
+    if ab:
+        parts.append("Ablations (`allo ablate`): ALLO's model under each control, accuracy %\n\n" + ab)
     if res.get("table3"):
         t3 = {m: v for m, v in res["table3"].items() if not m.startswith("_")}
         judge = res["table3"].get("_judge", {}).get("model")
@@ -185,3 +189,68 @@ def _cell(v) -> str:
 
 def _interval(ci) -> str:
     return f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci and None not in ci else ""
+
+
+# ------------------------------------------------------------------------------------------------ ablations
+def ablation_rows(run: Path) -> list[dict]:
+    """One row per variant under RUN/ablate (and the run's own ALLO first): its name, mask ratios and selection,
+    held-out accuracy % and Table 2 accuracies, from each variant's eval results and mask sidecars."""
+    def row(name: str, d: Path) -> dict | None:
+        res = json.loads((d / "eval" / "results.json").read_text()) if (d / "eval" / "results.json").exists() else {}
+        allo = next((k for k in res.get("accuracy", {}) if k == "+ALLO"), None)
+        t2 = (res.get("table2") or {}).get("+ALLO", {})
+        if allo is None and not t2:
+            return None
+        masks = {k: json.loads((d / "locate" / f"{k}.json").read_text()) for k in ("n1", "n2")
+                 if (d / "locate" / f"{k}.json").exists()}
+        return {"variant": name, "n1": masks.get("n1", {}).get("ratio"), "n2": masks.get("n2", {}).get("ratio"),
+                "selection": masks.get("n2", {}).get("selection", "top"),
+                "accuracy": 100 * res["accuracy"][allo] if allo else None, "table2": t2}
+
+    variants = sorted((d for d in (run / "ablate").glob("*") if (d / "ablation.json").exists()),
+                      key=lambda d: (not d.name.startswith("ratio-"), float(d.name[6:]) if d.name.startswith("ratio-")
+                                     else 0, d.name))  # the sweep by ratio, then the controls
+    rows = [r for r in [row("run", run)] + [row(d.name, d) for d in variants] if r]
+    return rows if len(rows) > 1 else []
+
+
+def ablation_table(run: Path) -> str | None:
+    rows = ablation_rows(run)
+    if not rows:
+        return None
+    benches = sorted({b for r in rows for b in r["table2"]})
+    lines = ["| " + " | ".join(["variant", "N1 %", "N2 %", "mask", "held-out"] + benches) + " |",
+             "|---" * (5 + len(benches)) + "|"]
+    for r in rows:
+        cells = [r["variant"], _num(r["n1"], "g"), _num(r["n2"], "g"), r["selection"], _num(r["accuracy"], ".1f")]
+        lines.append("| " + " | ".join(cells + [_num(r["table2"].get(b), ".2f") for b in benches]) + " |")
+    return "\n".join(lines)
+
+
+def _num(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def plot_ablations(run: Path, out: Path) -> list[Path]:
+    """ablation_ratios.png: ALLO's accuracy against the mask ratio (the sweep, with the run's own ratio);
+    ablation_controls.png: one bar per control beside the run's ALLO."""
+    rows = [r for r in ablation_rows(run) if r["accuracy"] is not None]
+    made = []
+    sweep = sorted((r["n2"], r["accuracy"]) for r in rows
+                   if r["variant"].startswith("ratio-") or (r["variant"] == "run" and r["n1"] == r["n2"]))
+    if any(r["variant"].startswith("ratio-") for r in rows):
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([x for x, _ in sweep], [y for _, y in sweep], marker="o")
+        ax.set_xlabel("mask ratio N1 = N2 (%)")
+        ax.set_ylabel("held-out accuracy of ALLO (%)")
+        made.append(_save(fig, out / "ablation_ratios.png"))
+    controls = [r for r in rows if not r["variant"].startswith("ratio-")]
+    if len(controls) > 1:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(1.2 * len(controls) + 2, 3.5))
+        ax.bar([r["variant"] for r in controls], [r["accuracy"] for r in controls])
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.tick_params(axis="x", rotation=30)
+        made.append(_save(fig, out / "ablation_controls.png"))
+    return made

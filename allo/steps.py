@@ -216,10 +216,15 @@ class Context:
 
     def models(self) -> dict[str, str]:
         """The models the eval step scores, by table label, in table order: SFT, then every labelled step's model
-        that exists."""
-        out = {"SFT": self.sft_model}
+        that exists (only those of `task.eval_models`, "sft" included, when it is set)."""
+        only = self.recipe.task.eval_models
+        unknown = sorted(set(only or ()) - {"sft", *(s.name for s in table_rows())})
+        if unknown:
+            raise ValueError(f"task.eval_models: {', '.join(map(str, unknown))} not a step with a table row (allowed: "
+                             f"sft, {', '.join(s.name for s in table_rows())})")
+        out = {"SFT": self.sft_model} if only is None or "sft" in only else {}
         out.update({s.label: self.path(f"{s.name}/model") for s in table_rows()
-                    if Path(self.path(f"{s.name}/model")).exists()})
+                    if Path(self.path(f"{s.name}/model")).exists() and (only is None or s.name in only)})
         return out
 
 

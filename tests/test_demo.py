@@ -57,7 +57,7 @@ def test_quick_demo_runs_every_stage(quick_run):
 
 
 def test_manifests_skip_and_from_reruns(quick_run):
-    """After a finished run, `allo run` skips every step; `--from improve` reruns improve..eval; a changed setting
+    """After a finished run, `allo run` skips every step; `--from simpo` reruns simpo..eval; a changed setting
     reruns exactly its step and the steps downstream of it."""
     from allo.steps import STEPS
 
@@ -73,10 +73,61 @@ def test_manifests_skip_and_from_reruns(quick_run):
     proc = torchrun(args)
     assert proc.stderr.count("complete (") == len(STEPS)
     assert {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS} == before
-    torchrun(args + ["--from", "improve"])
+    torchrun(args + ["--from", "simpo"])
     after = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
     rerun = {s for s in STEPS if after[s] != before[s]}
-    assert rerun == {"improve", "dpo", "npo", "simpo", "eval"}, rerun
+    assert rerun == {"simpo", "eval"}, rerun
     torchrun(args + ["--set", "improve.beta=0.2"])  # a changed setting reruns its step and everything downstream
     changed = {s for s in STEPS if os.path.getmtime(run / s / "manifest.json") != after[s]}
     assert changed == {"improve", "eval"}, changed
+
+
+def test_ablate_controls_over_the_run(quick_run):
+    """`allo ablate` over the finished run: each variant reuses the run's steps (symlinks; the run's own files are
+    not touched), its masks have the asked ratio and origin, without-forget trains improve from the SFT model, and
+    `allo report` tables and plots them."""
+    from allo.masks.io import load_masks
+    from allo.steps import STEPS
+
+    sys.path.insert(0, str(ROOT / "recipes" / "tiny"))
+    from demo import SIZES
+
+    run, _ = quick_run
+    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", "seed=7",
+            f"task.sft_data={run / 'data/sft.jsonl'}", f"task.problems={run / 'data/problems.jsonl'}",
+            f"task.eval={run / 'data/test.jsonl'}", "forget.train.max_steps=2"] + SIZES["quick"]["sets"]
+    before = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
+    torchrun(["ablate", str(ROOT / "recipes/tiny/recipe.yaml"), *[x for s in sets for x in ("--set", s)],
+              "--ratios", "20", "--without", "forget", "--mask", "random"])
+    refused = torchrun(["ablate", str(ROOT / "recipes/tiny/recipe.yaml"), *[x for s in sets for x in ("--set", s)],
+                        "--set", "warmup.train.lr=0.5", "--ratios", "30"], check=False)
+    assert refused.returncode != 0 and "the ablation's settings change step warmup" in refused.stderr
+    assert {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS} == before, "the run itself was rewritten"
+    ab = run / "ablate"
+    assert sorted(p.name for p in ab.iterdir()) == ["mask-random", "ratio-20", "without-forget"]
+    for variant in (ab / v for v in ("mask-random", "ratio-20", "without-forget")):
+        for step in ("sft", "sample", "pairs", "warmup", "reward-train", "reward-score", "dpo"):
+            assert (variant / step).resolve() == (run / step).resolve() and (variant / step).is_symlink(), step
+        res = json.loads((variant / "eval" / "results.json").read_text())
+        assert list(res["accuracy"]) == ["+ALLO"]  # ALLO's eval only
+    parent = {m: json.loads((run / "locate" / f"{m}.json").read_text()) for m in ("n1", "n2")}
+    for m in ("n1", "n2"):
+        sweep = json.loads((ab / "ratio-20" / "locate" / f"{m}.json").read_text())
+        assert sweep["ratio"] == 20 and abs(sweep["achieved_ratio"] - 20) < 0.01 and sweep["selection"] == "top"
+        rnd = json.loads((ab / "mask-random" / "locate" / f"{m}.json").read_text())
+        assert rnd["selection"] == "random" and rnd["random_seed"] == 7
+        assert abs(rnd["achieved_ratio"] - parent[m]["achieved_ratio"]) < 0.01, "a random mask of the same size"
+    top, rnd = load_masks(run / "locate" / "n2.safetensors"), load_masks(ab / "mask-random" / "locate" / "n2.safetensors")
+    overlap = sum(int((top[n] & rnd[n]).sum()) for n in top) / sum(int(top[n].sum()) for n in top)
+    assert abs(overlap - parent["n2"]["ratio"] / 100) < 0.05, f"a random mask overlaps the top mask by chance: {overlap}"
+    wf = ab / "without-forget"
+    assert json.loads((wf / "forget" / "manifest.json").read_text())["skipped"].startswith("forget.enabled is false")
+    assert (wf / "forget" / "model").resolve() == (run / "sft" / "model").resolve()
+    sft = load_file(str(run / "sft" / "model" / "model.safetensors"))
+    improved = load_file(str(wf / "improve" / "model" / "model.safetensors"))
+    keep = load_masks(wf / "locate" / "n2.safetensors")
+    assert all(torch.equal(sft[n][~keep[n]], improved[n][~keep[n]]) for n in keep), "improve started from SFT"
+    tables = (run / "report" / "tables.md").read_text()
+    assert all(f"| {v} |" in tables for v in ("run", "ratio-20", "without-forget", "mask-random"))
+    for png in ("ablation_ratios.png", "ablation_controls.png"):
+        assert (run / "report" / png).stat().st_size > 1000, png

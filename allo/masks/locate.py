@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -204,6 +205,25 @@ class CheckpointSource:
             yield from chunks(self.base, self.tuned, names, ahead if isinstance(ahead, ReadAhead) else None)
 
 
+class RandomSource:
+    """Uniform random "weight changes" in [0, 1) per element, from a generator seeded by (seed, tensor, offset), with
+    the starting weights all zero: the one top-k routine then picks a uniformly random mask of exactly the asked
+    size (the paper's ALLO-without-locate control). The same mask whoever asks; no checkpoint is read."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int):
+        self.names, self.shapes, self.seed = sorted(shapes), dict(shapes), seed
+
+    def chunks(self, stage: str, names: Sequence[str]) -> Iterator[Chunk]:
+        import xxhash
+
+        for order, name in enumerate(names):
+            numel = math.prod(self.shapes[name])
+            for off in range(0, numel, CHUNK):
+                n = min(CHUNK, numel - off)
+                g = torch.Generator().manual_seed(xxhash.xxh64_intdigest(f"{self.seed}:{name}:{off}".encode()) >> 1)
+                yield order, name, off, torch.zeros(n), torch.rand(n, generator=g)
+
+
 class StreamSink:
     """One mask file per label, written chunk by chunk in order and patched in place; counts per tensor."""
 
@@ -233,20 +253,27 @@ class LocateResult:
 
 def locate(base_dir: str | Path, tuned_dir: str | Path, lr: float, ratios: dict[str, float], out_dir: str | Path,
            scope: str = "global", band_start: float = 0.0, bottom: bool = False, bin_bits: int = 20,
-           collect_cap: Optional[int] = None, threads: int = 0) -> LocateResult:
-    """Write one mask file per named ratio (e.g. {"n1": 5, "n2": 10}) from two reads of the checkpoints."""
+           collect_cap: Optional[int] = None, threads: int = 0, random_seed: Optional[int] = None) -> LocateResult:
+    """Write one mask file per named ratio (e.g. {"n1": 5, "n2": 10}) from two reads of the checkpoints; with
+    `random_seed`, uniformly random masks of the same sizes (only the starting checkpoint's shapes are read)."""
     check_ratios(ratios, band_start, lr)
     t0 = time.perf_counter()
-    source = CheckpointSource(Reader(base_dir), Reader(tuned_dir))
+    base = Reader(base_dir)
+    source = (RandomSource({n: base.meta(n)[0] for n in base.files}, random_seed) if random_seed is not None
+              else CheckpointSource(base, Reader(tuned_dir)))
     out_dir = Path(out_dir)
     sink = StreamSink(out_dir, list(ratios), source.shapes)
     sel = select_masks(source, sink, ratios, scope=scope, band_start=band_start, bottom=bottom, bin_bits=bin_bits,
                        collect_cap=collect_cap, threads=threads)
     elapsed = time.perf_counter() - t0
     meta = {"band_start": band_start, "scope": scope, "bottom": bottom, "lr": lr, "base": str(base_dir),
-            "tuned": str(tuned_dir), "base_hash": source.hashes["base"].hexdigest(),
-            "tuned_hash": source.hashes["tuned"].hexdigest(),
-            "hash": "xxh3-128 of every tensor's bytes, tensors in sorted-name order", "seconds": round(elapsed, 3)}
+            "seconds": round(elapsed, 3)}
+    if random_seed is not None:
+        meta.update(selection="random", random_seed=random_seed)
+    else:
+        meta.update(selection="bottom" if bottom else "top", tuned=str(tuned_dir),
+                    base_hash=source.hashes["base"].hexdigest(), tuned_hash=source.hashes["tuned"].hexdigest(),
+                    hash="xxh3-128 of every tensor's bytes, tensors in sorted-name order")
     paths = {}
     for label, r in ratios.items():
         write_sidecar(out_dir, label, r, sel.counts[label], sel.total, sel.ties[label], meta)

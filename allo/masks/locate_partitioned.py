@@ -115,7 +115,8 @@ def locate_partitioned(local: Sequence[tuple[str, int, torch.Tensor]], shapes: d
     sel = select_masks(src, sink, ratios, comm, scope=scope, band_start=band_start, bottom=bottom,
                        bin_bits=bin_bits, collect_cap=collect_cap, threads=threads)
     if comm.rank == 0:
-        meta = {"band_start": band_start, "scope": scope, "bottom": bottom, "lr": lr, "base": str(base_dir),
+        meta = {"band_start": band_start, "scope": scope, "bottom": bottom, "selection": "bottom" if bottom else "top",
+                "lr": lr, "base": str(base_dir),
                 "tuned": source or "ZeRO partitions of the run", "base_hash": None, "tuned_hash": None,
                 "from_partitions": True}
         for label, r in ratios.items():

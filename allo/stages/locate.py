@@ -26,9 +26,10 @@ def run_locate(recipe: Recipe, *, base: Optional[str] = None, tuned: Optional[st
     named = ({f"top{r:g}": r for r in ratios} if ratios else
              {"n1": loc.forget_ratio, "n2": loc.improve_ratio})
     out = Path(out_dir or run / "locate")
-    log.info("locate: θ=%s θ'=%s α=%g scope=%s ratios=%s -> %s", base, tuned, lr, loc.scope, named, out)
+    log.info("locate: θ=%s θ'=%s α=%g scope=%s ratios=%s%s -> %s", base, tuned, lr, loc.scope, named,
+             f" (random, seed {recipe.seed})" if loc.random else " (bottom)" if loc.bottom else "", out)
     res = locate(base, tuned, lr, named, out, scope=loc.scope, band_start=loc.band_start, bottom=loc.bottom,
-                 collect_cap=loc.collect_cap, threads=loc.threads)
+                 collect_cap=loc.collect_cap, threads=loc.threads, random_seed=recipe.seed if loc.random else None)
     log.info("locate: %d elements in %.1f s; achieved %s", res.summary["elements"], res.summary["seconds"],
              {k: f"{v:.4f}%" for k, v in res.summary["achieved"].items()})
     return res.paths
@@ -37,7 +38,7 @@ def run_locate(recipe: Recipe, *, base: Optional[str] = None, tuned: Optional[st
 def locate_step(ctx: Context) -> dict:
     """The pipeline's locate step: the warm-up run's own masks when it made them from its partitions
     (`locate.from_partitions`) and they match the recipe, else the streaming locator on the exported models."""
-    if ctx.recipe.locate.from_partitions:
+    if ctx.recipe.locate.from_partitions and not ctx.recipe.locate.random:
         taken = _masks_from_warmup(ctx)
         if taken:
             return taken

@@ -115,10 +115,28 @@ def train_step(ctx: Context, step: Step) -> Optional[dict]:
 
     recipe = resolve(t.recipe)(ctx.recipe) if t.recipe else ctx.recipe
     data, init, mask = ctx.path(t.data), ctx.path(t.init), ctx.path(t.mask) if t.mask else None
+    if not getattr(getattr(recipe, t.section), "enabled", True):
+        return _pass_through(ctx, step.name, t.section, init) if ctx.sync.rank == 0 else None
     check_training(recipe, data=data, init=init, mask=mask, out=ctx.dir(step.name),
                    keep_last=recipe.stage_train(t.section).keep_last)
     return run_stage(recipe, t.stage, data=data, init=init, mask=mask, out_dir=str(ctx.dir(step.name)),
                      section=t.section, after=t.after)
+
+
+def _pass_through(ctx: Context, name: str, section: str, init: str) -> dict:
+    """A step switched off (`SECTION.enabled: false`, an ablation): its model is its starting model, a symlink, so
+    the steps after it and the eval step read what they always read."""
+    import shutil
+
+    out = ctx.dir(name)
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "model"
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    shutil.rmtree(link, ignore_errors=True)
+    link.symlink_to(Path(init).resolve(), target_is_directory=True)
+    log.info("%s: %s.enabled is false; passing %s through untrained", name, section, init)
+    return {"skipped": f"{section}.enabled is false: the model is the starting model", "passes_through": init}
 
 
 def _take_outputs(ctx: Context, source: str, name: str) -> dict:

@@ -38,7 +38,7 @@ from allo.tasks.arith import make_splits  # noqa: E402
 SIZES = {"full": dict(sft=4000, rl=600, test=400, samples=4, ranks=2, sets=[]),
          # the test's reduced run: a weak SFT model gives few pairs, so the stages trained on pairs take batches of
          # 8 (its many wrong responses keep forget and npo at the recipe's batch); one reward-model epoch
-         "quick": dict(sft=600, rl=300, test=60, samples=4, ranks=2,
+         "quick": dict(sft=600, rl=200, test=60, samples=4, ranks=2,
                        sets=["sft.train.epochs=3", "train.micro_batch_size=4", "reward.train.epochs=1"] + [
                            f"{s.train.section}.train.global_batch_size=8" for s in REGISTRY.values()
                            if s.train and s.train.data == "pairs/pairs.jsonl"])}
