@@ -35,10 +35,13 @@ from allo.report import report  # noqa: E402
 from allo.tasks.arith import make_splits  # noqa: E402
 
 
-SIZES = {"full": dict(sft=4000, rl=600, test=400, samples=4, ranks=2, sets=[]),
+# The share of "gives away" steps that SFT rationales work as an addition (allo/tasks/arith.py): a systematic
+# misconception the SFT model learns and sampling sometimes avoids, so preference pairs have something to fix.
+MISCONCEPTION = 0.6
+SIZES = {"full": dict(sft=4000, rl=600, dev=200, test=400, samples=4, ranks=2, sets=[]),
          # the test's reduced run: a weak SFT model gives few pairs, so the stages trained on pairs take batches of
          # 8 (its many wrong responses keep forget and npo at the recipe's batch); one reward-model epoch
-         "quick": dict(sft=600, rl=200, test=60, samples=4, ranks=2,
+         "quick": dict(sft=600, rl=200, dev=30, test=60, samples=4, ranks=2,
                        sets=["sft.train.epochs=3", "train.micro_batch_size=4", "reward.train.epochs=1"] + [
                            f"{s.train.section}.train.global_batch_size=8" for s in REGISTRY.values()
                            if s.train and s.train.data == "pairs/pairs.jsonl"])}
@@ -65,13 +68,12 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     t0 = time.time()
     print(f"\n=== seed {seed}: data ({size['sft']} SFT problems, {size['rl']} sampled on, {size['test']} held out) "
           f"and tokenizer", flush=True)
-    sft_problems, test = make_splits(size["sft"], size["test"], seed=seed)
-    changed = _write_if_changed(data / "sft.jsonl", sft_problems)
-    changed |= _write_if_changed(data / "problems.jsonl", [
-        {"prompt": p["prompt"], "answer": p["answer"], "reference": p["response"]} for p in sft_problems[: size["rl"]]])
+    sft_problems, dev, test = make_splits(size["sft"], size["test"], seed=seed, n_dev=size["dev"],
+                                          misconception=MISCONCEPTION)
+    changed = write_data(data, sft_problems, dev, size["rl"])
     changed |= _write_if_changed(data / "test.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in test])
     if changed or not (run / "tokenizer" / "tokenizer.json").exists():
-        texts = [render(p["prompt"], p["response"], recipe.data.template)[0] + p["response"] for p in sft_problems]
+        texts = [render(p["prompt"], p["taught"], recipe.data.template)[0] + p["taught"] for p in sft_problems]
         train_tokenizer(texts, 400, run / "tokenizer")
     from transformers import AutoTokenizer
 
@@ -98,6 +100,17 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
     print("report plots: " + ", ".join(str(p.relative_to(ROOT)) for p in report(run)))
     return result
+
+
+def write_data(data: Path, sft_problems: list[dict], dev: list[dict], rl: int) -> bool:
+    """The task's training files and its development split: SFT records carry the taught (possibly flawed)
+    rationale; the problems sampled on keep the correct one as the teacher's reference. True if any changed."""
+    changed = _write_if_changed(data / "sft.jsonl", [{"prompt": p["prompt"], "response": p["taught"]}
+                                                     for p in sft_problems])
+    changed |= _write_if_changed(data / "problems.jsonl", [
+        {"prompt": p["prompt"], "answer": p["answer"], "reference": p["response"]} for p in sft_problems[:rl]])
+    changed |= _write_if_changed(data / "dev.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in dev])
+    return changed
 
 
 def _write_if_changed(path: Path, records: list[dict]) -> bool:
