@@ -113,9 +113,13 @@ def test_eval_suite_job_one_task_per_model_and_resume(cluster, tmp_path, tiny_mo
         st = wait_for(job)
         text = log.read_text()
         assert st["JobState"] == "COMPLETED", f"{st}\n{text[-4000:]}"
-        results = [json.loads(m) for m in re.findall(r'^\{\n  "suite": "math".*?^\}', text, re.M | re.S)]
-        assert sorted(list(r["models"]) for r in results[:2]) == [["other"], ["sft"]], "one model per task"
-        assert list(results[2]["models"]) == ["sft", "other"] and "table2" in results[2]
+        block = r'^\{\n  "suite": "math".*?^\}'
+        tasks = [json.loads(re.search(block, "\n".join(line.split(": ", 1)[1] for line in text.splitlines()
+                                                        if line.startswith(f"{t}: ")), re.M | re.S).group())
+                 for t in (0, 1)]  # srun --label: each task's lines carry its id
+        assert sorted(list(r["models"]) for r in tasks) == [["other"], ["sft"]], "one model per task"
+        judged = json.loads(re.search(block, text, re.M | re.S).group())  # the batch host's, unlabelled
+        assert list(judged["models"]) == ["sft", "other"] and "table2" in judged
         predictions = {p: p.read_text() for p in (tmp_path / "out" / "eval").glob("*/*.predictions.jsonl")}
         assert len(predictions) == 2
         if attempt == 1:
@@ -125,4 +129,4 @@ def test_eval_suite_job_one_task_per_model_and_resume(cluster, tmp_path, tiny_mo
             assert predictions == first, "the second job generated again"
     local = subprocess.run([sys.executable, "-m", "allo", "eval", "suite", str(suite), "--out", str(tmp_path / "one"),
                             *models], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert json.loads(local.stdout)["table2"] == results[2]["table2"]
+    assert json.loads(local.stdout)["table2"] == judged["table2"]
