@@ -3,8 +3,8 @@ set? The demo's task (recipes/tiny/demo.py): arithmetic word problems whose SFT 
 misconception ("gives away" worked as an addition in 60% of those steps), so the SFT model has an error mode that
 preference pairs can fix.
 
-1. Tune, on seed 0's development split only. Every method gets the same three grid points: its recipe learning
-   rate times 1/3, 1 and 3 (ALLO: forget's and improve's together). One `allo run` per grid point with every
+1. Tune, on seed 0's development split only. Every method gets the same five grid points: its recipe learning
+   rate times 1/3, 1, 3, 10 and 30 (ALLO: forget's and improve's together). One `allo run` per grid point with every
    method's rate scaled and task.eval = dev.jsonl; the pipeline reruns only the steps whose rate changed, and the
    eval. Seed 0's test file is written only after tuning, so tuning cannot read it.
 2. Test, once: every method at its best development rate, seeds 0..N-1 (`--seeds`), greedy accuracy on each seed's
@@ -33,7 +33,7 @@ from allo.config import load_recipe  # noqa: E402
 
 OUT = ROOT / "runs" / "tiny" / "experiment"
 METHODS = {"+DPO": ("dpo",), "+NPO": ("npo",), "+SimPO": ("simpo",), "+ALLO": ("forget", "improve")}
-GRID = (1 / 3, 1.0, 3.0)  # the same points for every method: factors on the recipe's learning rates
+GRID = (1 / 3, 1.0, 3.0, 10.0, 30.0)  # the same points for every method: factors on the recipe's learning rates
 
 
 def base_rates(user_sets: list[str]) -> dict[str, float]:
@@ -107,8 +107,9 @@ def mean_se(values: list[float]) -> str:
 def table(tuned: dict, results: dict[int, dict[str, float]], wall: float) -> str:
     seeds = sorted(results)
     lines = [f"Test accuracy % (greedy), mean ± standard error over seeds {', '.join(map(str, seeds))}; each method at "
-             "its best development-split learning rate (grid ×1/3, ×1, ×3 of the recipe's)", "",
-             "| method | test accuracy | chosen lr factor | dev accuracy at ×1/3, ×1, ×3 |", "|---|---|---|---|"]
+             f"its best development-split learning rate (grid {', '.join(f'×{g:.3g}' for g in GRID)} of the recipe's)",
+             "", f"| method | test accuracy | chosen lr factor | dev accuracy at {', '.join(f'×{g:.3g}' for g in GRID)} |",
+             "|---|---|---|---|"]
     for label in ("SFT", *METHODS):
         accs = [100 * results[s][label] for s in seeds]
         factor = f"×{tuned['best_factor'][label]:.3g}" if label in METHODS else "–"
