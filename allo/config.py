@@ -37,6 +37,9 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = N
 
 
 # --------------------------------------------------------------------------------------------- sections
+Tracker = Literal["tensorboard", "wandb", "trackio"]  # `report_to` values; each is also its package's name
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = knob(None, "Hugging Face hub id or local directory of the starting checkpoint. "
@@ -98,7 +101,7 @@ class TrainConfig:
                                                "for a launcher to decide on requeue; slurm/allo.sbatch sets it per job "
                                                "through ALLO_PREEMPT_MARKER, which overrides it.")
     ds_config: str = knob("ds_configs/zero3.json", "DeepSpeed JSON; its \"auto\" fields are filled from here.")
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = knob(
+    report_to: list[Tracker] = knob(
         factory=lambda: ["tensorboard"], help="Experiment trackers (rank 0): any of tensorboard (STAGE_DIR/tb), wandb, "
         "trackio; [] for none. One tracker run per stage, grouped by output_dir, eval results included; their "
         "environment settings apply (WANDB_MODE=offline, TRACKIO_DIR). metrics.jsonl is always written.")

@@ -125,14 +125,20 @@ ROW_LABEL = {"sft": "SFT LLM", **{slug(s.label): s.label for s in table_rows()}}
 ROW_ORDER = tuple(ROW_LABEL)
 
 
-def table2(run: Path) -> str | None:
-    """Markdown in Table 2's layout from RUN/eval/<model>/<benchmark>.result.json."""
-    from allo.eval.benchmarks import get
-
+def accuracies(run: Path) -> dict[str, dict[str, float]]:
+    """{model's result directory: {benchmark: accuracy %}} from RUN/eval/<model>/<benchmark>.result.json."""
     acc: dict[str, dict[str, float]] = defaultdict(dict)
     for f in sorted((run / "eval").glob("*/*.result.json")):
         r = json.loads(f.read_text())
         acc[f.parent.name][r["benchmark"]] = r["accuracy"]
+    return dict(acc)
+
+
+def table2(run: Path) -> str | None:
+    """Markdown in Table 2's layout from RUN/eval/<model>/<benchmark>.result.json."""
+    from allo.eval.benchmarks import get
+
+    acc = accuracies(run)
     if not acc:
         return None
     present = {b for row in acc.values() for b in row}

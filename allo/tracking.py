@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import typing
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
+from allo.config import Tracker
 from allo.io import atomic_write_text
 
-BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # name -> the module it needs
+BACKENDS = typing.get_args(Tracker)  # each backend's name is also the package (and module) it needs
 
 
 class Tracker(Protocol):
@@ -27,15 +29,16 @@ class Tracker(Protocol):
 
 def missing(report_to: Sequence[str]) -> list[str]:
     """The backends of `report_to` whose package is not installed."""
-    return [b for b in report_to if importlib.util.find_spec(BACKENDS[b]) is None]
+    return [b for b in report_to if importlib.util.find_spec(b) is None]
 
 
 def check_installed(report_to: Sequence[str], knob: str = "train.report_to") -> None:
     absent = missing(report_to)
     if absent:
-        have = [b for b in BACKENDS if b not in missing(list(BACKENDS))]
+        unavailable = missing(BACKENDS)
+        have = [b for b in BACKENDS if b not in unavailable]
         raise RuntimeError(f"{knob}: {', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed "
-                           f"(pip install {' '.join(BACKENDS[b] for b in absent)}), or drop "
+                           f"(pip install {' '.join(absent)}), or drop "
                            f"{'it' if len(absent) == 1 else 'them'} from {knob}; installed: {', '.join(have) or 'none'}")
 
 

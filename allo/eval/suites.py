@@ -8,16 +8,14 @@ predictions, scored, and the answers to the instruction-following prompts; resum
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
-from allo.config import ConfigError, EndpointConfig, GenerationConfig, knob, load_config
+from allo.config import ConfigError, EndpointConfig, GenerationConfig, Tracker, knob, load_config
 from allo.eval.suite import instruction_suites, slug
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,7 +39,7 @@ class Suite:
         "one judgment per pair in a seeded random order; Arena-Hard's baseline file, both orders), or the first "
         "--model's answers (the paper's Table 3 against the SFT model, both orders).")
     judge: EndpointConfig = knob(factory=EndpointConfig)
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = knob(
+    report_to: list[Tracker] = knob(
         factory=list, help="Trackers the suite's results are logged to (one run per suite, grouped by --out).")
     tracker_project: str = knob("allo", "The wandb / Trackio project.")
 
@@ -165,14 +163,10 @@ def judge(suite: Suite, models: dict[str, str], out: Path) -> Optional[dict]:
 
 def accuracies(out: Path, models: dict[str, str]) -> dict[str, dict[str, float]]:
     """{label: {benchmark: accuracy %}} from the result files the generate phase wrote."""
-    import json
+    from allo.report import accuracies as by_dir
 
-    table: dict[str, dict[str, float]] = {}
-    for label in models:
-        for f in sorted((out / "eval" / slug(label)).glob("*.result.json")):
-            r = json.loads(f.read_text())
-            table.setdefault(label, {})[r["benchmark"]] = r["accuracy"]
-    return table
+    found = by_dir(out)
+    return {label: found[slug(label)] for label in models if slug(label) in found}
 
 
 def run_suite(suite: Suite, models: dict[str, str], out: Path, only: Optional[str] = None,

@@ -60,21 +60,12 @@ def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2) -> None:
 
 def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     run = ROOT / "runs" / "tiny" / f"seed{seed}"
-    data = run / "data"
-    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", f"seed={seed}",
-            f"task.sft_data={data / 'sft.jsonl'}", f"task.problems={data / 'problems.jsonl'}",
-            f"task.eval={data / 'test.jsonl'}", *size["sets"], *user_sets]
-    recipe = load_recipe(RECIPE, sets)
+    recipe = load_recipe(RECIPE, [*size["sets"], *user_sets])
     t0 = time.time()
     print(f"\n=== seed {seed}: data ({size['sft']} SFT problems, {size['rl']} sampled on, {size['test']} held out) "
           f"and tokenizer", flush=True)
-    sft_problems, dev, test = make_splits(size["sft"], size["test"], seed=seed, n_dev=size["dev"],
-                                          misconception=MISCONCEPTION)
-    changed = write_data(data, sft_problems, dev, size["rl"])
-    changed |= _write_if_changed(data / "test.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in test])
-    if changed or not (run / "tokenizer" / "tokenizer.json").exists():
-        texts = [render(p["prompt"], p["taught"], recipe.data.template)[0] + p["taught"] for p in sft_problems]
-        train_tokenizer(texts, 400, run / "tokenizer")
+    sets = prepare_seed(run, seed, size, recipe.data.template) + [f"task.eval={run / 'data' / 'test.jsonl'}",
+                                                                  *user_sets]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
@@ -100,6 +91,22 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
     print("report plots: " + ", ".join(str(p.relative_to(ROOT)) for p in report(run)))
     return result
+
+
+def prepare_seed(run: Path, seed: int, size: dict, template: str, with_test: bool = True) -> list[str]:
+    """A seed's data under RUN/data (train and dev; the test split only when asked, so tuning can run before it
+    exists) and its tokenizer; returns the run's base `--set`s (no task.eval)."""
+    data = run / "data"
+    sft_problems, dev, test = make_splits(size["sft"], size["test"], seed=seed, n_dev=size["dev"],
+                                          misconception=MISCONCEPTION)
+    changed = write_data(data, sft_problems, dev, size["rl"])
+    if with_test:
+        _write_if_changed(data / "test.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in test])
+    if changed or not (run / "tokenizer" / "tokenizer.json").exists():
+        texts = [render(p["prompt"], p["taught"], template)[0] + p["taught"] for p in sft_problems]
+        train_tokenizer(texts, 400, run / "tokenizer")
+    return [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", f"seed={seed}",
+            f"task.sft_data={data / 'sft.jsonl'}", f"task.problems={data / 'problems.jsonl'}", *size["sets"]]
 
 
 def write_data(data: Path, sft_problems: list[dict], dev: list[dict], rl: int) -> bool:

@@ -45,25 +45,11 @@ def rate_sets(rates: dict[str, float]) -> list[str]:
     return [f"{stage}.train.lr={lr:.3g}" for stage, lr in rates.items()]
 
 
-def prepare(seed: int, size: dict, with_test: bool) -> tuple[Path, list[str]]:
+def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str]) -> tuple[Path, list[str]]:
     """Seed's data (train, dev; test only when asked) and tokenizer; the run dir and its base `--set`s."""
-    from allo.model import train_tokenizer
-    from allo.tasks.arith import make_splits
-
     run = OUT / f"seed{seed}"
-    data = run / "data"
-    train, dev, test = make_splits(size["sft"], size["test"], seed=seed, n_dev=size["dev"],
-                                   misconception=demo.MISCONCEPTION)
-    changed = demo.write_data(data, train, dev, size["rl"])
-    if with_test:
-        demo._write_if_changed(data / "test.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in test])
-    if changed or not (run / "tokenizer" / "tokenizer.json").exists():
-        recipe = load_recipe(demo.RECIPE)
-        texts = [demo.render(p["prompt"], p["taught"], recipe.data.template)[0] + p["taught"] for p in train]
-        train_tokenizer(texts, 400, run / "tokenizer")
-    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", f"seed={seed}",
-            f"task.sft_data={data / 'sft.jsonl'}", f"task.problems={data / 'problems.jsonl'}", *size["sets"]]
-    return run, sets
+    template = load_recipe(demo.RECIPE, [*size["sets"], *user_sets]).data.template
+    return run, demo.prepare_seed(run, seed, size, template, with_test)
 
 
 def accuracies(run: Path) -> dict[str, float]:
@@ -72,7 +58,7 @@ def accuracies(run: Path) -> dict[str, float]:
 
 def tune(size: dict, user_sets: list[str]) -> dict:
     """Best grid point per method on seed 0's development split: {"dev": {label: {factor: acc}}, "best": ...}."""
-    run, sets = prepare(0, size, with_test=False)
+    run, sets = prepare(0, size, with_test=False, user_sets=user_sets)
     base = base_rates(user_sets)
     dev: dict[str, dict[float, float]] = {label: {} for label in METHODS}
     for g in GRID:
@@ -91,7 +77,7 @@ def tune(size: dict, user_sets: list[str]) -> dict:
 def test(size: dict, user_sets: list[str], rates: dict[str, float], seeds: list[int]) -> dict[int, dict[str, float]]:
     out = {}
     for seed in seeds:
-        run, sets = prepare(seed, size, with_test=True)
+        run, sets = prepare(seed, size, with_test=True, user_sets=user_sets)
         print(f"\n=== test, seed {seed}", flush=True)
         demo.allo("run", sets + [f"task.eval={run / 'data' / 'test.jsonl'}", *user_sets, *rate_sets(rates)],
                   ranks=size["ranks"])
