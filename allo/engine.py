@@ -37,33 +37,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def on_cpu() -> bool:
-    return not torch.cuda.is_available()
+class DeviceMismatch(LaunchError):
+    """DeepSpeed's accelerator and torch disagree about where this process computes."""
 
 
-def init_distributed(timeout_minutes: Optional[float] = None) -> None:
+def accelerator_name() -> str:
+    """The accelerator DeepSpeed will use: DS_ACCELERATOR when set, else cuda when torch sees a GPU, else cpu. Set
+    before deepspeed is imported, so that DeepSpeed and allo decide once and alike (and DeepSpeed does not warn)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    return os.environ["DS_ACCELERATOR"]
+
+
+def run_device(accelerator: str, cuda_available: bool, local_rank: int) -> torch.device:
+    """The device of this rank, taken from DeepSpeed's accelerator; a disagreement with torch is refused in one
+    sentence that says how to fix it."""
+    if accelerator == "cpu" and cuda_available:
+        raise DeviceMismatch("DeepSpeed's accelerator is cpu (DS_ACCELERATOR=cpu) but torch sees a GPU: unset "
+                             "DS_ACCELERATOR to train on the GPU, or hide the GPUs with CUDA_VISIBLE_DEVICES= to "
+                             "train on the CPU")
+    if accelerator == "cuda" and not cuda_available:
+        raise DeviceMismatch("DeepSpeed's accelerator is cuda but torch sees no GPU (torch "
+                             f"{torch.__version__}, CUDA {torch.version.cuda}): check CUDA_VISIBLE_DEVICES and the "
+                             "driver, or unset DS_ACCELERATOR to train on the CPU")
+    if accelerator not in ("cpu", "cuda"):
+        raise DeviceMismatch(f"DeepSpeed's accelerator is {accelerator}; allo runs on cuda or cpu (set "
+                             "DS_ACCELERATOR to one of them)")
+    return torch.device("cuda", local_rank) if accelerator == "cuda" else torch.device("cpu")
+
+
+def init_distributed(timeout_minutes: Optional[float] = None) -> torch.device:
     """Join (or, for a plain `python` run, create) the process group: gloo on CPU, NCCL on GPUs; collectives fail
-    after `timeout_minutes` (DeepSpeed's default, 30, when None)."""
+    after `timeout_minutes` (DeepSpeed's default, 30, when None). Returns this rank's device."""
+    accelerator_name()
     import deepspeed
     import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
 
+    device = run_device(get_accelerator().device_name(), torch.cuda.is_available(),
+                        int(os.environ.get("LOCAL_RANK", 0)))
     if dist.is_initialized():
-        return
+        return device
     # Workaround: deepspeed 0.19.8 calls c10d collectives that torch 2.13 deprecates, once per bucket per step.
     # Remove when deepspeed uses all_gather_single / reduce_scatter_single.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "RANK" not in os.environ:  # single process without a launcher: avoid DeepSpeed's MPI discovery
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    if on_cpu():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if device.type == "cpu":
         # Workaround: DeepSpeed JIT-builds its shared-memory comm op (~27 s) on every CPU init although gloo
         # suffices. Remove when deepspeed skips the build for gloo-only runs.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", **kwargs)
-    if not on_cpu():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", **kwargs)
+    return device
 
 
 def finish_distributed(code: int) -> None:
@@ -172,16 +200,14 @@ class Strategy:
     """Everything distributed. Create once per process; stages share it."""
 
     def __init__(self, ds_config: str | Path, train: TrainConfig, precision: str):
-        init_distributed()
-        import deepspeed.comm as dist
+        from allo.comm import Communicator
 
-        self.dist = dist
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
+        self.device = init_distributed()
+        self.comm = Communicator.from_process_group(self.device)
+        self.rank, self.world = self.comm.rank, self.comm.world
         self.precision = precision
         self.config = resolve_ds_config(ds_config, train, self.world, precision)
         self.zero_stage = int(self.config["zero_optimization"].get("stage", 0))
-        self.device = torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
         self.engine = None
         self._hf_ds = None
 
@@ -233,41 +259,18 @@ class Strategy:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    # --- collectives (every rank must call these) -------------------------------------------------------
-    # With one rank they return at once. Not only to save a call: on CPU a large gloo all-gather copies its output
-    # on one of gloo's threads, which starts a second OpenMP team; from then on libgomp counts more threads than
-    # cores and its workers sleep between parallel regions, for the rest of the process, and every later step is
-    # slower (bench/RESULTS.md, profiling note 1).
+    # --- collectives (every rank must call these; see allo.comm for which group carries what) -------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
-        """Collective: sum/mean/max over ranks, in place."""
-        if self.world == 1:
-            return tensor
-        reduce_op = self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM
-        self.dist.all_reduce(tensor, op=reduce_op)
-        if op == "mean":
-            tensor /= self.world
-        return tensor
+        return self.comm.all_reduce(tensor, op)
 
     def all_gather_object(self, obj: Any) -> list:
-        """Collective: every rank's object, in rank order."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
+        return self.comm.all_gather_object(obj)
 
     def gather_object(self, obj: Any) -> list | None:
-        """Collective: every rank's object, in rank order, on rank 0 only (None elsewhere)."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as tdist  # deepspeed.comm has no gather_object
-
-        out = [None] * self.world if self.is_rank0 else None
-        tdist.gather_object(obj, out, dst=0)
-        return out
+        return self.comm.gather_object(obj)
 
     def barrier(self) -> None:
-        self.dist.barrier()
+        self.comm.barrier()
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, directory: Path, tag: str, client_state: dict) -> None:

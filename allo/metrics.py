@@ -78,8 +78,8 @@ class MetricLogger:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set (MiB) since it started: VmHWM. Not getrusage's ru_maxrss, which Linux carries
-    over exec from the forking parent, so a child of a large parent reports at least the parent's size."""
+    """This process's peak resident set (MiB) since it started or since `reset_peak_memory`: VmHWM. Not getrusage's
+    ru_maxrss, which Linux carries over exec from the forking parent and which no reset lowers."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -90,3 +90,24 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory (MiB) of the run's device since the last `reset_peak_memory`: CUDA's allocator peak on a GPU, the
+    process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak_rss_mb()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak from now, so that each stage of one `allo run` process reports its own peak, not an
+    earlier stage's. On the CPU, Linux resets VmHWM to the current resident set on `5` in /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the peak then counts from the process start
+        pass

@@ -63,7 +63,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._index: dict[int, torch.Tensor] = {}
 
     def attach_masks(self, masks: dict[int, torch.Tensor]) -> None:
-        """`masks` maps id(optimizer tensor) -> flat bool mask of the same numel."""
+        """`masks` maps id(optimizer tensor) -> flat bool mask of the same numel, kept as given (no copy) on that
+        tensor's device; one on another device is refused here rather than at the first step."""
+        tensors = {id(p): p for group in self.param_groups for p in group["params"]}
+        for k, m in masks.items():
+            if k in tensors and m.device != tensors[k].device:
+                raise ValueError(f"a neuron mask on {m.device} for an optimizer tensor on {tensors[k].device}: build "
+                                 "masks on the device of the tensor they mask (allo.masks.apply.build_masks)")
         self._masks = {k: v.to(torch.bool).flatten() for k, v in masks.items()}
         # Indices are cached outside `state`: torch's load_state_dict would cast them to float.
         # int32 indices (4 bytes per selected element; ZeRO partitions stay below 2**31 elements).

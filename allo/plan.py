@@ -7,8 +7,8 @@ the Hugging Face cache) on the meta device, which gives exact parameter counts f
   weights and gradients, fp32 gradients, fp32 master weights and the two Adam moments, each divided over the ranks
   that ZeRO stage partitions it across, plus ZeRO-3's gathered largest layer (4 bytes a parameter). For ZeRO-1 and
   ZeRO-0 the same bytes per parameter apply with less partitioned; ZeRO-2/3 add the gradient reduce bucket
-  (`reduce_bucket_size` elements). Neuron masks add 2 bytes per local element (a flat copy for the optimizer and one
-  per parameter); sparse
+  (`reduce_bucket_size` elements). Neuron masks add 1 byte per local element (one flat mask that the optimizer and
+  the gradient masker share; under ZeRO-3 with optimizer offload the gradient masker's copy stays on the GPU); sparse
   Adam moments keep 8 bytes plus a 4-byte index per selected element instead of 8 per element;
 - activations of one micro batch (chosen and rejected rows together for preference stages) from the decoder layer's
   saved tensors: 7·H + 3·KV + 4·I values per token and layer (two RMSNorm inputs and outputs, q/k before and after
@@ -172,8 +172,8 @@ def model_states(s: Shape, z: Zero, hw: Hardware, mixed: bool = True, mask_ratio
         terms["Adam moments (sparse)"] = (8 + 4) * mask_ratio * part(1)
     else:
         terms["Adam moments"] = 8 * part(1)
-    if mask_ratio is not None:  # a bool per element, twice: flat per optimizer tensor and per parameter
-        terms["neuron masks"] = 2 * part(1)
+    if mask_ratio is not None:  # a bool per element owned, shared by the optimizer and the gradient masker
+        terms["neuron masks"] = part(1)
     if z.stage == 3:
         terms["gathered layer (ZeRO-3)"] = 4 * s.largest_layer
     if z.bucket_elements:
@@ -187,6 +187,8 @@ def model_states(s: Shape, z: Zero, hw: Hardware, mixed: bool = True, mask_ratio
     if z.offload_optimizer:  # gradients, fp32 copies, moments and masks live in CPU memory
         for k in [k for k in terms if k.startswith(("gradients", "fp32", "Adam", "neuron", "optimizer"))]:
             terms.pop(k)
+        if mask_ratio is not None and z.stage == 3:  # DeepSpeed hands local gradients back on the GPU
+            terms["neuron masks"] = part(1)
     if z.offload_params and z.stage == 3:
         terms.pop("weights")
     return {k: int(v) for k, v in terms.items()}

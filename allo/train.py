@@ -35,7 +35,7 @@ from allo.io import atomic_write_text
 from allo.logprobs import token_logps
 from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_layout
 from allo.masks.io import check_against_model, mask_counts
-from allo.metrics import MetricLogger, RunningMeans
+from allo.metrics import MetricLogger, RunningMeans, peak_memory_mb
 from allo.tracking import open_trackers
 from allo.optim import MaskedAdamW
 from allo.signals import EXIT_REQUEUE, stop_on_signal, write_preempted
@@ -103,9 +103,14 @@ class Trainer:
         self.engine = s.prepare(self.model, optimizer, scheduler)
         if self.stage.mask_file:
             pieces = optimizer_layout(self.engine, named)
-            target_masks, local = build_masks(self.stage.mask_file, pieces)
+            target_masks = build_masks(self.stage.mask_file, pieces)
             find_optimizer(self.engine, MaskedAdamW).attach_masks(target_masks)
-            self.masker = GradMasker(self.engine, named, local, self.stage.mask_file)
+            self.masker = GradMasker(self.engine, pieces, target_masks, s.device)
+            if s.is_rank0:
+                log.info("masks on rank 0: %d elements for the optimizer (%s), %d more for the gradients",
+                         sum(m.numel() for m in target_masks.values()),
+                         ", ".join(sorted({str(m.device) for m in target_masks.values()})),
+                         self.masker.mask_elements())
         if s.is_rank0:
             log.info("stage %s: %d examples, global batch %d = micro %d × accumulation %d × world %d, "
                      "%d steps/epoch, %d steps, ZeRO-%d, %s, trainable fraction %.4f", self.stage.name,
@@ -231,7 +236,7 @@ class Trainer:
             stats.update(tokens_per_s=stats.pop("tokens") * s.world / stats["step_s"], lr=self.engine.get_lr()[0],
                          optim_state_mb=stats.pop("optim_state") * s.world / 2 ** 20,
                          grad_norm=s.grad_norm(), trainable_fraction=self.trainable_fraction,
-                         peak_mem_mb=_peak_memory_mb(), epoch=self.pos.consumed / len(self.stage.examples))
+                         peak_mem_mb=peak_memory_mb(s.device), epoch=self.pos.consumed / len(self.stage.examples))
             self.trace.append((float(stats["loss"]), float(stats["grad_norm"])))
             if self.last_write_s is not None:  # the checkpoint written after the previous step
                 stats["ckpt_write_s"], self.last_write_s = self.last_write_s, None
@@ -319,14 +324,6 @@ def _fingerprint(stage: Stage) -> str:
     for ex in stage.examples:
         h.update(json.dumps([ex["index"], ex["prompt_ids"], ex["responses"]]).encode())
     return h.hexdigest()
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    from allo.metrics import peak_rss_mb
-
-    return peak_rss_mb()
 
 
 def _progress(total: int, initial: int, name: str, enabled: bool):

@@ -78,7 +78,7 @@ def measure(tmp: Path, size: str, zero: str, sparse: bool) -> tuple[float, int]:
     # glibc keeps freed heap memory in the process (RSS then tracks the high-water mark of everything ever freed, not
     # the tensors alive): a fixed mmap threshold gives every allocation of 64 KiB or more its own mapping, returned
     # on free, so peak RSS follows peak live memory as a GPU's max_memory_allocated does.
-    env = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "MALLOC_MMAP_THRESHOLD_": "65536"}
     import os
 

@@ -4,7 +4,7 @@
 #   recipes/run_one_node.sh RECIPE [--dry-run] [allo run options: --from STEP, --only STEP, --set KEY=VALUE ...]
 #
 # GPUs are counted with torch (set ALLO_GPUS to override, e.g. to use fewer). Without a GPU it runs on 1 CPU
-# process with DS_ACCELERATOR=cpu (tiny recipes only). The paper recipes' run.sh call this.
+# process on the CPU (tiny recipes only). The paper recipes' run.sh call this.
 #
 # Exit status: allo's, or 75 (EX_TEMPFAIL) when SIGTERM/SIGUSR1 stopped the run after a checkpoint: requeue and run
 # the same command again to resume. (torchrun alone reports a worker's 75 as a plain failure, 1; this script reads
@@ -20,7 +20,6 @@ gpus=${ALLO_GPUS:-$("$python" -c 'import torch; print(torch.cuda.device_count())
 if [ "$gpus" -lt 1 ]; then
   echo "no GPU found: running 1 CPU process (set ALLO_GPUS to override)" >&2
   gpus=1
-  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 "$python" -m allo.launch "$recipe" --nodes 1 --gpus-per-node "$gpus" || exit 2
 cmd=("$python" -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m allo run "$recipe" "$@")

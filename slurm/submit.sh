@@ -61,7 +61,7 @@ args=(--nodes="$nodes" --job-name="allo-$stage" --output="$ALLO_LOG_DIR/%x-%j.ou
 read -r -a extra <<< "$extra_sbatch"
 export ALLO_ROOT=$here ALLO_PYTHON=$python ALLO_PROCS_PER_NODE=$gpus
 export ALLO_ARGS="$stage $recipe ${allo_extra[*]}"
-[ "$cpu" = 1 ] && export DS_ACCELERATOR=cpu
+[ "$cpu" = 1 ] && export CUDA_VISIBLE_DEVICES=  # the CPU for torch and DeepSpeed alike
 echo "command: ALLO_ARGS='$ALLO_ARGS' sbatch ${args[*]} ${extra[*]} $here/slurm/allo.sbatch"
 [ "$dry" = 1 ] && exit 0
 sbatch --parsable --export=ALL "${args[@]}" "${extra[@]}" "$here/slurm/allo.sbatch"

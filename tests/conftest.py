@@ -16,8 +16,11 @@ from allo.launch import torchrun_command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-           TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+# The CPU suite's children see no GPU, so DeepSpeed and allo both choose the CPU (and gloo) on any machine; the
+# `gpu`-marked tests run with GPU_ENV, where both choose the GPU. Neither sets DS_ACCELERATOR: allo derives it.
+GPU_ENV = {k: v for k, v in dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                                 PYTHONUNBUFFERED="1").items() if k != "DS_ACCELERATOR"}
+ENV = dict(GPU_ENV, CUDA_VISIBLE_DEVICES="")
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True, env: dict | None = None,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def quick_run():
-    run = ROOT / "runs" / "tiny" / "seed7"
+    run = ROOT / "runs" / "tiny-quick" / "seed7"
     shutil.rmtree(run, ignore_errors=True)
     proc = subprocess.run([sys.executable, "recipes/tiny/demo.py", "--quick", "--seeds", "7"], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)

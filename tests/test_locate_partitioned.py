@@ -20,13 +20,18 @@ pytestmark = pytest.mark.slow
      "collect_cap: 0}", {}, {"scope": "per_layer", "band_start": 3, "collect_cap": 0}),
 ])
 def test_zero3_partition_locate_matches_offline(tmp_path, tiny_model, pairs_file, extra, env, offline):
-    import os
-
     from conftest import ENV
+
+    check_partition_locate(tmp_path, tiny_model, pairs_file, extra, dict(ENV, **env), offline)
+
+
+def check_partition_locate(tmp_path, tiny_model, pairs_file, extra, env, offline, nproc: int = 2) -> None:
+    """The warm-up's masks from its ZeRO-3 partitions equal the offline locate's, element for element."""
+    import os
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "run",
                           extra=extra + "\nwarmup: {train: {lr: 1.0e-3}}")
-    torchrun(["warmup", str(recipe)], env=dict(ENV, **env))
+    torchrun(["warmup", str(recipe)], env=env, nproc=nproc)
     out = tmp_path / "run" / "warmup"
     meta = json.loads((out / "masks" / "n1.json").read_text())
     assert meta["from_partitions"] is True

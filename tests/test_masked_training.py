@@ -38,12 +38,13 @@ def mask_file(tiny_model, tmp_path_factory):
     return path, masks
 
 
-def run_improve(tmp_path, tiny_model, pairs_file, mask_path, ds_config, dtype="fp32", extra_set=()):
+def run_improve(tmp_path, tiny_model, pairs_file, mask_path, ds_config, dtype="fp32", extra_set=(), env=None,
+                nproc=2):
     tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "run",
                           "improve: {train: {lr: 0.01, global_batch_size: 8}}")
     torchrun(["improve", str(recipe), "--mask", str(mask_path), "--set", f"train.ds_config={ds_config}",
-              "--set", f"model.dtype={dtype}", "--set", "train.max_steps=3", *extra_set])
+              "--set", f"model.dtype={dtype}", "--set", "train.max_steps=3", *extra_set], nproc=nproc, env=env)
     return load_file(str(tmp_path / "run" / "improve" / "model" / "model.safetensors"))
 
 
@@ -58,9 +59,14 @@ def run_improve(tmp_path, tiny_model, pairs_file, mask_path, ds_config, dtype="f
     ("ds_configs/zero0.json", "bf16"),
 ])
 def test_frozen_elements_bit_identical(tmp_path, tiny_model, pairs_file, mask_file, ds_config, dtype):
+    check_frozen(tmp_path, tiny_model, pairs_file, mask_file, ds_config, dtype)
+
+
+def check_frozen(tmp_path, tiny_model, pairs_file, mask_file, ds_config, dtype, extra_set=(), env=None, nproc=2):
+    """Every masked-out element bit-identical after 3 masked steps, (almost) every selected one moved."""
     path, masks = mask_file
     start = load_file(str(tiny_model / "model.safetensors"))
-    end = run_improve(tmp_path, tiny_model, pairs_file, path, ds_config, dtype)
+    end = run_improve(tmp_path, tiny_model, pairs_file, path, ds_config, dtype, extra_set, env, nproc)
     want = torch.bfloat16 if dtype == "bf16" else torch.float32
     moved = selected = 0
     for name, m in masks.items():
@@ -95,3 +101,39 @@ def test_mask_that_does_not_fit_is_refused(tmp_path, tiny_model, pairs_file, mas
     proc = torchrun(["improve", str(recipe), "--mask", str(tmp_path / "bad.safetensors")], nproc=1, check=False)
     assert proc.returncode != 0
     assert "not.a.param" in proc.stderr and name in proc.stderr and sorted(masks)[3] in proc.stderr
+
+
+def test_clipping_sees_the_masked_gradient_under_every_zero_stage(tmp_path, tiny_model, pairs_file, mask_file):
+    """The gradient norm DeepSpeed clips with is the masked gradient's: equal under every ZeRO stage (each masks in
+    its own place: parameter hooks, reduced partitions, offloaded partitions and their norms, local partitions) and
+    unlike the unmasked norm. Rank 0 holds mask elements for its own partition only, shared by the optimizer and
+    the gradient masker (a second copy only where ZeRO-3's offloaded optimizer and the GPU's gradients differ in
+    device: tests/test_device.py)."""
+    import json
+    import re
+
+    path, masks = mask_file
+    ones = tmp_path / "ones.safetensors"
+    save_masks(ones, {n: torch.ones_like(m) for n, m in masks.items()}, {})
+    trainable = sum(m.numel() for n, m in masks.items() if m.any())
+
+    def first_step(name, ds_config, mask):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tiny_model, pairs_file, tmp_path / name,
+                              "improve: {train: {lr: 0.01, global_batch_size: 8}}")
+        proc = torchrun(["improve", str(recipe), "--mask", str(mask), "--set", f"train.ds_config={ds_config}",
+                         "--set", "train.max_steps=1", "--set", "train.grad_clip=1.0e-3"])
+        held = re.search(r"masks on rank 0: (\d+) elements for the optimizer \(([^)]*)\), (\d+) more", proc.stderr)
+        assert held, proc.stderr[-3000:]
+        norm = json.loads((tmp_path / name / "improve" / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
+        return norm, int(held.group(1)), int(held.group(3))
+
+    _, held, extra = first_step("zero0", "ds_configs/zero0.json", path)  # (DeepSpeed reports no norm at stage 0)
+    assert (held, extra) == (trainable, 0)
+    reference, _, _ = first_step("zero3", "ds_configs/zero3.json", path)
+    unmasked, _, _ = first_step("ones", "ds_configs/zero3.json", ones)
+    assert abs(unmasked - reference) > 0.05 * reference, "the mask changes the clipped norm"
+    for config in ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"):
+        norm, held, extra = first_step(f"{config}_", f"ds_configs/{config}.json", path)
+        assert norm == pytest.approx(reference, rel=1e-4), config
+        assert held <= trainable // 2 + 64, (config, held, trainable)  # this rank's partition (and its padding)
+        assert extra == 0, config  # on the CPU even the offloaded optimizer's mask is where the gradients are

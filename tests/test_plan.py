@@ -59,7 +59,7 @@ def test_masks_and_sparse_moments_change_only_their_terms() -> None:
     masked = model_states(shape, Zero(3), hw, mask_ratio=0.1)
     sparse = model_states(shape, Zero(3), hw, mask_ratio=0.1, sparse=True)
     local = shape.params / 4
-    assert masked["neuron masks"] == int(2 * local) and masked["Adam moments"] == dense["Adam moments"]
+    assert masked["neuron masks"] == int(local) and masked["Adam moments"] == dense["Adam moments"]
     assert sparse["Adam moments (sparse)"] == int(12 * 0.1 * local) and "Adam moments" not in sparse
     fp32 = model_states(shape, Zero(0), hw, mixed=False)
     assert fp32 == {"weights": 4 * shape.params, "gradients": 4 * shape.params, "Adam moments": 8 * shape.params,

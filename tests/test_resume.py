@@ -24,9 +24,9 @@ def recipe(tmp_path, tiny_model, pairs_file, name):
                         f" save_every: 0}}}}")
 
 
-def sigterm_after_steps(args: list[str], metrics, steps: int = 3) -> str:
-    """Start `allo ARGS` on 2 ranks, SIGTERM torchrun once `metrics` logs `steps` steps; the run's output."""
-    proc = subprocess.Popen(torchrun_command(args, 2), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+def sigterm_after_steps(args: list[str], metrics, steps: int = 3, env=None, nproc: int = 2) -> str:
+    """Start `allo ARGS` on `nproc` ranks, SIGTERM torchrun once `metrics` logs `steps` steps; the run's output."""
+    proc = subprocess.Popen(torchrun_command(args, nproc), cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -40,11 +40,15 @@ def sigterm_after_steps(args: list[str], metrics, steps: int = 3) -> str:
 
 
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_file):
-    torchrun(["dpo", str(recipe(tmp_path, tiny_model, pairs_file, "straight"))])
+    check_sigterm_resume(tmp_path, tiny_model, pairs_file)
+
+
+def check_sigterm_resume(tmp_path, tiny_model, pairs_file, env=None, nproc: int = 2) -> None:
+    torchrun(["dpo", str(recipe(tmp_path, tiny_model, pairs_file, "straight"))], nproc=nproc, env=env)
 
     r = recipe(tmp_path, tiny_model, pairs_file, "stopped")
     metrics = tmp_path / "stopped" / "dpo" / "metrics.jsonl"
-    out = sigterm_after_steps(["dpo", str(r)], metrics)
+    out = sigterm_after_steps(["dpo", str(r)], metrics, env=env, nproc=nproc)
     marker = tmp_path / "stopped" / "dpo" / "preempted.json"
     assert marker.exists(), f"no preempted.json after SIGTERM:\n{out[-4000:]}"
     stopped_at = json.loads(marker.read_text())["step"]
@@ -52,7 +56,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_fi
     latest = (tmp_path / "stopped" / "dpo" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:07d}"
 
-    torchrun(["dpo", str(r)])  # resumes from `latest`
+    torchrun(["dpo", str(r)], nproc=nproc, env=env)  # resumes from `latest`
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(1, STEPS + 1)), "every step is logged exactly once across the two runs"
     a = load_file(str(tmp_path / "straight" / "dpo" / "model" / "model.safetensors"))

@@ -101,47 +101,97 @@ def find_optimizer(engine: Any, cls: type) -> Any:
     raise RuntimeError(f"no {cls.__name__} found inside {type(engine.optimizer).__name__}")
 
 
-def build_masks(mask_file: str, pieces: list[Piece]) -> tuple[dict[int, torch.Tensor], dict[str, torch.Tensor]]:
-    """Read this rank's mask ranges. Returns (flat mask per optimizer tensor id, local mask per parameter)."""
+def build_masks(mask_file: str, pieces: list[Piece]) -> dict[int, torch.Tensor]:
+    """This rank's mask ranges, one flat bool mask per optimizer tensor id, on that tensor's device (the GPU, or the
+    CPU under optimizer offload). The optimizer and `GradMasker` both read these: one mask per element owned."""
     target_masks: dict[int, torch.Tensor] = {}
-    local: dict[str, torch.Tensor] = {}
     with MaskFile(mask_file) as f:
         for piece in pieces:
             flat = target_masks.get(id(piece.target))
             if flat is None:
-                flat = target_masks[id(piece.target)] = torch.zeros(piece.target.numel(), dtype=torch.bool)
-            m = f.range(piece.name, piece.start, piece.numel)
-            flat[piece.target_offset: piece.target_offset + piece.numel] = m
-            local[piece.name] = m
-    return target_masks, local
+                flat = target_masks[id(piece.target)] = torch.zeros(piece.target.numel(), dtype=torch.bool,
+                                                                    device=piece.target.device)
+            flat[piece.target_offset: piece.target_offset + piece.numel] = f.range(piece.name, piece.start,
+                                                                                  piece.numel)
+    return target_masks
+
+
+def _on(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`keep` itself where it already lives on `device` (shared with the optimizer), else one copy there."""
+    return keep if keep.device == device else keep.to(device)
 
 
 class GradMasker:
-    """Zero the gradients of masked-out elements before DeepSpeed computes the norm and steps."""
+    """Zero the gradients of masked-out elements before DeepSpeed computes the norm and steps, so that gradient
+    clipping sees the masked gradient. It reads the optimizer's masks (`build_masks`) and touches only this rank's
+    gradient partition, so no rank holds a mask of more than the elements it owns:
+    - ZeRO-3: the local fp32 gradient partitions through DeepSpeed's local-grad API, which hands them back on
+      the accelerator (`device`) whether or not the optimizer is offloaded;
+    - ZeRO-1/2: the reduced gradient partition (`averaged_gradients`, or the offloaded fp32 `.grad` together with
+      the per-parameter norms DeepSpeed's offload path computed before it) at the accumulation boundary;
+    - ZeRO-0: a tensor hook on each parameter (each rank holds every element there anyway).
+    """
 
-    def __init__(self, engine: Any, named_params: list[tuple[str, torch.nn.Parameter]],
-                 local: dict[str, torch.Tensor], mask_file: str):
+    def __init__(self, engine: Any, pieces: list[Piece], target_masks: dict[int, torch.Tensor],
+                 device: torch.device):
         self.engine = engine
         self.stage = engine.zero_optimization_stage()
         self.handles = []
-        trainable = [(n, p) for n, p in named_params if p.requires_grad]
+        self.params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.groups: list[tuple[int, torch.Tensor, list[Piece]]] = []
         if self.stage == 3:
-            self.params = [(p, local[n].to(p.ds_tensor.device)) for n, p in trainable if n in local]
-            return
-        # ZeRO-0/1/2 hold full gradients before reduction: one full mask per parameter, read once.
-        with MaskFile(mask_file) as f:
-            for n, p in trainable:
-                keep = f.get(n).to(p.device)
-                self.handles.append(p.register_hook(lambda g, keep=keep: keep_only(g, keep, inplace=False)))
+            self.params = [(p.param, _on(target_masks[id(p.target)][p.target_offset:p.target_offset + p.numel],
+                                         device)) for p in pieces]
+        elif self.stage in (1, 2):
+            for i, target in enumerate(engine.optimizer.single_partition_of_fp32_groups):
+                if id(target) in target_masks:
+                    mine = [p for p in pieces if p.target is target]
+                    self.groups.append((i, target_masks[id(target)], mine))
+        else:
+            for p in pieces:
+                keep = _on(target_masks[id(p.target)][p.target_offset:p.target_offset + p.numel],
+                           p.param.device).view(p.param.shape)
+                self.handles.append(p.param.register_hook(lambda g, keep=keep: keep_only(g, keep, inplace=False)))
+
+    def mask_elements(self) -> int:
+        """Mask elements this masker holds beyond the optimizer's own (0 where they share a device)."""
+        held = [keep for _, keep in self.params]
+        return sum(k.numel() for k in held if k._base is None)
 
     @torch.no_grad()
     def before_step(self) -> None:
-        """Call after engine.backward and before engine.step on every micro-step (ZeRO-3 acts at the boundary)."""
-        if self.stage != 3 or not self.engine.is_gradient_accumulation_boundary():
+        """Call after engine.backward and before engine.step on every micro-step (it acts at the boundary)."""
+        if self.stage == 0 or not self.engine.is_gradient_accumulation_boundary():
             return
-        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
-        for p, keep in self.params:
-            g = safe_get_local_grad(p)
-            if g is not None:  # in place: g is this rank's grad partition itself or a copy that is set back
-                safe_set_local_grad(p, keep_only(g, keep.view_as(g)))
+            for p, keep in self.params:
+                g = safe_get_local_grad(p)
+                if g is not None:  # in place: g is this rank's grad partition itself or a copy that is set back
+                    safe_set_local_grad(p, keep_only(g, keep.view_as(g)))
+            return
+        opt = self.engine.optimizer
+        for i, keep, pieces in self.groups:
+            if opt.cpu_offload:  # the fp32 partition's .grad, and the per-parameter norms clipping reads
+                grad = opt.single_partition_of_fp32_groups[i].grad
+                if grad is None:
+                    continue
+                keep_only(grad.view(-1), _on(keep, grad.device)[:grad.numel()])
+                for p in pieces:
+                    part = grad.view(-1)[p.target_offset:p.target_offset + p.numel]
+                    opt.norm_for_param_grads[opt.get_param_id(p.param)] = part.norm(2)
+                continue
+            grads = opt.averaged_gradients.get(i)
+            if grads is None:
+                continue
+            flat = getattr(grads, "flat_partition", None)
+            if flat is not None:
+                keep_only(flat.view(-1), _on(keep, flat.device)[:flat.numel()])
+                continue
+            at = 0
+            for g in grads:  # the partition's pieces in order (the first from `first_offset`), then padding
+                n = g.numel()
+                if not getattr(g, "_zero_padding", False):
+                    keep_only(g, _on(keep[at:at + n], g.device).view_as(g))
+                at += n

@@ -52,6 +52,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     """
     from allo.engine import Strategy, fit_micro_batch
     from allo.guards import check_stalled
+    from allo.metrics import reset_peak_memory
     from allo.model import build_model, load_tokenizer
     from allo.train import Stage, Trainer
 
@@ -75,6 +76,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
                  train_cfg.micro_batch_size, micro, train_cfg.global_batch_size, world)
         train_cfg = replace(train_cfg, micro_batch_size=micro)
     strategy = Strategy(train_cfg.ds_config, train_cfg, recipe.model.dtype)
+    reset_peak_memory(strategy.device)  # this stage's peak, not an earlier stage's of the same process
     started = time.time()
     init_path = init or recipe.model.path
     tokenizer = load_tokenizer(recipe.model if init is None else

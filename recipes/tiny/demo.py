@@ -1,4 +1,5 @@
-"""`make demo`: the paper's comparison (SFT, +DPO, +NPO, +ALLO) reproduced from scratch on a tiny task, on CPU.
+"""`make demo`: the paper's comparison (SFT, +DPO, +NPO, +ALLO) reproduced from scratch on a tiny task, on the GPUs
+when the machine has them and on the CPU otherwise.
 
 Per seed: write the task's data (allo/tasks/arith.py) and train a tokenizer on it, then run the whole pipeline
 with `torchrun --nproc_per_node 2 -m allo run recipes/tiny/recipe.yaml` (2 ranks, ZeRO-3): sft -> sample ->
@@ -52,14 +53,30 @@ def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2) -> None:
     cmd = torchrun_command([stage, str(RECIPE), *extra], ranks)
     for s in sets:
         cmd += ["--set", s]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # allo picks the GPU when there is one
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"stage {stage} failed (exit {proc.returncode}); rerun: {' '.join(cmd)}")
 
 
-def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
-    run = ROOT / "runs" / "tiny" / f"seed{seed}"
+def ranks(wanted: int) -> int:
+    """`wanted` processes on the CPU; on a GPU machine one per GPU, at most `wanted` (NCCL needs a GPU per rank)."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus and wanted > gpus:
+        print(f"{gpus} GPU(s) here: {gpus} rank(s) instead of {wanted}", flush=True)
+    return min(wanted, gpus) if gpus else wanted
+
+
+def device() -> str:
+    import torch
+
+    return f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU"
+
+
+def run_seed(seed: int, size: dict, user_sets: list[str], out: Path) -> dict:
+    run = out / f"seed{seed}"
     recipe = load_recipe(RECIPE, [*size["sets"], *user_sets])
     t0 = time.time()
     print(f"\n=== seed {seed}: data ({size['sft']} SFT problems, {size['rl']} sampled on, {size['test']} held out) "
@@ -70,7 +87,7 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
     walls = {"data+tokenizer": time.time() - t0}
-    print(f"=== seed {seed}: allo run ({size['ranks']} ranks, ZeRO-3)", flush=True)
+    print(f"=== seed {seed}: allo run ({size['ranks']} ranks, ZeRO-3, {device()})", flush=True)
     allo("run", sets, ranks=size["ranks"])
     for step in STEPS:
         manifest = json.loads((run / step / "manifest.json").read_text())
@@ -89,7 +106,7 @@ def run_seed(seed: int, size: dict, user_sets: list[str]) -> dict:
               "token_reward": _agreement(items, [r["keep_probs"] for r in scored], tok, recipe.data.template)}
     print(f"token reward vs teacher edits: {result['token_reward']}")
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print("report plots: " + ", ".join(str(p.relative_to(ROOT)) for p in report(run)))
+    print("report plots: " + ", ".join(str(p) for p in report(run)))
     return result
 
 
@@ -170,15 +187,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer problems and epochs (the test's reduced run)")
     p.add_argument("--ranks", type=int, help="processes (default 2; on a GPU machine at most its GPU count)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, help="where the runs and table.md go (default runs/tiny, with --quick "
+                                            "runs/tiny-quick: a quick run never overwrites a full one)")
     args = p.parse_args()
+    out = (args.out or ROOT / "runs" / ("tiny-quick" if args.quick else "tiny")).resolve()
     size = dict(SIZES["quick" if args.quick else "full"])
-    size["ranks"] = args.ranks or size["ranks"]
+    size["ranks"] = ranks(args.ranks or size["ranks"])
     t0 = time.time()
-    results = [run_seed(s, size, args.sets) for s in args.seeds]
-    out = table(results)
-    (ROOT / "runs" / "tiny" / "table.md").write_text(out + "\n")
-    print("\n" + out)
-    print(f"\ntotal wall time {time.time() - t0:.0f} s; table written to runs/tiny/table.md")
+    results = [run_seed(s, size, args.sets, out) for s in args.seeds]
+    text = table(results)
+    (out / "table.md").write_text(text + "\n")
+    print("\n" + text)
+    print(f"\ntotal wall time {time.time() - t0:.0f} s; table written to {out / 'table.md'}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     size = dict(demo.SIZES["quick" if args.quick else "full"])
+    size["ranks"] = demo.ranks(size["ranks"])
     t0 = time.time()
     tuned = tune(size, args.sets)
     results = test(size, args.sets, tuned["rates"], args.seeds)

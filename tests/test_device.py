@@ -1,0 +1,335 @@
+"""Device bugs that only a GPU used to meet, caught on the CPU.
+
+- masks, indices and the masked AdamW step on (fake) CUDA tensors: the masks are built on the optimizer
+  partition's device, GradMasker puts its mask where DeepSpeed hands back the local gradient (the accelerator, also
+  under optimizer offload), and it shares the optimizer's mask where the devices agree;
+- collectives through a communicator that rejects what NCCL rejects (CPU tensors, objects pickled through the
+  GPU), with two ranks emulated by threads: locate from partitions and the fp32 export still give the offline
+  results;
+- DeepSpeed's accelerator and torch must agree on the device, or the run stops with one sentence;
+- each stage of one process reports its own peak memory;
+- bench/gpu.py shows a failing child's stderr and log.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fake_cuda import CUDA, FakeCuda, cuda, fake_cuda, real
+from allo.comm import Communicator
+from allo.masks.apply import GradMasker, Piece, build_masks
+from allo.masks.io import save_masks
+from allo.optim import MaskedAdamW
+
+
+def _mask_file(tmp_path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> tuple[Path, dict]:
+    g = torch.Generator().manual_seed(seed)
+    masks = {n: torch.rand(s, generator=g) < 0.3 for n, s in shapes.items()}
+    path = tmp_path / "n2.safetensors"
+    save_masks(path, masks, {"counts": {n: int(m.sum()) for n, m in masks.items()}})
+    return path, masks
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_masked_step_on_cuda_partitions(tmp_path, sparse):
+    """A flat ZeRO-style fp32 partition on the GPU holding two parameters: the masks land on its device and the
+    masked step moves exactly the selected elements."""
+    shapes = {"a.weight": (5, 7), "b.weight": (11,)}
+    path, masks = _mask_file(tmp_path, shapes)
+    start = torch.randn(46, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(46, generator=torch.Generator().manual_seed(2))
+    with fake_cuda():
+        flat = cuda(start)
+        flat.grad = cuda(grad)
+        params = {n: SimpleNamespace() for n in shapes}
+        pieces = [Piece("a.weight", params["a.weight"], flat, 0, 0, 35),
+                  Piece("b.weight", params["b.weight"], flat, 35, 0, 11)]
+        target_masks = build_masks(str(path), pieces)
+        assert all(isinstance(m, FakeCuda) for m in target_masks.values())
+        opt = MaskedAdamW([flat], lr=0.1, weight_decay=0.1, sparse_state=sparse)
+        opt.attach_masks(target_masks)
+        for _ in range(2):
+            opt.step()
+        assert all(isinstance(t, FakeCuda) for t in opt.state[flat].values() if t.dim())
+    keep = torch.cat([masks["a.weight"].flatten(), masks["b.weight"]])
+    moved = real(flat) != start
+    assert not (moved & ~keep).any() and moved[keep].all()
+
+
+def test_optimizer_refuses_a_mask_on_another_device():
+    with fake_cuda():
+        flat = cuda(torch.zeros(4))
+        opt = MaskedAdamW([flat], lr=0.1)
+        with pytest.raises(ValueError, match="build masks on the device"):
+            opt.attach_masks({id(flat): torch.ones(4, dtype=torch.bool)})
+
+
+class _Zero3Engine:
+    def __init__(self) -> None:
+        self.grads: dict[int, torch.Tensor] = {}
+
+    def zero_optimization_stage(self) -> int:
+        return 3
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_grad_masker_zero3_masks_the_local_gradient_where_deepspeed_returns_it(tmp_path, monkeypatch, offload):
+    """DeepSpeed hands the local fp32 gradient back on the accelerator, also when the optimizer's partition (and so
+    its mask) is offloaded to the CPU. Without offload the masker holds no mask of its own."""
+    import deepspeed.utils
+
+    shapes = {"a.weight": (5, 7)}
+    path, masks = _mask_file(tmp_path, shapes)
+    engine = _Zero3Engine()
+    grad = torch.randn(35, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(deepspeed.utils, "safe_get_local_grad", lambda p: engine.grads[id(p)])
+    monkeypatch.setattr(deepspeed.utils, "safe_set_local_grad", lambda p, v: engine.grads[id(p)].copy_(v))
+    with fake_cuda():
+        param = SimpleNamespace()
+        target = torch.zeros(35) if offload else cuda(torch.zeros(35))
+        engine.grads[id(param)] = cuda(grad)
+        pieces = [Piece("a.weight", param, target, 0, 0, 35)]
+        target_masks = build_masks(str(path), pieces)
+        masker = GradMasker(engine, pieces, target_masks, CUDA)
+        assert masker.mask_elements() == (35 if offload else 0)
+        masker.before_step()
+        got = real(engine.grads[id(param)])
+    keep = masks["a.weight"].flatten()
+    assert torch.equal(got[keep], grad[keep]) and not got[~keep].any()
+
+
+# ------------------------------------------------------------------------------------------ collectives
+class NcclLike:
+    """torch.distributed for `world` threads: the main group behaves like NCCL (GPU tensors only; no object
+    collectives, which would pickle through the GPU), the side group like gloo (anything on the CPU)."""
+    GLOO = "gloo-side-group"
+    ReduceOp = SimpleNamespace(SUM="sum", MAX="max")
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier_ = threading.Barrier(world)
+        self.slots: list = [None] * world
+        self.rank_of: dict[int, int] = {}
+        self.calls: list[str] = []
+
+    def _exchange(self, value):
+        rank = self.rank_of[threading.get_ident()]
+        self.barrier_.wait()
+        self.slots[rank] = value
+        self.barrier_.wait()
+        out = list(self.slots)
+        self.barrier_.wait()
+        return out
+
+    def _check(self, what: str, group, tensor=None) -> None:
+        self.calls.append(f"{what}:{'gloo' if group == self.GLOO else 'nccl'}")
+        if group == self.GLOO:
+            if tensor is not None and isinstance(tensor, FakeCuda):
+                raise RuntimeError("gloo: a CUDA tensor in a CPU group")
+            return
+        if tensor is None:
+            raise RuntimeError(f"{what} on the NCCL group pickles through the GPU of every rank")
+        if not isinstance(tensor, FakeCuda):
+            raise RuntimeError("NCCL: No backend type associated with device type cpu")
+
+    def all_reduce(self, tensor, op="sum", group=None):
+        self._check("all_reduce", group, tensor)
+        parts = self._exchange(real(tensor).clone())
+        stacked = torch.stack(parts)
+        real(tensor).copy_(stacked.amax(0) if op == "max" else stacked.sum(0))
+
+    def all_gather_object(self, out, obj, group=None):
+        self._check("all_gather_object", group)
+        out[:] = self._exchange(obj)
+
+    def gather_object(self, obj, out, dst=0, group=None):
+        self._check("gather_object", group)
+        got = self._exchange(obj)
+        if out is not None:
+            out[:] = got
+
+    def barrier(self, group=None):
+        self.barrier_.wait()
+
+
+def run_ranks(world: int, fn) -> list:
+    """fn(rank, Communicator) on `world` threads, each rank's Communicator a GPU rank's over NcclLike."""
+    dist = NcclLike(world)
+    results: list = [None] * world
+    errors: list = []
+
+    def body(rank: int) -> None:
+        dist.rank_of[threading.get_ident()] = rank
+        try:
+            results[rank] = fn(rank, Communicator(dist, rank, world, CUDA, cpu_group=NcclLike.GLOO))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            dist.barrier_.abort()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_communicator_routes_each_tensor_to_a_group_that_accepts_it():
+    def fn(rank, comm):
+        with fake_cuda():
+            on_gpu = comm.all_reduce(cuda(torch.tensor([1.0 + rank])), "sum")
+            host = comm.all_reduce(torch.tensor([rank], dtype=torch.int64), "sum")
+            return float(real(on_gpu)), int(host), comm.all_gather_object({"rank": rank}), comm.gather_object(rank)
+
+    (g0, h0, objs, gathered), (g1, h1, _, none) = run_ranks(2, fn)
+    assert (g0, h0, g1, h1) == (3.0, 1, 3.0, 1)
+    assert objs == [{"rank": 0}, {"rank": 1}] and gathered == [0, 1] and none is None
+
+
+def test_locate_from_partitions_over_nccl_rules_equals_offline(tmp_path, tiny_model, monkeypatch):
+    """Each of two GPU ranks scores its half of every tensor (as ZeRO-3 partitions them), with histograms and ties
+    reduced through the engine's Strategy; the masks equal the offline exact top-k."""
+    import allo.engine
+    from allo.comm import Communicator
+    from allo.config import TrainConfig
+    from safetensors.torch import load_file, save_file
+
+    from allo.masks.io import load_masks
+    from allo.masks.locate import locate
+    from allo.masks.locate_partitioned import locate_partitioned
+
+    base = load_file(str(tiny_model / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    tuned = {n: w + 1e-3 * torch.randn(w.shape, generator=g) for n, w in base.items()}
+    tuned_dir = tmp_path / "tuned"
+    tuned_dir.mkdir()
+    save_file(tuned, str(tuned_dir / "model.safetensors"))
+    shapes = {n: tuple(w.shape) for n, w in base.items()}
+
+    comms: dict[int, Communicator] = {}
+    monkeypatch.setattr(allo.engine, "init_distributed", lambda *a: CUDA)
+    monkeypatch.setattr(Communicator, "from_process_group",
+                        classmethod(lambda cls, device: comms[threading.get_ident()]))
+
+    def fn(rank, comm):
+        comms[threading.get_ident()] = comm
+        strategy = allo.engine.Strategy("ds_configs/zero3.json", TrainConfig(global_batch_size=2, micro_batch_size=1),
+                                        "fp32")
+        assert (strategy.rank, strategy.world, strategy.device) == (rank, 2, CUDA)
+        local = []
+        for n, w in tuned.items():
+            flat = w.flatten()
+            part = -(-flat.numel() // 2)
+            if rank * part < flat.numel():
+                local.append((n, rank * part, flat[rank * part:(rank + 1) * part]))
+        return locate_partitioned(local, shapes, tiny_model, 1e-3, {"n1": 10, "n2": 15}, tmp_path / "parts",
+                                   strategy, threads=1)
+
+    paths = run_ranks(2, fn)[0]
+    ref = locate(tiny_model, tuned_dir, 1e-3, {"n1": 10, "n2": 15}, tmp_path / "offline")
+    for label in ("n1", "n2"):
+        got, want = load_masks(paths[label]), load_masks(ref.paths[label])
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want), label
+
+
+def test_fp32_export_gathers_through_the_side_group(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import allo.masks.apply as apply
+    from allo.stages import locate as locate_stage
+
+    full = {"a.weight": torch.randn(3, 5), "b.bias": torch.randn(7)}
+
+    def halves(rank):
+        out = []
+        for n, w in full.items():
+            flat = w.flatten()
+            part = -(-flat.numel() // 2)
+            out.append((n, rank * part, flat[rank * part:(rank + 1) * part]))
+        return out
+
+    monkeypatch.setattr(apply, "fp32_masters", lambda engine, named: halves(engine.rank))
+    named = [(n, SimpleNamespace(shape=w.shape)) for n, w in full.items()]
+    config = SimpleNamespace(to_json_file=lambda path: Path(path).write_text("{}"))
+
+    def fn(rank, comm):
+        strategy = SimpleNamespace(zero_stage=3, is_rank0=rank == 0, gather_object=comm.gather_object,
+                                   barrier=comm.barrier)
+        engine = SimpleNamespace(rank=rank, module=SimpleNamespace(config=config))
+        return locate_stage.export_fp32(strategy, engine, named, tmp_path / "fp32")
+
+    run_ranks(2, fn)
+    got = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    for n, w in full.items():
+        assert torch.equal(got[n], w)
+
+
+# -------------------------------------------------------------------------------------- device choice
+def test_device_comes_from_deepspeeds_accelerator_and_a_mismatch_is_refused():
+    from allo.engine import DeviceMismatch, run_device
+
+    assert run_device("cuda", True, 1) == torch.device("cuda", 1)
+    assert run_device("cpu", False, 0) == torch.device("cpu")
+    with pytest.raises(DeviceMismatch, match="unset DS_ACCELERATOR to train on the GPU"):
+        run_device("cpu", True, 0)
+    with pytest.raises(DeviceMismatch, match="sees no GPU"):
+        run_device("cuda", False, 0)
+
+
+def test_a_gpu_host_with_a_cpu_accelerator_stops_before_any_process_group(monkeypatch):
+    """What `make demo` did on a GPU host: DS_ACCELERATOR=cpu for DeepSpeed while torch saw the GPU."""
+    import deepspeed.comm
+
+    from allo.engine import DeviceMismatch, init_distributed
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(deepspeed.comm, "is_initialized", lambda: False)
+    with pytest.raises(DeviceMismatch):
+        init_distributed()
+
+
+def test_device_is_derived_once_when_unset(monkeypatch):
+    from allo.engine import accelerator_name
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert accelerator_name() == "cuda"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert accelerator_name() == "cpu"
+
+
+def test_no_launcher_forces_the_cpu():
+    """The demo, the tests' children and the launchers leave the choice to allo (DS_ACCELERATOR unset)."""
+    from conftest import ENV, GPU_ENV, ROOT
+
+    assert "DS_ACCELERATOR" not in ENV and "DS_ACCELERATOR" not in GPU_ENV and ENV["CUDA_VISIBLE_DEVICES"] == ""
+    for script in ("recipes/tiny/demo.py", "recipes/run_one_node.sh", "slurm/submit.sh", "Makefile",
+                   "bench/gpu.py", "bench/plan_memory.py"):
+        text = (ROOT / script).read_text()
+        assert "DS_ACCELERATOR=cpu" not in text and '"DS_ACCELERATOR": "cpu"' not in text \
+            and 'DS_ACCELERATOR="cpu"' not in text, script
+
+
+# ------------------------------------------------------------------------------------------ peak memory
+def test_peak_memory_resets_between_stages():
+    from allo.metrics import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = peak_memory_mb(cpu)
+    big = torch.ones(64 * 2 ** 20)  # 256 MiB, touched
+    high = peak_memory_mb(cpu)
+    del big
+    reset_peak_memory(cpu)
+    assert high - before > 200 and peak_memory_mb(cpu) < high - 200
