@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-gpu demo experiment test test-fast bench bench-quick clean
+.PHONY: install install-gpu demo experiment test test-fast bench bench-quick gpu-check gpu-check-smoke clean
 
 install: $(STAMP)
 
@@ -40,7 +40,8 @@ demo: $(STAMP)
 experiment: $(STAMP)
 	$(BIN)/python recipes/tiny/experiment.py
 
-test: $(STAMP)
+# TRL (bench/requirements.txt) too: the GPU check's CPU smoke test runs TRL's DPOTrainer beside allo.
+test: $(VENV)/.bench
 	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: $(STAMP)
@@ -56,6 +57,15 @@ bench: $(VENV)/.bench
 
 bench-quick: $(VENV)/.bench
 	$(BIN)/python bench/run_all.py --quick
+
+# On a GPU machine without a package index (README, "Checking a GPU machine"): the wheels brought along in .whl/
+# (bash bench/gpu_check.sh fetch), then pytest -m gpu and bench/gpu.py with TRL beside it; at most 8 minutes.
+gpu-check:
+	bash bench/gpu_check.sh run
+
+# The same script on the CPU at tiny sizes (what CI runs: tests/test_bench.py).
+gpu-check-smoke: $(VENV)/.bench
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh run --smoke
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,8 +1,10 @@
-"""One TRL DPOTrainer run on the bench model and pairs (a subprocess of bench/run_all.py); prints JSON.
+"""One TRL DPOTrainer run on the bench model and pairs (a subprocess of bench/run_all.py and bench/gpu.py); prints
+JSON.
 
-Same model, data, max length, batch, precision (fp32), optimizer (AdamW, no weight decay), β and learning rate
-as the `allo dpo` run it is compared with; `--precompute` makes TRL compute reference log-probs before training
-(as allo always does), without it the reference model runs live in every step.
+Same model, data, max length, batch, optimizer (AdamW, no weight decay), β and learning rate as the `allo dpo` run
+it is compared with; `--precompute` makes TRL compute reference log-probs before training (as allo always does),
+without it the reference model runs live in every step. On the CPU (default) in fp32; with `--gpu`, TRL's own
+defaults for a GPU (bf16 mixed precision, gradient checkpointing on), and the peak is CUDA's allocator peak.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--precompute", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="train on the GPU with TRL's defaults (bf16, checkpointing)")
     args = p.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,20 +49,21 @@ def main() -> None:
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
 
+    device = {} if args.gpu else dict(use_cpu=True, bf16=False)  # on the GPU: TRL's defaults
     cfg = DPOConfig(output_dir=args.out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                     max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
                     weight_decay=0.0, beta=0.1, max_length=args.max_length, truncation_mode="keep_end",
-                    precompute_ref_log_probs=args.precompute, use_cpu=True, bf16=False, report_to=[],
-                    logging_steps=1000, save_strategy="no", dataloader_num_workers=0, seed=0)
+                    precompute_ref_log_probs=args.precompute, report_to=[], logging_steps=1000,
+                    save_strategy="no", dataloader_num_workers=0, seed=0, **device)
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[Clock()])
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
-    steps = [b - a for a, b in zip(stamps, stamps[1:])][2:]
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][2:] or [b - a for a, b in zip(stamps, stamps[1:])]
+    peak = {"peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20} if args.gpu else {}
     print(json.dumps({"step_s": statistics.median(steps), "pairs_per_s": args.batch / statistics.median(steps),
-                      "train_s": total, "peak_rss_mb": peak_rss_mb(),
-                      "steps": len(stamps)}))
+                      "train_s": total, "peak_rss_mb": peak_rss_mb(), **peak, "steps": len(stamps)}))
 
 
 if __name__ == "__main__":

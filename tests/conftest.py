@@ -58,3 +58,15 @@ def shared_dir() -> Path:
     if not SHARED.exists():
         pytest.skip(f"{SHARED} is absent: the real benchmark samples live beside the checkout (see README)")
     return SHARED
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu` tests need CUDA: skipped, with the reason, where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none): run `make gpu-check` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -15,16 +15,30 @@ import profile_share  # noqa: E402
 
 
 @pytest.mark.slow
-def test_gpu_bench_smoke(tmp_path):
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--out", str(out)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    for run in ("dpo", "allo_dense", "allo_sparse"):
-        assert res[run]["tokens_per_s"] > 0 and 0 < res[run]["mfu"] < 1 and res[run]["peak_mem_mb"] > 0
+def test_gpu_check_smoke(tmp_path):
+    """`make gpu-check`'s script on the CPU at tiny sizes: the gpu tests collect, and bench/gpu.py runs TRL, allo dpo
+    and allo improve (dense and sparse moments) side by side and prints the table with the goal ratios."""
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "run", "--smoke"], cwd=ROOT, text=True, timeout=900,
+                          env=dict(ENV, OUT=str(out), PYTHON=sys.executable), capture_output=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tests collected" in (out / "pytest.log").read_text() or "collected" in (out / "pytest.log").read_text()
+    res = json.loads((out / "gpu.json").read_text())
+    for run in ("trl", "dpo", "allo_dense", "allo_sparse"):
+        assert res[run]["tokens_per_s"] > 0 and 0 < res[run]["mfu"] < 1 and res[run]["peak_mem_mb"] > 0, run
     assert res["allo_sparse"]["optim_state_mb"] < res["allo_dense"]["optim_state_mb"]
-    assert "| allo_sparse |" in proc.stdout
+    assert "| allo_sparse |" in proc.stdout and "| allo dpo tokens/s ÷ TRL DPOTrainer's |" in proc.stdout
+
+
+def test_a_failing_child_shows_its_stderr_and_log(tmp_path):
+    import gpu
+
+    log = tmp_path / "logs" / "child.log"
+    with pytest.raises(gpu.ChildFailed) as e:
+        gpu.run_child([sys.executable, "-c", "import sys; print('starting'); sys.exit('boom: the real cause')"], log,
+                      ENV)
+    assert "boom: the real cause" in str(e.value) and str(log) in str(e.value)
+    assert "boom: the real cause" in log.read_text()
 
 
 def test_profile_share_counts_train_loop_samples():
