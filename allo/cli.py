@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -33,13 +34,22 @@ COMMANDS = {
 }
 
 
+def first_sentence(text: str) -> str:
+    """Up to the first full stop that ends a sentence (a period, then a space and a capital or a backquote): dots in
+    key names (`dpo.loss_type`) and abbreviations in parentheses do not end one."""
+    return re.split(r"(?<=\.)\s+(?=[A-Z`])", text.strip(), maxsplit=1)[0].rstrip(".")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from allo.eval.cli import OVERVIEW
+
     p = argparse.ArgumentParser(prog="allo", description="ALLO training recipes on DeepSpeed. "
                                 "Run `allo STAGE --help` for one stage.")
     p.add_argument("--version", action="version", version=f"allo {__import__('allo').__version__}")
     sub = p.add_subparsers(dest="stage", metavar="STAGE")
     for name, text in [(n, s.help) for n, s in REGISTRY.items()] + list(COMMANDS.items()):
-        sp = sub.add_parser(name, help=text.split(".")[0], description=text)
+        extra = {"epilog": OVERVIEW, "formatter_class": argparse.RawDescriptionHelpFormatter} if name == "eval" else {}
+        sp = sub.add_parser(name, help=first_sentence(text), description=text, **extra)
         if name == "report":
             sp.add_argument("run_dir", help="a run directory (a recipe's output_dir, e.g. runs/tiny/seed0)")
             continue

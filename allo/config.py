@@ -4,7 +4,7 @@ Every knob is declared once, here, with its default, its help text and its allow
 unknown keys, types and ranges and reports errors as ``file:line: key: problem (allowed: ...)``. Command-line
 overrides (``--set train.lr=5e-7``) are parsed as YAML scalars and validated the same way.
 
-Stage sections (``warmup``, ``forget``, ...) have a ``train`` dict of overrides and carry the spec's
+Stage sections (``warmup``, ``forget``, ...) have a ``train`` dict of overrides and carry docs/method.md's
 per-stage defaults (``SPEC_TRAIN``). A stage's training config resolves by specificity, most specific
 first: a key the recipe sets in ``<stage>.train``, then a key the recipe sets in ``train``, then the stage's
 spec default, then the ``TrainConfig`` default (``Recipe.stage_train``). So ``--set train.lr=5e-7`` reaches
@@ -61,7 +61,7 @@ class DataConfig:
                                        "openai/gsm8k: load_dataset(name, subset, split=split).")
     columns: dict = knob(factory=dict, help="Column renames {our_name: their_name}, e.g. {prompt: question}.")
     template: Literal["alpaca", "alpaca_cot", "chat", "raw"] = knob(
-        "alpaca_cot", "Prompt format: Alpaca (spec §6, `alpaca_cot` adds \"Let's think step by step.\"), the "
+        "alpaca_cot", "Prompt format: Alpaca (docs/method.md §6, `alpaca_cot` adds \"Let's think step by step.\"), the "
         "tokenizer's chat template, or the prompt text as is.")
     max_length: int = knob(1024, "Longest prompt+response in tokens; longer records are truncated.", ge=8)
     max_prompt_length: int = knob(512, "Prompts longer than this lose their start (`truncation: keep_end`).", ge=1)
@@ -106,6 +106,10 @@ class TrainConfig:
         "trackio; [] for none. One tracker run per stage, grouped by output_dir, eval results included; their "
         "environment settings apply (WANDB_MODE=offline, TRACKIO_DIR). metrics.jsonl is always written.")
     tracker_project: str = knob("allo", "The wandb / Trackio project the runs go to.")
+    # Bookkeeping: what a step records and how often it saves, never what it computes. A completed step is not run
+    # again when only these change (allo.pipeline's fingerprints leave them out).
+    BOOKKEEPING: ClassVar[frozenset] = frozenset({"save_every", "save_every_minutes", "keep_last", "log_every",
+                                                  "preempt_marker", "report_to", "tracker_project"})
 
 
 def _train() -> Any:
@@ -232,7 +236,7 @@ class TaskConfig:
                                       "ones (instruction following: no checkable answers to sample against).")
     eval: Optional[str] = knob(None, "Held-out problems {prompt, answer} for `allo run`'s eval step.")
     family: Literal["math", "qa", "yesno", "instruct"] = knob(
-        "math", "Answer checker (spec §6): numbers/LaTeX (math), option text (qa), yes/no, or none (instruct: "
+        "math", "Answer checker (docs/method.md §6): numbers/LaTeX (math), option text (qa), yes/no, or none (instruct: "
         "rewrites are kept when non-empty, evaluation is by a judge).")
     eval_max_new_tokens: int = knob(512, "Greedy decoding budget of the eval step.", ge=1)
     benchmarks: list = knob(factory=list, help="Benchmarks the eval step scores every model on (`allo eval bench` "

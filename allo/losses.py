@@ -6,7 +6,7 @@ bool ``mask`` of response tokens; sequence inputs are (N,). Each loss returns pe
 scalar for the token-normalised ones) plus detached diagnostics.
 
 Paper: Chen et al., "Not Everything is All You Need" (arXiv 2406.12606); equation numbers refer to
-``shared/ALLO_SPEC.md`` sections.
+``docs/method.md`` sections.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def _k_per_row(mask: torch.Tensor, epsilon: float, k_basis: str) -> torch.Tensor
 
 
 def key_error_tokens(delta: torch.Tensor, mask: torch.Tensor, epsilon: float, k_basis: str) -> torch.Tensor:
-    """Rejected side of spec §4: keep the K response tokens with the lowest implicit reward δ (ties at the
+    """Rejected side of docs/method.md §4: keep the K response tokens with the lowest implicit reward δ (ties at the
     threshold are kept, so at step 0, where every δ is 0, all tokens are kept: plain DPO)."""
     k = _k_per_row(mask, epsilon, k_basis)
     ranked = torch.where(mask, delta, torch.full_like(delta, float("inf"))).sort(-1).values

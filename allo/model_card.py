@@ -1,5 +1,5 @@
 """A model card (README.md with the hub's YAML front matter) in every exported model directory, built from the
-step's manifest, its last logged metrics and the command that ran, so `huggingface-cli upload` publishes the
+step's manifest, its last logged metrics and the command that ran, so `hf upload` publishes the
 directory as it is."""
 from __future__ import annotations
 

@@ -131,12 +131,32 @@ class Pipeline:
         if name not in self._fingerprints:
             step, values = REGISTRY[name], to_dict(self.ctx.recipe)
             reused = repeats(step, self.ctx.recipe)  # then its outputs are that step's: it is upstream too
-            parts = {"config": {k: lookup(values, k) for k in step.config},
+            covered = _by_content_of(name)
+            parts = {"config": {k: _outcome(k, lookup(values, k), covered) for k in step.config},
                      "files": {k: _stat(lookup(values, k)) for k in step.files},
                      "upstream": [self.fingerprint(u) for u in step.upstream + ((reused,) if reused else ())]}
             self._fingerprints[name] = hashlib.sha256(
                 json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self._fingerprints[name]
+
+
+def _outcome(key: str, value, by_content: set[str]):
+    """A recipe value as far as it decides a step's outputs: `train` sections (the shared one and each stage's) lose
+    their bookkeeping knobs (TrainConfig.BOOKKEEPING), and input paths that the step or one upstream of it
+    fingerprints by their files (`by_content`) count by those bytes, not by how the path is spelt."""
+    from allo.config import TrainConfig
+
+    if isinstance(value, dict):
+        return {k: _outcome(f"{key}.{k}", v, by_content) for k, v in value.items()
+                if not ((key == "train" or key.endswith(".train")) and k in TrainConfig.BOOKKEEPING)
+                and f"{key}.{k}" not in by_content}
+    return None if key in by_content else value
+
+
+def _by_content_of(name: str) -> set[str]:
+    """Recipe keys whose files a step's fingerprint covers by content: its own `files` and its upstream's."""
+    step = REGISTRY[name]
+    return set(step.files).union(*(_by_content_of(u) for u in step.upstream))
 
 
 def _with_all_cores(fn):
@@ -173,7 +193,10 @@ def _stat(path) -> Optional[list]:
         return None
     p = Path(path)
     files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p] if p.exists() else []
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files] or [str(path), "missing"]
+    # names relative to the given path: the same bytes reached by another spelling (relative, absolute, a link to
+    # them) give the same list
+    return [[str(f.relative_to(p)) if p.is_dir() else p.name, f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files] or [str(path), "missing"]
 
 
 def _free_memory() -> None:

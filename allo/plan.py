@@ -130,7 +130,7 @@ def model_config(recipe: Recipe, path: Optional[str] = None) -> Any:
                                               trust_remote_code=recipe.model.trust_remote_code)
         except (OSError, ValueError):
             raise InputError(f"{path}: no config.json here or in the Hugging Face cache (allo plan reads only "
-                             f"config.json; fetch it with `huggingface-cli download {path} config.json`)") from None
+                             f"config.json; fetch it with `hf download {path} config.json`)") from None
     init = dict(recipe.model.init or {})
     init.setdefault("vocab_size", _tokenizer_size(recipe.model.tokenizer) or 32000)
     return LlamaConfig(**init)
@@ -496,8 +496,8 @@ def hardware(nodes: int, gpus_per_node: int, gpu_memory: str, tflops: Optional[f
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1, help="nodes the job will run on (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node (default 8)")
     p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 141GiB (default 80GiB)")
     p.add_argument("--gpu-tflops", type=float, help=f"peak dense bf16 TFLOP/s of one GPU (default {DEFAULT_TFLOPS:g}, "
                                                     "H100 SXM; or bench/gpu.py's measured peak)")

@@ -47,7 +47,7 @@ def model_dir(path: str, *, tokenizer: bool = True) -> Optional[Path]:
         return cached
     if _offline():
         raise InputError(f"{path}: no such directory, and no hub model of that name in the local Hugging Face cache "
-                         f"(HF_HUB_OFFLINE is set: download it first with `huggingface-cli download {path}`, or fix "
+                         f"(HF_HUB_OFFLINE is set: download it first with `hf download {path}`, or fix "
                          "the path)")
     return None
 
@@ -64,7 +64,7 @@ def check_tokenizer(path: str) -> None:
         raise InputError(f"{path}: no such tokenizer directory (model.tokenizer)")
     if _offline() and _hub_snapshot(path, "tokenizer_config.json") is None:
         raise InputError(f"{path}: no such directory, and no hub tokenizer of that name in the local Hugging Face "
-                         f"cache (HF_HUB_OFFLINE is set: `huggingface-cli download {path}` first, or fix "
+                         f"cache (HF_HUB_OFFLINE is set: `hf download {path}` first, or fix "
                          "model.tokenizer)")
 
 

@@ -90,7 +90,7 @@ def _declare() -> list[Step]:
              inputs=("sample/samples.jsonl",), outputs=("pairs.jsonl", "wrong.jsonl"),
              config=("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.columns"),
              files=("task.pairs",), run="allo.stages.sampling:pairs_step"),
-        Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (spec §1): the reference run whose "
+        Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (docs/method.md §1): the reference run whose "
                        "weight changes |θ'−θ|/α rank the neurons.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model", "masks", "model_fp32"),
              config=TRAIN_KEYS + ("warmup", "locate.from_partitions", "locate.export_fp32"),
@@ -114,12 +114,12 @@ def _declare() -> list[Step]:
                              "p_ij.",
              inputs=("reward-train/model", "pairs/wrong.jsonl"), outputs=("forget.jsonl",),
              config=("data.template",), run="allo.stages.reward:reward_score_step", every_rank=True),
-        Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask (spec §3).",
+        Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask (docs/method.md §3).",
              inputs=(SFT_MODEL, "reward-score/forget.jsonl", "locate/n1.safetensors"), outputs=("model",),
              config=TRAIN_KEYS + ("forget",),
              train=Training("forget", "forget", data="reward-score/forget.jsonl", init=SFT_MODEL,
                             mask="locate/n1.safetensors")),
-        Step("improve", "ALLO stage 3: DPO with noise-token masking, updating only the N2 mask (spec §4).",
+        Step("improve", "ALLO stage 3: DPO with noise-token masking, updating only the N2 mask (docs/method.md §4).",
              inputs=("forget/model", "pairs/pairs.jsonl", "locate/n2.safetensors"), outputs=("model",),
              config=TRAIN_KEYS + ("improve",), label="+ALLO",
              train=Training("improve", "improve", data="pairs/pairs.jsonl", init="forget/model",

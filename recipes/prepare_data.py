@@ -5,7 +5,7 @@
 
 Each --source is a benchmark name of `allo eval bench` with a local training file (formats in eval/README.md) or
 a hub dataset name; without =PATH the benchmark's hub copy is read with split "train". Writes
-OUT/sft.jsonl {prompt, response} (the reference rationale, ending "The answer is X." as spec §6 expects) and
+OUT/sft.jsonl {prompt, response} (the reference rationale, ending "The answer is X." as docs/method.md §6 expects) and
 OUT/problems.jsonl {prompt, answer, reference}, and prints the counts. The recipes read these two files.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def rationale(item: dict, raw: dict) -> str | None:
         return " ".join(f.rstrip(".") + "." for f in raw["facts"]) + f" The answer is {item['answer']}."
     if not sol:
         return None
-    if "####" in sol:  # GSM8K: drop the <<calculator>> annotations, state the answer as spec §6 does
+    if "####" in sol:  # GSM8K: drop the <<calculator>> annotations, state the answer as docs/method.md §6 does
         body = re.sub(r"<<[^>]*>>", "", sol.split("####")[0]).strip()
         return f"{body}\nThe answer is {item['answer']}."
     return sol.strip()

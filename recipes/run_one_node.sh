@@ -3,6 +3,8 @@
 #
 #   recipes/run_one_node.sh RECIPE [--dry-run] [allo run options: --from STEP, --only STEP, --set KEY=VALUE ...]
 #
+# --dry-run (anywhere): check the batch arithmetic and print the command, run nothing. -h/--help: this text.
+#
 # GPUs are counted with torch (set ALLO_GPUS to override, e.g. to use fewer). Without a GPU it runs on 1 CPU
 # process on the CPU (tiny recipes only). The paper recipes' run.sh call this.
 #
@@ -11,9 +13,13 @@
 # the preemption marker the workers write, ALLO_PREEMPT_MARKER, to tell the two apart.)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/slurm/usage.sh" && usage_if_asked "$0" "$@"
 recipe=${1:?usage: run_one_node.sh RECIPE [--dry-run] [allo run options]}; shift
-dry=0
-if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+dry=0 args=()
+for arg in "$@"; do  # --dry-run anywhere on the line
+  if [ "$arg" = --dry-run ]; then dry=1; else args+=("$arg"); fi
+done
+set -- ${args[@]+"${args[@]}"}
 python=${ALLO_PYTHON:-$here/.venv/bin/python}
 [ -x "$python" ] || python=python3
 gpus=${ALLO_GPUS:-$("$python" -c 'import torch; print(torch.cuda.device_count())')}

@@ -5,6 +5,7 @@
 # Signals: Slurm's --signal / `scancel --signal` reach every process of the step; forward_signals.sh keeps torchrun
 # alive through SIGUSR1 and passes it on to the training processes. They checkpoint at the end of their step, exit
 # 75, and slurm/allo.sbatch requeues the job.
+source "$(dirname "$0")/usage.sh" && usage_if_asked "$0" "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source "$(dirname "$0")/forward_signals.sh"
 # shellcheck disable=SC2086  # ALLO_ARGS is a word list by design (slurm/submit.sh builds it)

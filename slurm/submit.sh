@@ -11,6 +11,7 @@
 # --cpu runs G processes per node without requesting GPUs (tests, CPU clusters; no memory plan).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/slurm/usage.sh" && usage_if_asked "$0" "$@"
 recipe=${1:?usage: slurm/submit.sh RECIPE [--stage STAGE] --nodes N --gpus-per-node G [...]}; shift
 nodes=1 gpus=1 stage="" time="" partition="" cpu=0 dry=0 force=0 extra_sbatch="" allo_extra=()
 memory=${ALLO_GPU_MEMORY:-80GiB}

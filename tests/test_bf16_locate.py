@@ -1,4 +1,4 @@
-"""Locate ranks the fp32 drift of a bf16 run (spec §1): a bf16 tiny model warmed up at the spec's lr 1e-6 on 2 ranks
+"""Locate ranks the fp32 drift of a bf16 run (docs/method.md §1): a bf16 tiny model warmed up at docs/method.md's lr 1e-6 on 2 ranks
 under ZeRO-3. The masks the run computes from its partitions equal the exact top-k of its fp32 master weights'
 drift (written by `locate.export_fp32`); the two bf16 files tie at the threshold, and offline locate says so."""
 from __future__ import annotations

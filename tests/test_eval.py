@@ -64,7 +64,7 @@ def test_math_equivalence_cases():
     assert math_equal("18 dollars", "18") and math_equal("$1,000", "1000") and not math_equal("17", "18")
     assert math_equal("\\boxed{3\\pi}", "3\\pi") and not math_equal("\\pi", "3\\pi")
     assert last_boxed("so \\boxed{\\frac{a}{b}} and \\boxed{x^{2}}") == "x^{2}" and last_boxed("none") is None
-    # spec §6 extraction first, \boxed{} only as the fallback
+    # docs/method.md §6 extraction first, \boxed{} only as the fallback
     assert is_correct("\\boxed{4}. Hmm, the answer is 5.", "5") and is_correct("Thus \\boxed{5}.", "5")
 
 

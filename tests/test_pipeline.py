@@ -62,3 +62,51 @@ def test_registry_orders_steps_after_their_inputs_and_refuses_cycles():
         _ordered([a, Step("b", "", inputs=("a/z",))])
     with pytest.raises(ValueError, match="step a: input from unknown step 'b'"):
         _ordered([a])
+
+
+def _downstream(names: set[str]) -> set[str]:
+    from allo.steps import REGISTRY, STEPS, repeats
+
+    out = set(names)
+    for name in STEPS:  # pipeline order: upstream steps come first
+        if any(u in out for u in REGISTRY[name].upstream):
+            out.add(name)
+    return out
+
+
+def test_only_what_changes_a_steps_output_reruns_it(tmp_path):
+    """Bookkeeping (trackers, checkpoint cadence and retention, logging interval, timeouts, the preemption marker)
+    and another spelling of the same input files change no step's fingerprint, so nothing reruns; a learning
+    rate, a mask ratio or a data file reruns exactly that step and what is downstream of it."""
+    from allo.steps import STEPS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sft.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    (data / "problems.jsonl").write_text('{"prompt": "a", "answer": "1"}\n')
+    (tmp_path / "link").symlink_to(data)
+    base = [f"output_dir={tmp_path / 'run'}", f"task.sft_data={data / 'sft.jsonl'}",
+            f"task.problems={data / 'problems.jsonl'}"]
+
+    def fingerprints(*sets: str) -> dict[str, str]:
+        recipe = load_recipe("recipes/tiny/recipe.yaml", [*base, *sets])
+        pipe = Pipeline(recipe, "r.yaml")
+        return {s: pipe.fingerprint(s) for s in STEPS}
+
+    done = fingerprints()
+    for knob in ("train.report_to=[]", "train.report_to=[tensorboard,wandb]", "train.save_every=7",
+                 "train.save_every_minutes=30", "train.keep_last=5", "train.log_every=10", "train.tracker_project=x",
+                 "train.preempt_marker=/tmp/marker", "improve.train.keep_last=9", "warmup.train.log_every=3",
+                 "distributed.timeout_minutes=99", f"task.sft_data={tmp_path / 'link' / 'sft.jsonl'}",
+                 f"task.problems={tmp_path / 'link' / '.' / 'problems.jsonl'}"):
+        assert fingerprints(knob) == done, f"{knob} would rerun a finished step"
+    for knob, changed in (("train.lr=3.0e-4", {"sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo",
+                                                "simpo", "locate"}),
+                          ("improve.train.lr=1.0e-3", {"improve"}),
+                          ("locate.improve_ratio=20", {"locate"}),
+                          ("forget.beta=0.2", {"forget"})):
+        now = fingerprints(knob)
+        assert {s for s in STEPS if now[s] != done[s]} == _downstream(changed), knob
+    (data / "problems.jsonl").write_text('{"prompt": "a", "answer": "2"}\n')
+    now = fingerprints()
+    assert {s for s in STEPS if now[s] != done[s]} == _downstream({"sample"})

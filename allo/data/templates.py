@@ -1,4 +1,4 @@
-"""Prompt formats: Alpaca (spec §6, as the reference code uses), the tokenizer's chat template, or raw text.
+"""Prompt formats: Alpaca (docs/method.md §6, as the reference code uses), the tokenizer's chat template, or raw text.
 
 `render(prompt, response, template, tokenizer)` returns (prompt_text, response_text) such that their
 concatenation is exactly the text the model is trained on, so prompt and response can be tokenised

@@ -1,5 +1,6 @@
 """`allo eval SUBCOMMAND`: the benchmark suite from the command line (thin: argv -> library call -> JSON out).
 
+SUBCOMMANDS (`allo eval SUBCOMMAND --help` for each):
   bench         generate with a model and score QA / math benchmarks (resumable)
   score         re-score saved generations without a model
   answer        a model's answers to AlpacaEval instructions or Arena-Hard questions, in their file formats
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 SUBCOMMANDS = ("bench", "score", "answer", "alpaca", "alpaca-score", "arena", "suite")
+OVERVIEW = __doc__.split("\n\n", 1)[1]  # the subcommand list, also shown by `allo eval --help`
 
 
 def _judge_args(p: argparse.ArgumentParser) -> None:
@@ -41,12 +43,17 @@ def _client(args, out_dir: Path):
     return ChatClient(ep, cache_dir=args.cache or str(out_dir / "judge_cache"))
 
 
+def _add(sub, name: str, text: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand whose one-line help is also the start of its --help description."""
+    return sub.add_parser(name, help=text, description=kw.pop("description", text[0].upper() + text[1:] + "."), **kw)
+
+
 def _parser() -> argparse.ArgumentParser:
     from allo.eval.benchmarks import BENCHMARKS
 
     p = argparse.ArgumentParser(prog="allo eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="generate and score QA / math benchmarks")
+    b = _add(sub, "bench", "generate and score QA / math benchmarks")
     b.add_argument("--model", required=True, help="Hugging Face checkpoint (directory or hub id)")
     b.add_argument("--benchmark", nargs="+", required=True, metavar="NAME[=FILE]",
                    help=f"benchmarks ({', '.join(BENCHMARKS)}), each optionally =local file or =hub name")
@@ -55,13 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--template", default="alpaca_cot", choices=["alpaca_cot", "alpaca", "chat", "raw"])
     b.add_argument("--max-new-tokens", type=int, default=512)
     b.add_argument("--batch-size", type=int, default=32)
-    s = sub.add_parser("score", help="score saved generations (no model)")
+    s = _add(sub, "score", "score saved generations (no model)")
     s.add_argument("--task", required=True, choices=list(BENCHMARKS), help="benchmark, for its answer checker")
     s.add_argument("--predictions", required=True,
                    help="JSONL, one record per problem: the generated text in `output` (or `generated`, "
                         "`prediction`, `response`) and the gold `answer`, unless --data supplies it")
     s.add_argument("--data", help="benchmark file whose gold answers go with the predictions, in order")
-    a = sub.add_parser("answer", help="a model's answers to AlpacaEval instructions or Arena-Hard questions")
+    a = _add(sub, "answer", "a model's answers to AlpacaEval instructions or Arena-Hard questions")
     a.add_argument("--model", required=True)
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--alpaca", metavar="FILE", help="an alpaca_eval outputs file whose instructions to answer")
@@ -72,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=2048)
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--limit", type=int)
-    j = sub.add_parser("alpaca", help="judge outputs against a baseline; writes alpaca_eval-format annotations")
+    j = _add(sub, "alpaca", "judge outputs against a baseline; writes alpaca_eval-format annotations")
     j.add_argument("--model-outputs", required=True, help="alpaca_eval-format outputs of the model")
     j.add_argument("--baseline", required=True, help="baseline outputs (AlpacaEval 2.0: gpt4_1106_preview; paper: SFT)")
     j.add_argument("--protocol", default="official", choices=["official", "swap"],
@@ -81,13 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int)
     j.add_argument("--seed", type=int, default=0)
     _judge_args(j)
-    sc = sub.add_parser("alpaca-score", help="win rate + length-controlled win rate of an annotations file")
+    sc = _add(sub, "alpaca-score", "win rate + length-controlled win rate of an annotations file")
     sc.add_argument("annotations", help="JSON array {instruction, output_1, output_2, generator_1, generator_2, "
                                         "preference} (alpaca_eval's format)")
     sc.add_argument("--difficulty", help="a local copy of alpaca_eval's df_gamed.csv or instruction_difficulty.csv "
                                          "(tatsu-lab/alpaca_eval on the hub) for the length-controlled win rate "
                                          "without the hub (default: $ALLO_ALPACA_DIFFICULTY)")
-    ar = sub.add_parser("arena", help="Arena-Hard judging and Bradley–Terry scores")
+    ar = _add(sub, "arena", "Arena-Hard judging and Bradley–Terry scores")
     ar.add_argument("--questions", required=True, help="question.jsonl (v0.1 or v2.0)")
     ar.add_argument("--baseline", required=True, help="baseline model_answer JSONL (v0.1: gpt-4-0314; paper: SFT)")
     ar.add_argument("--answers", required=True, help="the model's model_answer JSONL")
@@ -100,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ar.add_argument("--bootstrap", type=int, default=100, help="bootstrap rounds for the 95%% interval")
     ar.add_argument("--limit", type=int)
     _judge_args(ar)
-    su = sub.add_parser("suite", help="an eval suite file on one or more models; tables where `allo report` reads")
+    su = _add(sub, "suite", "an eval suite file on one or more models; tables where `allo report` reads")
     su.add_argument("suite_file", help="a suite YAML (eval/qa.yaml, eval/math.yaml, eval/instruct.yaml)")
     su.add_argument("--model", dest="models", action="append", required=True, metavar="[LABEL=]PATH",
                     help="a model to evaluate (repeatable); LABEL names its row (default: the directory's name, its "

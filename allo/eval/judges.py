@@ -142,7 +142,7 @@ def _alpaca_score(annotations: Sequence[dict], difficulty: Optional[str]) -> tup
         return metrics, (f"length-controlled win rate unavailable: alpaca_eval's df_gamed.csv could not be loaded "
                          f"from {where}; plain win rate only. Offline, pass --difficulty FILE (or set "
                          "ALLO_ALPACA_DIFFICULTY) with a copy of df_gamed.csv from the tatsu-lab/alpaca_eval dataset, "
-                         "or put it in the hub cache: huggingface-cli download tatsu-lab/alpaca_eval df_gamed.csv "
+                         "or put it in the hub cache: hf download tatsu-lab/alpaca_eval df_gamed.csv "
                          "--repo-type dataset")
 
 

@@ -20,7 +20,7 @@ from allo.tasks import final_answer, is_correct
 log = logging.getLogger(__name__)
 
 
-# spec §6: greedy, 512 new tokens, cut at the next "### Instruction" of the Alpaca template
+# docs/method.md §6: greedy, 512 new tokens, cut at the next "### Instruction" of the Alpaca template
 EVAL_SAMPLING = Sampling(max_new_tokens=512, stop=("### Instruction",))
 
 

@@ -24,7 +24,7 @@ class Suite:
     benchmarks: list = knob(factory=list, help="QA / math benchmarks, `allo eval bench` names, each optionally "
                                                "NAME=FILE or NAME=HUB_NAME (eval/README.md).")
     template: Literal["alpaca_cot", "alpaca", "chat", "raw"] = knob(
-        "alpaca_cot", "Prompt format (spec §6's Alpaca with \"Let's think step by step.\" for QA and math; the "
+        "alpaca_cot", "Prompt format (docs/method.md §6's Alpaca with \"Let's think step by step.\" for QA and math; the "
         "model's chat template for instruction following).")
     max_new_tokens: int = knob(512, "Greedy decoding budget per answer.", ge=1)
     limit: Optional[int] = knob(None, "First N problems / prompts of each benchmark only (quick looks).", ge=1)

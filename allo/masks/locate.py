@@ -1,4 +1,4 @@
-"""`allo locate` offline (spec §1): masks from two checkpoints on disk, streamed, in bounded memory.
+"""`allo locate` offline (docs/method.md §1): masks from two checkpoints on disk, streamed, in bounded memory.
 
 The selection itself is `allo.masks.select.select_masks`; this module is its source and sink for two Hugging
 Face safetensors checkpoints. Tensors are memory-mapped and cut into chunks of CHUNK elements, which the

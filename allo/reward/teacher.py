@@ -1,4 +1,4 @@
-"""Teachers that rewrite wrong responses with minimum edits (spec §2): the programmatic one for checkable
+"""Teachers that rewrite wrong responses with minimum edits (docs/method.md §2): the programmatic one for checkable
 arithmetic, and any LLM behind an OpenAI-compatible endpoint (cached, retried, concurrent: `allo.openai_client`).
 
 The LLM teacher sees the problem, a reference (the reference solution, or for instruction following the chosen

@@ -73,7 +73,7 @@ def npo(cfg: NPOConfig):
 
 
 def forget(cfg: ForgetConfig):
-    """ALLO token-weighted NPO (spec §3); weights come from the reward model's keep-probabilities."""
+    """ALLO token-weighted NPO (docs/method.md §3); weights come from the reward model's keep-probabilities."""
     def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = response_mask(batch["labels"])
         weights = losses.token_weights(batch["keep_probs"], cfg.token_weight) * mask
@@ -84,7 +84,7 @@ def forget(cfg: ForgetConfig):
 
 
 def improve(cfg: ImproveConfig):
-    """ALLO noise-masked DPO (spec §4)."""
+    """ALLO noise-masked DPO (docs/method.md §4)."""
     def objective(logps: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         mask = response_mask(batch["labels"])
         (pc, pr), (mc, mr), (rc, rr) = _halves(logps), _halves(mask), _halves(batch["ref_logps"])

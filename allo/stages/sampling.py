@@ -145,7 +145,7 @@ def unique_wrong(samples: Sequence[dict]) -> tuple[list[dict], dict]:
 
 def wrong_of_pairs(pairs: Sequence[dict]) -> list[dict]:
     """Given pairs' distinct (prompt, rejected) responses, each once, with the chosen response (or the pair's
-    reference) as what the teacher edits towards (spec §2, instruction following)."""
+    reference) as what the teacher edits towards (docs/method.md §2, instruction following)."""
     import json
 
     seen: dict[str, dict] = {}
