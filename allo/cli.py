@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                            description="`allo masks show MASK`: selected fraction per layer and module, and a PNG "
                                        "heatmap (layer × module).")
     msub = masks.add_subparsers(dest="masks_cmd", required=True)
-    show = msub.add_parser("show", help="fraction per layer and module, plus a heatmap PNG")
+    show = msub.add_parser("show", help="fraction per layer and module, plus a heatmap PNG",
+                           description="Selected fraction per layer and module of a mask file, and a heatmap PNG.")
     show.add_argument("mask", help="a mask file written by `allo locate` (safetensors of bools)")
     show.add_argument("--png", help="heatmap path (default: MASK with .png)")
     cfg = sub.add_parser("config", help="Print the resolved recipe, or every knob with --doc",
@@ -80,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     _recipe_arguments(cfg)
     cfg.add_argument("--doc", action="store_true", help="list every knob with its type, default and meaning")
     return p
+
+
+def _command_path(argv: list[str]) -> list[str]:
+    """The leading words of `argv` that name a command and its subcommand (`eval suite`, `masks show`)."""
+    from allo.eval.cli import SUBCOMMANDS
+
+    nested = {"eval": SUBCOMMANDS, "masks": ("show",)}
+    if not argv or argv[0] not in set(REGISTRY) | set(COMMANDS) | {"masks", "config"}:
+        return []
+    return argv[:2] if len(argv) > 1 and argv[1] in nested.get(argv[0], ()) else argv[:1]
 
 
 def _recipe_arguments(sp: argparse.ArgumentParser) -> None:
@@ -100,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     from allo.eval.cli import SUBCOMMANDS
+
+    if "-h" in argv or "--help" in argv:  # help wherever it stands: the (sub)command's usage, and nothing runs
+        argv = _command_path(argv) + ["--help"]
 
     if len(argv) > 1 and argv[0] == "eval" and argv[1] in SUBCOMMANDS:  # the benchmark suite's own parser
         from allo.eval.cli import main as eval_main

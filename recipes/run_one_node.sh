@@ -5,8 +5,8 @@
 #
 # --dry-run (anywhere): check the batch arithmetic and print the command, run nothing. -h/--help: this text.
 #
-# GPUs are counted with torch (set ALLO_GPUS to override, e.g. to use fewer). Without a GPU it runs on 1 CPU
-# process on the CPU (tiny recipes only). The paper recipes' run.sh call this.
+# GPUs are counted with torch (set ALLO_GPUS to override, e.g. to use fewer). Without a GPU it runs 1 process
+# on the CPU (tiny recipes only). The paper recipes' run.sh call this.
 #
 # Exit status: allo's, or 75 (EX_TEMPFAIL) when SIGTERM/SIGUSR1 stopped the run after a checkpoint: requeue and run
 # the same command again to resume. (torchrun alone reports a worker's 75 as a plain failure, 1; this script reads
