@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             from allo.plan import main as plan_main
 
             return plan_main(recipe, args)
-        log_file = _log_to_file(recipe.output_dir, rank) if args.stage != "config" else None
+        # a log file only under an output_dir the user named (no ./runs/default appears from a bare command)
+        named = args.recipe or any(o.startswith("output_dir=") for o in args.overrides)
+        log_file = _log_to_file(recipe.output_dir, rank) if args.stage != "config" and named else None
         if args.stage == "config":
             import yaml
 
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         if step is not None and step.command:
             resolve(step.command + ":main")(recipe, args)
             return 0
+        if not named and not (step is not None and step.standalone):
+            raise ConfigError(f"allo {args.stage} runs pipeline steps under a recipe's output_dir: name a recipe "
+                              "(e.g. recipes/tiny/recipe.yaml) or --set output_dir=DIR")
         from allo.engine import finish_distributed
         from allo.signals import EXIT_REQUEUE
 

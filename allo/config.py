@@ -492,6 +492,9 @@ class _Where:
         for n in range(len(path), 0, -1):
             if path[:n] in self.overridden:
                 return f"--set {'.'.join(path[:n])}: {'.'.join(path)}: {msg}"
+        made = [o for o in sorted(self.overridden) if o[:len(path)] == path] if path not in self.lines else []
+        if path and made:  # a section that only a --set created (a typo in its first key)
+            return f"--set {'.'.join(made[0])}: {'.'.join(path)}: {msg}"
         line = None
         for n in range(len(path), 0, -1):
             line = self.lines.get(path[:n])

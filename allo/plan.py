@@ -247,21 +247,30 @@ def generate_plan(recipe: Recipe, step, s: Shape, hw: Hardware) -> StepPlan:
 
 def smallest_fix(recipe: Recipe, step, s: Shape, hw: Hardware) -> Optional[str]:
     """The first change (in this order) that makes a training step fit: a smaller micro batch, gradient
-    checkpointing, ZeRO-3, optimizer offload, parameter offload, then more nodes."""
+    checkpointing, ZeRO-3, optimizer offload, parameter offload, then more nodes. Only what differs from the recipe
+    is suggested."""
     t = recipe.stage_train(step.train.section)
     z = zero_of(t.ds_config)
     sec = step.train.section
+    ckpt = recipe.model.gradient_checkpointing
+
+    def change(micro: int, checkpointing: bool, cfg: Optional[str] = None) -> str:
+        sets = [f"{sec}.train.micro_batch_size={micro}"] if micro != t.micro_batch_size else []
+        sets += ["model.gradient_checkpointing=true"] if checkpointing and not ckpt else []
+        sets += [f"{sec}.train.ds_config={cfg}"] if cfg and cfg != t.ds_config else []
+        return " ".join(f"--set {x}" for x in sets)
+
     micro = t.micro_batch_size
     while micro > 1:
         micro //= 2
-        if train_plan(recipe, step, s, hw, z, micro).peak <= hw.gpu_bytes:
-            return f"--set {sec}.train.micro_batch_size={micro}"
-    if not recipe.model.gradient_checkpointing and train_plan(recipe, step, s, hw, z, 1, True).peak <= hw.gpu_bytes:
-        return f"--set {sec}.train.micro_batch_size=1 --set model.gradient_checkpointing=true"
+        if train_plan(recipe, step, s, hw, z, micro, ckpt).peak <= hw.gpu_bytes:
+            return change(micro, ckpt)
+    if not ckpt and train_plan(recipe, step, s, hw, z, 1, True).peak <= hw.gpu_bytes:
+        return change(1, True)
     for cfg, zz in (("ds_configs/zero3.json", Zero(3)), ("ds_configs/zero3_offload.json", Zero(3, True, True))):
-        if train_plan(recipe, step, s, hw, zz, 1, True).peak <= hw.gpu_bytes:
-            return (f"--set {sec}.train.micro_batch_size=1 --set model.gradient_checkpointing=true "
-                    f"--set {sec}.train.ds_config={cfg}")
+        same = (zz.stage, zz.offload_optimizer, zz.offload_params) == (z.stage, z.offload_optimizer, z.offload_params)
+        if not same and train_plan(recipe, step, s, hw, zz, 1, True).peak <= hw.gpu_bytes:
+            return change(1, True, cfg)
     for nodes in range(hw.nodes + 1, 64 * hw.nodes + 1):
         more = Hardware(nodes, hw.gpus_per_node, hw.gpu_bytes, cpu=hw.cpu)
         if train_plan(recipe, step, s, more, Zero(3), 1, True).peak <= hw.gpu_bytes:
@@ -475,6 +484,9 @@ def parse_bytes(text: str) -> int:
     unit = t[len(num):]
     if not num or unit not in units:
         raise ValueError(f"--gpu-memory {text!r}: expected a size such as 80GiB, 80GB or 141GiB")
+    if unit in ("", "b"):
+        raise ValueError(f"--gpu-memory {text!r}: give a unit, e.g. {num}GiB or {num}GB ({num} alone would be "
+                         f"{num} bytes)")
     return int(float(num) * units[unit])
 
 

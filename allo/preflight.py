@@ -211,16 +211,21 @@ def check_data(path: str, skip_bad: bool = False) -> None:
 
 
 def check_output(out: Path, need_bytes: int) -> None:
-    """`out` can be created and written; warns when the disk has less room than the stage will write."""
+    """`out` can be created and written (checked in its nearest existing directory, so a command that stops later
+    leaves no empty directories behind); warns when the disk has less room than the stage will write."""
+    there = out
+    while not there.exists() and there != there.parent:
+        there = there.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".allo-write-test-{os.getpid()}"
+        if not there.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(there))
+        probe = there / f".allo-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise InputError(f"{out}: cannot write there ({e.strerror or e}); set output_dir (or --out) to a writable "
                          "directory") from None
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(there).free
     if need_bytes > free:
         log.warning("%s: %.1f GB free, and this stage writes about %.1f GB (the exported model plus its resumable "
                     "checkpoints); free space or move output_dir before it fails mid-save", out, free / 1e9,

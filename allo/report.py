@@ -107,6 +107,11 @@ def report(run_dir: str | Path) -> list[Path]:
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run directory")
+    if not any(run.glob("*/manifest.json")) and not any(run.glob("eval/*/*.result.json")):
+        runs = sorted(str(m.parent.parent) for m in run.glob("*/*/manifest.json"))
+        hint = f"; runs inside it: {', '.join(dict.fromkeys(runs))}" if runs else \
+            " (a run directory is a recipe's output_dir after `allo run`, e.g. runs/tiny/seed0)"
+        raise FileNotFoundError(f"{run}: no run here, no STEP/manifest.json{hint}")
     out = run / "report"
     out.mkdir(exist_ok=True)
     made = [p for p in (plot_curves(run, out), plot_masks(run, out), plot_token_rewards(run, out)) if p]

@@ -1,0 +1,64 @@
+"""A cluster user's first day: nothing silent, nothing written where it was not asked for, and every suggestion a
+change from what is already set."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ENV, ROOT
+from allo.cli import main
+
+
+def _llama7b(tmp_path):
+    """A directory holding only a Llama-2-7B config.json (what `allo plan` reads)."""
+    from transformers import LlamaConfig
+
+    d = tmp_path / "llama7b"
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000).to_json_file(str(d.mkdir() or d / "config.json"))
+    return d
+
+
+def test_plan_refuses_memory_without_a_unit(capsys):
+    assert main(["plan", "recipes/tiny/recipe.yaml", "--gpu-memory", "80"]) == 2
+    assert "give a unit, e.g. 80GiB" in capsys.readouterr().err
+
+
+def test_plan_never_suggests_what_is_already_set(tmp_path, capsys):
+    """The math recipe already sets gradient checkpointing; on 40 GiB GPUs its fixes change something else."""
+    model = _llama7b(tmp_path)
+    code = main(["plan", "recipes/math/recipe.yaml", "--set", f"model.path={model}", "--set",
+                 f"model.tokenizer={model}", "--gpu-memory", "24GiB", "--gpus-per-node", "2", "--problems", "7473",
+                 "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    fixes = [s["fix"] for s in plan["steps"] if s.get("fix")]
+    assert code == 3 and fixes, plan
+    for fix in fixes:
+        assert "gradient_checkpointing" not in fix and "micro_batch_size=4 " not in fix + " ", fix
+
+
+def test_report_on_a_directory_without_a_run_says_so(tmp_path, capsys):
+    (tmp_path / "seed0" / "sft").mkdir(parents=True)
+    (tmp_path / "seed0" / "sft" / "manifest.json").write_text("{}")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no run here" in err and str(tmp_path / "seed0") in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_commands_without_a_recipe_write_nothing_here(tmp_path):
+    """`allo locate` (and every step) with no recipe: an error, and nothing created in the working directory."""
+    for args in (["locate"], ["improve"], ["run", "--only", "pairs"]):
+        proc = subprocess.run([sys.executable, "-m", "allo", *args], cwd=tmp_path, env=dict(ENV, PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0, args
+        assert list(tmp_path.iterdir()) == [], (args, list(tmp_path.iterdir()))
+
+
+def test_set_typo_is_blamed_on_set_not_on_the_file(capsys):
+    assert main(["config", "recipes/tiny/recipe.yaml", "--set", "trian.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("allo config: error: --set trian.lr: trian: unknown key"), err
