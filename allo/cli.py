@@ -180,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         finish_distributed(0)
     except Exception as e:  # one line on the terminal; the stack goes to the run's log file
+        from allo.preflight import InputError
+
         phrased = isinstance(e, (ConfigError, ValueError, OSError, RuntimeError))
         where = _record_traceback(log_file) if log_file is not None else None
-        print(f"allo {args.stage}: error: {e if phrased else f'{type(e).__name__}: {e}'}"
-              + (f" (traceback in {where})" if where else ""), file=sys.stderr)
+        if rank == 0 or not isinstance(e, (ConfigError, InputError)):  # every rank checks the same inputs
+            print(f"allo {args.stage}: error: {e if phrased else f'{type(e).__name__}: {e}'}"
+                  + (f" (traceback in {where})" if where else ""), file=sys.stderr)
         return 2 if phrased else 1
     return 0
 

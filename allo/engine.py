@@ -196,6 +196,27 @@ def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
     return f
 
 
+class _Once(logging.Filter):
+    """Lets the first record containing `text` through, drops the later ones."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text, self.seen = text, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def _say_once(logger: logging.Logger, text: str) -> None:
+    """A warning DeepSpeed repeats for every engine of a process (every stage of `allo run`), said once: "untested
+    optimizer" is allo's MaskedAdamW under ZeRO, tested here (tests/test_masked_training.py)."""
+    if not any(isinstance(f, _Once) and f.text == text for f in logger.filters):
+        logger.addFilter(_Once(text))
+
+
 class Strategy:
     """Everything distributed. Create once per process; stages share it."""
 
@@ -232,6 +253,7 @@ class Strategy:
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Any:
         import deepspeed
 
+        _say_once(logging.getLogger("DeepSpeed"), "untested optimizer")
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=self.config)
         return self.engine

@@ -15,8 +15,9 @@ from allo.steps import REGISTRY
 
 
 def torchrun_command(args: list[str], nproc: int) -> list[str]:
-    """`python -m allo ARGS` on `nproc` local processes, with a fresh rendezvous port (reused ports flake)."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+    """`python -m allo ARGS` on `nproc` local processes, with a fresh rendezvous port (reused ports flake), through
+    allo.torchrun (a failed worker in one line)."""
+    return [sys.executable, "-m", "allo.torchrun", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", "-m", "allo", *args]
 
 

@@ -9,8 +9,9 @@
 # on the CPU (tiny recipes only). The paper recipes' run.sh call this.
 #
 # Exit status: allo's, or 75 (EX_TEMPFAIL) when SIGTERM/SIGUSR1 stopped the run after a checkpoint: requeue and run
-# the same command again to resume. (torchrun alone reports a worker's 75 as a plain failure, 1; this script reads
-# the preemption marker the workers write, ALLO_PREEMPT_MARKER, to tell the two apart.)
+# the same command again to resume. (torchrun reports a worker's 75 as a plain failure, 1; allo.torchrun reports the
+# first failed worker's status; this script reads the preemption marker the workers write, ALLO_PREEMPT_MARKER, to
+# be sure.)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/slurm/usage.sh" && usage_if_asked "$0" "$@"
@@ -28,7 +29,7 @@ if [ "$gpus" -lt 1 ]; then
   gpus=1
 fi
 "$python" -m allo.launch "$recipe" --nodes 1 --gpus-per-node "$gpus" || exit 2
-cmd=("$python" -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m allo run "$recipe" "$@")
+cmd=("$python" -m allo.torchrun --standalone --nproc_per_node "$gpus" -m allo run "$recipe" "$@")
 echo "command: ${cmd[*]}"
 [ "$dry" = 1 ] && exit 0
 cd "$here"

@@ -9,6 +9,6 @@ source "$(dirname "$0")/usage.sh" && usage_if_asked "$0" "$@"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source "$(dirname "$0")/forward_signals.sh"
 # shellcheck disable=SC2086  # ALLO_ARGS is a word list by design (slurm/submit.sh builds it)
-run_forwarding ${ALLO_PYTHON:-python} -m torch.distributed.run --nnodes="$SLURM_NNODES" \
+run_forwarding ${ALLO_PYTHON:-python} -m allo.torchrun --nnodes="$SLURM_NNODES" \
   --nproc-per-node="$ALLO_PROCS_PER_NODE" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   --rdzv-id="$SLURM_JOB_ID" -m allo $ALLO_ARGS

@@ -176,3 +176,22 @@ def test_hub_dataset_with_a_subset(monkeypatch) -> None:
     assert calls == [("org/pairs", "main", "test")] and records[0]["source"] == "org/pairs[main:test][0]"
     read_records("org/pairs")
     assert calls[-1] == ("org/pairs", None, "train")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_skipped_records_are_counted_always_and_named_on_rank_0_only(tmp_path, caplog, monkeypatch, rank):
+    import json as _json
+    import logging
+
+    from allo.data.records import SKIPS_NAMED, read_records
+
+    monkeypatch.setenv("RANK", rank)
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"p{i}", "chosen": "" if i % 2 else "a", "rejected": "b"} for i in range(2 * SKIPS_NAMED + 10)]
+    path.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    with caplog.at_level(logging.INFO, logger="allo.data.records"):
+        records, stats = read_records(str(path))
+    assert stats.skipped["empty response"] == SKIPS_NAMED + 5 and len(records) == SKIPS_NAMED + 5
+    named = [r for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(named) == (SKIPS_NAMED if rank == "0" else 0)
+    assert any(f"skipped {SKIPS_NAMED + 5}" in r.getMessage() for r in caplog.records) == (rank == "0")

@@ -52,6 +52,10 @@ def test_quick_demo_runs_every_stage(quick_run):
     result = json.loads((run / "demo_result.json").read_text())
     assert set(result["accuracy"]) == {"SFT", "+DPO", "+NPO", "+SimPO", "+ALLO"}
     assert "| +ALLO |" in proc.stdout
+    # one process per rank runs every stage: DeepSpeed's per-engine warning once, each stage under its step's name
+    text = proc.stdout + proc.stderr
+    assert text.count("untested optimizer") == 1, text.count("untested optimizer")
+    assert "stage reward-train:" in text and "stage sft: " in text
     for png in ("curves.png", "masks.png", "token_rewards.png"):
         assert (run / "report" / png).stat().st_size > 1000, png
 

@@ -3,6 +3,7 @@ change from what is already set."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -62,3 +63,16 @@ def test_set_typo_is_blamed_on_set_not_on_the_file(capsys):
     assert main(["config", "recipes/tiny/recipe.yaml", "--set", "trian.lr=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("allo config: error: --set trian.lr: trian: unknown key"), err
+
+
+def test_one_error_line_under_torchrun(tmp_path):
+    """Both ranks find the same bad input; the terminal gets rank 0's line and one line from the launcher."""
+    from allo.launch import torchrun_command
+
+    proc = subprocess.run(torchrun_command(["improve", "recipes/tiny/recipe.yaml", "--set",
+                                            f"output_dir={tmp_path}"], 2), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 2 and lines[0].startswith("allo improve: error:") and "Traceback" not in proc.stderr, lines
+    assert re.match(r"torchrun: rank [01] failed first \(exit 2\)", lines[1]), lines

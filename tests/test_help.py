@@ -37,7 +37,7 @@ def trap(tmp_path) -> tuple[dict, Path]:
 
 def _launched(calls: Path) -> list[str]:
     text = calls.read_text() if calls.exists() else ""
-    return [line for line in text.splitlines() if not line.startswith("python") or "torch.distributed.run" in line]
+    return [line for line in text.splitlines() if not line.startswith("python") or "torchrun" in line]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -12,6 +12,7 @@ returned and logged, so nothing is dropped silently.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,9 @@ def _text_of(value: Any) -> str:
     return value if isinstance(value, str) else "".join(m["content"] for m in value)
 
 
+SKIPS_NAMED = 20  # skipped records named one by one in the log; the summary counts every one
+
+
 def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = "train",
                  subset: Optional[str] = None, columns: dict | None = None, on_bad_record: str = "error",
                  limit: int | None = None, optional: Sequence[str] = ()) -> tuple[list[dict], ReadStats]:
@@ -117,11 +121,16 @@ def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = 
     out: list[dict] = []
     responses = [f for f in fields if f != "prompt"]
 
+    def skip(source: str, why: str, kind: str = "") -> None:
+        """Counted always (the summary line); named on rank 0 only, the first SKIPS_NAMED of them."""
+        stats.skipped[kind or why] += 1
+        if sum(stats.skipped.values()) <= SKIPS_NAMED and int(os.environ.get("RANK", 0)) == 0:
+            log.warning("skipping %s: %s", source, why)
+
     def bad(source: str, msg: str) -> None:
         if on_bad_record == "error":
             raise DataError(f"{source}: {msg}")
-        stats.skipped["malformed"] += 1
-        log.warning("skipping %s: %s", source, msg)
+        skip(source, msg if len(msg) < 200 else msg[:200] + "...", "malformed")
 
     for source, raw in _iter_raw(path, split, subset):
         if limit is not None and stats.read >= limit:
@@ -149,17 +158,16 @@ def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = 
             bad(source, f"field '{broken[0]}': {broken[1]}")
             continue
         if any(not _text_of(rec[f]).strip() for f in responses):
-            stats.skipped["empty response"] += 1
-            log.warning("skipping %s: empty response", source)
+            skip(source, "empty response")
             continue
         if "chosen" in fields and "rejected" in fields and rec["chosen"] == rec["rejected"]:
-            stats.skipped["chosen == rejected"] += 1
-            log.warning("skipping %s: chosen == rejected", source)
+            skip(source, "chosen == rejected")
             continue
         kept = {f: rec[f] for f in fields}
         kept.update({f: rec[f] for f in optional if f in rec})
         kept["source"] = source
         out.append(kept)
         stats.kept += 1
-    log.info(stats.summary(path))
+    if int(os.environ.get("RANK", 0)) == 0:
+        log.info(stats.summary(path))
     return out, stats

@@ -41,7 +41,7 @@ def load_examples(recipe: Recipe, stage: str, data: str, tokenizer) -> list[dict
 
 def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: Optional[str] = None,
               mask: Optional[str] = None, out_dir: Optional[str] = None, section: Optional[str] = None,
-              after: Optional[str] = None) -> dict:
+              after: Optional[str] = None, name: Optional[str] = None) -> dict:
     """Train `stage` from `init` (default model.path) on `data` (default data.train) into OUT/model; returns the
     fields of the step's manifest (on every rank; rank 0 writes it).
 
@@ -86,7 +86,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     with strategy.model_init_context():
         model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed)
     needs_ref = d.needs_reference and getattr(getattr(recipe, d.section), "loss_type", "") != "simpo"
-    spec = Stage(stage, examples, d.objective(recipe), d.token_arrays, needs_ref, mask,
+    spec = Stage(name or (stage if section == d.section else section), examples, d.objective(recipe), d.token_arrays, needs_ref, mask,
                  reference_key=str(init_path))
     if strategy.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def train_step(ctx: Context, step: Step) -> Optional[dict]:
     check_training(recipe, data=data, init=init, mask=mask, out=ctx.dir(step.name),
                    keep_last=recipe.stage_train(t.section).keep_last)
     return run_stage(recipe, t.stage, data=data, init=init, mask=mask, out_dir=str(ctx.dir(step.name)),
-                     section=t.section, after=t.after)
+                     section=t.section, after=t.after, name=step.name)
 
 
 def _pass_through(ctx: Context, name: str, section: str, init: str) -> dict:
