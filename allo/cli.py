@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(argv[1:])
     args = _parser().parse_args(argv)
+    args.argv = argv
     if args.stage is None:
         _parser().print_help()
         return 0
@@ -250,7 +251,7 @@ def _distributed(args: argparse.Namespace, recipe) -> None:
     from allo.pipeline import run_pipeline
 
     only = args.stage if step is not None else args.only
-    run_pipeline(recipe, args.recipe, start=getattr(args, "start", None), only=only)
+    run_pipeline(recipe, args.recipe, start=getattr(args, "start", None), only=only, argv=args.argv)
 
 
 if __name__ == "__main__":

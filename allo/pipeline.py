@@ -46,9 +46,12 @@ def write_manifest(directory: Path, step: str, info: dict, fingerprint: Optional
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None, sync: Optional[Sync] = None):
+    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None, sync: Optional[Sync] = None,
+                 argv: Optional[list[str]] = None):
+        """`argv`: the `allo` arguments that started this run (for the resume command a failure prints)."""
         self.ctx = Context(recipe, recipe_path or "RECIPE.yaml",
                            sync or Sync(Path(recipe.output_dir), timeout_s=60 * recipe.distributed.wait_minutes))
+        self.argv = argv if argv is not None else ["run", self.ctx.recipe_path]
         self._fingerprints: dict[str, str] = {}  # stable within a run: no step writes the recipe or task files
 
     def run(self, start: Optional[str] = None, only: Optional[str] = None) -> None:
@@ -92,7 +95,7 @@ class Pipeline:
                 if not isinstance(e, StepAborted):
                     sync.fail(name, _phrase(e))
                 raise StepFailed(f"step {name} failed: {_phrase(e)}. Earlier steps are intact; fix the cause and "
-                                 f"resume with `allo run {self.ctx.recipe_path} --from {name}`") from e
+                                 f"resume with {resume_command(self.argv, name)}") from e
 
     def _preempted(self, name: str) -> None:
         """The marker a launcher reads to requeue (the training loop writes the same for training steps)."""
@@ -223,8 +226,34 @@ def external_files(recipe: Recipe, only: Optional[str] = None) -> list[tuple[str
     return list(dict.fromkeys(out))
 
 
+def resume_command(argv: list[str], step: str) -> str:
+    """The command that ran (`argv`: its allo arguments) with `--from STEP` in place of its --from/--only, under the
+    launcher that started it: a Slurm job is resubmitted, a torchrun run relaunched on as many processes."""
+    import shlex
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--from", "--only"):
+            skip = True
+        elif not a.startswith(("--from=", "--only=")):
+            args.append(a)
+    if args and args[0] != "run":  # `allo STEP RECIPE` is `allo run RECIPE --only STEP`
+        args[0] = "run"
+    args += ["--from", step]
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"the same slurm/submit.sh command with `-- --from {step}` at its end"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+        launch = f"python -m allo.torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', 1)}" + (
+            f" --nnodes {nodes}" if nodes > 1 else "")
+        return f"`{launch} -m allo {shlex.join(args)}`"
+    return f"`allo {shlex.join(args)}`"
+
+
 def run_pipeline(recipe: Recipe, recipe_path: Optional[str] = None, start: Optional[str] = None,
-                 only: Optional[str] = None) -> Pipeline:
+                 only: Optional[str] = None, argv: Optional[list[str]] = None) -> Pipeline:
     import torch.distributed as dist
 
     from allo.engine import init_distributed
@@ -234,7 +263,7 @@ def run_pipeline(recipe: Recipe, recipe_path: Optional[str] = None, start: Optio
     sync = Sync(Path(recipe.output_dir), rank, world, new_attempt(dist if world > 1 else None),
                 60 * recipe.distributed.wait_minutes)
     sync.install_signal_handlers()
-    pipe = Pipeline(recipe, recipe_path, sync)
+    pipe = Pipeline(recipe, recipe_path, sync, argv)
     pipe.run(start=start, only=only)
     if rank == 0:  # the markers of this attempt are no longer needed
         shutil.rmtree(sync.dir, ignore_errors=True)

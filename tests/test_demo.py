@@ -61,18 +61,13 @@ def test_quick_demo_runs_every_stage(quick_run):
 
 
 def test_manifests_skip_and_from_reruns(quick_run):
-    """After a finished run, `allo run` skips every step; `--from simpo` reruns simpo..eval; a changed setting
-    reruns exactly its step and the steps downstream of it."""
+    """After a finished run, `allo run` on the recipe the demo wrote for it skips every step (the run continues by
+    hand); `--from simpo` reruns simpo..eval; a changed setting reruns exactly its step and the steps downstream."""
     from allo.steps import STEPS
 
-    sys.path.insert(0, str(ROOT / "recipes" / "tiny"))
-    from demo import SIZES
-
     run, _ = quick_run
-    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", "seed=7",
-            f"task.sft_data={run / 'data/sft.jsonl'}", f"task.problems={run / 'data/problems.jsonl'}",
-            f"task.eval={run / 'data/test.jsonl'}"] + SIZES["quick"]["sets"]
-    args = ["run", str(ROOT / "recipes/tiny/recipe.yaml")] + [x for s in sets for x in ("--set", s)]
+    args = ["run", str(run / "recipe.yaml")]
+    assert "--from STEP" in (run / "recipe.yaml").read_text()
     before = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
     proc = torchrun(args)
     assert proc.stderr.count("complete (") == len(STEPS)
@@ -93,17 +88,12 @@ def test_ablate_controls_over_the_run(quick_run):
     from allo.masks.io import load_masks
     from allo.steps import STEPS
 
-    sys.path.insert(0, str(ROOT / "recipes" / "tiny"))
-    from demo import SIZES
-
     run, _ = quick_run
-    sets = [f"output_dir={run}", f"model.tokenizer={run / 'tokenizer'}", "seed=7",
-            f"task.sft_data={run / 'data/sft.jsonl'}", f"task.problems={run / 'data/problems.jsonl'}",
-            f"task.eval={run / 'data/test.jsonl'}", "forget.train.max_steps=2"] + SIZES["quick"]["sets"]
+    sets = ["forget.train.max_steps=2"]
     before = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
-    torchrun(["ablate", str(ROOT / "recipes/tiny/recipe.yaml"), *[x for s in sets for x in ("--set", s)],
+    torchrun(["ablate", str(run / "recipe.yaml"), *[x for s in sets for x in ("--set", s)],
               "--ratios", "20", "--without", "forget", "--mask", "random"])
-    refused = torchrun(["ablate", str(ROOT / "recipes/tiny/recipe.yaml"), *[x for s in sets for x in ("--set", s)],
+    refused = torchrun(["ablate", str(run / "recipe.yaml"), *[x for s in sets for x in ("--set", s)],
                         "--set", "warmup.train.lr=0.5", "--ratios", "30"], check=False)
     assert refused.returncode != 0 and "the ablation's settings change step warmup" in refused.stderr
     assert {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS} == before, "the run itself was rewritten"

@@ -110,3 +110,19 @@ def test_only_what_changes_a_steps_output_reruns_it(tmp_path):
     (data / "problems.jsonl").write_text('{"prompt": "a", "answer": "2"}\n')
     now = fingerprints()
     assert {s for s in STEPS if now[s] != done[s]} == _downstream({"sample"})
+
+
+def test_resume_hint_is_the_command_that_ran(monkeypatch):
+    """The failed step's resume command keeps the user's --set values and launcher; --from/--only are replaced."""
+    from allo.pipeline import resume_command
+
+    argv = ["run", "r.yaml", "--set", "train.lr=1e-5", "--only", "sample,pairs", "--set", "seed=3"]
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resume_command(argv, "pairs") == "`allo run r.yaml --set train.lr=1e-5 --set seed=3 --from pairs`"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command(["sample", "r.yaml", "--set", "a b=c"], "sample") == \
+        "`python -m allo.torchrun --nproc_per_node 4 -m allo run r.yaml --set 'a b=c' --from sample`"
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    assert "slurm/submit.sh" in resume_command(argv, "pairs") and "-- --from pairs" in resume_command(argv, "pairs")

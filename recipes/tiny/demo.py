@@ -48,9 +48,9 @@ SIZES = {"full": dict(sft=4000, rl=600, dev=200, test=400, samples=4, ranks=2, s
                            if s.train and s.train.data == "pairs/pairs.jsonl"])}
 
 
-def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2) -> None:
+def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2, recipe: Path = RECIPE) -> None:
     """Run `allo STAGE` on `ranks` processes (torchrun); fails loudly with the command to rerun it by hand."""
-    cmd = torchrun_command([stage, str(RECIPE), *extra], ranks)
+    cmd = torchrun_command([stage, str(recipe), *extra], ranks)
     for s in sets:
         cmd += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # allo picks the GPU when there is one
@@ -83,12 +83,13 @@ def run_seed(seed: int, size: dict, user_sets: list[str], out: Path) -> dict:
           f"and tokenizer", flush=True)
     sets = prepare_seed(run, seed, size, recipe.data.template) + [f"task.eval={run / 'data' / 'test.jsonl'}",
                                                                   *user_sets]
+    run_recipe = write_run_recipe(run, sets, size["ranks"])
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(run / "tokenizer"))
     walls = {"data+tokenizer": time.time() - t0}
     print(f"=== seed {seed}: allo run ({size['ranks']} ranks, ZeRO-3, {device()})", flush=True)
-    allo("run", sets, ranks=size["ranks"])
+    allo("run", [], ranks=size["ranks"], recipe=run_recipe)
     for step in STEPS:
         manifest = json.loads((run / step / "manifest.json").read_text())
         if "wall_s" in manifest:
@@ -108,6 +109,26 @@ def run_seed(seed: int, size: dict, user_sets: list[str], out: Path) -> dict:
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
     print("report plots: " + ", ".join(str(p) for p in report(run)))
     return result
+
+
+def write_run_recipe(run: Path, sets: list[str], ranks: int) -> Path:
+    """RUN/recipe.yaml: the tiny recipe with this seed's settings written in, so that the run can be continued and
+    ablated by hand (`allo run RUN/recipe.yaml --from STEP`, `allo ablate RUN/recipe.yaml`)."""
+    import yaml
+
+    from allo.config import load_recipe, read_yaml
+
+    data, _ = read_yaml(RECIPE, sets)  # the YAML with the --set values in place (not the resolved recipe: which
+    path = run / "recipe.yaml"         # train keys a recipe sets decides how the stages' own defaults apply)
+    launch = f"python -m allo.torchrun --nproc_per_node {ranks} -m allo"
+    header = (f"# The run of recipes/tiny/demo.py in {run}: recipes/tiny/recipe.yaml with the demo's settings.\n"
+              f"# Continue it:  {launch} run {path} --from STEP\n"
+              f"# Ablate it:    {launch} ablate {path} --without forget\n")
+    text = header + yaml.safe_dump(data, sort_keys=False)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    load_recipe(path)  # the file must stand on its own
+    return path
 
 
 def prepare_seed(run: Path, seed: int, size: dict, template: str, with_test: bool = True) -> list[str]:
