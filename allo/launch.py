@@ -21,6 +21,20 @@ def torchrun_command(args: list[str], nproc: int) -> list[str]:
             f"--master_port={free_port()}", "-m", "allo", *args]
 
 
+def launched_as(args: list[str]) -> str:
+    """The shell command that runs `allo ARGS` the way this process was started: under torchrun (by its
+    environment) with as many processes per node and nodes, else plain `allo`."""
+    import os
+    import shlex
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return shlex.join(["allo", *args])
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+    launch = ["python", "-m", "allo.torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1")]
+    launch += ["--nnodes", str(nodes)] if nodes > 1 else []
+    return shlex.join([*launch, "-m", "allo", *args])
+
+
 def plan(recipe_path: str, nodes: int, gpus_per_node: int, overrides: list[str] = (),
          stages: list[str] | None = None) -> list[dict]:
     if nodes < 1 or gpus_per_node < 1:

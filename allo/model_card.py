@@ -4,7 +4,7 @@ directory as it is."""
 from __future__ import annotations
 
 import json
-import shlex
+import re
 import sys
 from pathlib import Path
 
@@ -18,12 +18,17 @@ METRICS = ("loss", "rewards/accuracy", "rewards/margin", "weighted_token_fractio
 
 def card(step: str, manifest: dict, step_dir: Path) -> str:
     """The README.md text for the model of `step` (its manifest's fields, its metrics.jsonl's last line)."""
+    from allo.launch import launched_as
     from allo.steps import REGISTRY
 
     last = _last_metrics(step_dir / "metrics.jsonl")
-    front = {"library_name": "transformers", "base_model": str(manifest.get("init", "")),
-             "datasets": [str(manifest["data"])] if manifest.get("data") else [],
-             "tags": ["allo", step, manifest.get("stage", step), "alignment"]}
+    front: dict = {"library_name": "transformers"}
+    if _hub_id(manifest.get("init")):  # local paths mean nothing on the hub: they stay in the table below
+        front["base_model"] = manifest["init"]
+    if _hub_id(manifest.get("data")):
+        front["datasets"] = [manifest["data"]]
+    front["tags"] = list(dict.fromkeys(["allo", step, manifest.get("stage", step), "alignment"]))
+
     rows = [("step", f"`{step}`: {REGISTRY[step].help}" if step in REGISTRY else f"`{step}`"),
             ("starting weights", f"`{manifest.get('init')}`"), ("data", f"`{manifest.get('data')}`"),
             ("neuron mask", f"`{manifest['mask']}`" if manifest.get("mask") else "none (every parameter trains)"),
@@ -32,7 +37,7 @@ def card(step: str, manifest: dict, step_dir: Path) -> str:
             ("ranks / ZeRO stage", f"{manifest.get('world')} / {manifest.get('zero_stage')}"),
             ("wall time", f"{manifest.get('wall_s')} s")]
     rows += [(f"last logged {k}", f"{last[k]:.4f}") for k in METRICS if isinstance(last.get(k), (int, float))]
-    command = " ".join(shlex.quote(a) for a in ["allo", *sys.argv[1:]])
+    command = launched_as(sys.argv[1:])
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {step} model, trained with allo\n\n"
             f"ALLO (Chen et al., arXiv 2406.12606) recipes on DeepSpeed. The settings this model was trained with "
@@ -44,6 +49,12 @@ def write_card(step: str, manifest: dict, step_dir: Path) -> None:
     model = Path(manifest["model"])
     if model.is_dir():
         atomic_write_text(model / "README.md", card(step, manifest, Path(step_dir)))
+
+
+def _hub_id(value) -> bool:
+    """`owner/name` of a hub repository (not a path on this machine)."""
+    return isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None \
+        and not Path(value).exists() and not value.startswith((".", "/"))
 
 
 def _last_metrics(path: Path) -> dict:

@@ -229,7 +229,7 @@ def external_files(recipe: Recipe, only: Optional[str] = None) -> list[tuple[str
 def resume_command(argv: list[str], step: str) -> str:
     """The command that ran (`argv`: its allo arguments) with `--from STEP` in place of its --from/--only, under the
     launcher that started it: a Slurm job is resubmitted, a torchrun run relaunched on as many processes."""
-    import shlex
+    from allo.launch import launched_as
 
     args, skip = [], False
     for a in argv:
@@ -244,12 +244,7 @@ def resume_command(argv: list[str], step: str) -> str:
     args += ["--from", step]
     if os.environ.get("SLURM_JOB_ID"):
         return f"the same slurm/submit.sh command with `-- --from {step}` at its end"
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
-        launch = f"python -m allo.torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', 1)}" + (
-            f" --nnodes {nodes}" if nodes > 1 else "")
-        return f"`{launch} -m allo {shlex.join(args)}`"
-    return f"`allo {shlex.join(args)}`"
+    return f"`{launched_as(args)}`"
 
 
 def run_pipeline(recipe: Recipe, recipe_path: Optional[str] = None, start: Optional[str] = None,
