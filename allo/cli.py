@@ -229,7 +229,11 @@ def _preflight(args: argparse.Namespace, recipe) -> None:
                                  keep_last=recipe.stage_train(STAGES[step.name].section).keep_last)
         return
     only = args.stage if step is not None else getattr(args, "only", None)
-    preflight.check_run(recipe, external_files(recipe, only=None if getattr(args, "start", None) else only))
+    if getattr(args, "start", None):
+        only = None
+    preflight.check_run(recipe, external_files(recipe, only=only))
+    if only is None or "eval" in only.split(","):  # before the first step trains, not after the last
+        preflight.check_eval(recipe)
 
 
 def _distributed(args: argparse.Namespace, recipe) -> None:

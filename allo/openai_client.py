@@ -76,7 +76,7 @@ class ChatClient:
         self.cache = Path(cache_dir) if cache_dir else None
         self.usage = Usage()
         key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
-        if endpoint.api_key_env and not key and not _is_local(endpoint.base_url):
+        if endpoint.api_key_env and not key and not is_local(endpoint.base_url):
             raise EndpointError(f"environment variable {endpoint.api_key_env} is not set (the API key for "
                                 f"{endpoint.base_url}); set it, or set api_key_env to null for a keyless server")
         self._sdk = _sdk_client(endpoint, key, lambda _request: self.usage.add(requests=1))
@@ -171,7 +171,7 @@ def _retryable(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     from urllib.parse import urlparse
 
     return (urlparse(url).hostname or "") in {"localhost", "127.0.0.1", "::1"}

@@ -258,6 +258,30 @@ def check_training(recipe, *, data: Optional[str], init: Optional[str], mask: Op
     check_output(out, checkpoint_bytes(model, recipe.model.dtype, keep_last))
 
 
+def check_eval(recipe) -> None:
+    """What the eval step will read from outside the run, checked before the first step trains: every benchmark (a
+    local file, or a hub dataset that is cached when offline) and, for instruction following, a judge endpoint
+    with its key."""
+    from allo.eval.benchmarks import BenchmarkError, check_available
+    from allo.openai_client import is_local
+
+    for spec in recipe.task.benchmarks:
+        name, _, data = str(spec).partition("=")
+        try:
+            check_available(name, data or None)
+        except BenchmarkError as e:
+            raise InputError(f"task.benchmarks: {e}") from None
+    if recipe.task.alpaca_eval or recipe.task.arena_hard:
+        judge = recipe.task.judge
+        if not (judge.base_url and judge.model):
+            raise InputError("task.alpaca_eval / task.arena_hard are judged by an LLM: set task.judge.base_url and "
+                             "task.judge.model (any OpenAI-compatible endpoint, e.g. `vllm serve` of an open judge; "
+                             "eval/README.md)")
+        if judge.api_key_env and not os.environ.get(judge.api_key_env) and not is_local(judge.base_url):
+            raise InputError(f"task.judge: the API key variable {judge.api_key_env} is not set for "
+                             f"{judge.base_url}; export it, or set task.judge.api_key_env: null for a keyless server")
+
+
 def check_trackers(recipe) -> None:
     """Every tracker a stage reports to (`train.report_to`, or a stage's own) is installed."""
     from allo.steps import REGISTRY

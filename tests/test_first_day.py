@@ -75,3 +75,50 @@ def test_one_error_line_under_torchrun(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 2 and lines[0].startswith("allo improve: error:") and "Traceback" not in proc.stderr, lines
     assert re.match(r"torchrun: rank [01] failed first \(exit 2\)", lines[1]), lines
+
+
+def test_an_offline_benchmark_stops_the_run_before_its_first_step(tmp_path, tiny_model, pairs_file):
+    """With no hub, `allo run` on a recipe whose eval reads gsm8k from the hub stops before training, in one
+    sentence that names the benchmark and both ways to supply it."""
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "run",
+                          "task: {benchmarks: [gsm8k]}")
+    proc = subprocess.run([sys.executable, "-m", "allo", "run", str(recipe)], cwd=ROOT,
+                          env=dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf")), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "task.benchmarks: gsm8k" in err and "gsm8k=FILE" in err and "hf download openai/gsm8k" in err, err
+    assert not any((tmp_path / "run").glob("*/manifest.json")), "a step ran before the check"
+
+
+def test_suites_check_their_files_and_benchmarks_before_any_model(tmp_path, capsys, monkeypatch):
+    from allo.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert main(["eval", "suite", str(ROOT / "eval/instruct.yaml"), "--model", "m=/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "alpaca_eval: data/instruct/alpaca_eval_gpt4_1106_preview_outputs.json: no such file" in err
+    assert "Where the files come from" in err
+    assert main(["eval", "suite", str(ROOT / "eval/math.yaml"), "--model", "m=/nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "gsm8k=FILE" in err and "hf download openai/gsm8k" in err
+    readme = (ROOT / "eval/README.md").read_text()
+    for name in ("alpaca_eval_gpt4_1106_preview_outputs.json", "arena-hard-v0.1", "MATH_test.jsonl", "ecqa_test",
+                 "strategyqa_dev", "mawps_test", "tabmwp_test"):
+        assert name in readme.split("## Where the files come from")[1].split("\n## ")[0], name
+
+
+def test_the_judge_is_checked_before_the_first_step(tmp_path, tiny_model, pairs_file, shared_dir):
+    from conftest import write_recipe
+
+    alpaca = shared_dir / "benchdata/alpaca_eval/gpt4_1106_preview_model_outputs.json"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "run",
+                          f"task: {{alpaca_eval: {alpaca}, judge: {{base_url: 'https://judge.example/v1', "
+                          f"model: j, api_key_env: ALLO_TEST_NO_SUCH_KEY}}}}")
+    proc = subprocess.run([sys.executable, "-m", "allo", "run", str(recipe)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "ALLO_TEST_NO_SUCH_KEY is not set" in proc.stderr, proc.stderr[-1500:]

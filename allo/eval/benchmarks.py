@@ -148,25 +148,69 @@ def _read_local(path: Path) -> list[tuple[str, dict]]:
         raise BenchmarkError(str(e)) from None
 
 
+WHERE = "eval/README.md, \"Where the files come from\""
+
+
+def source_of(name: str, data: Optional[str] = None, split: Optional[str] = None) -> Path | tuple:
+    """Where benchmark `name` is read from: a local file (a Path), or a hub (dataset, config, split). A value that
+    names a file that is not there is refused here, not sent to the hub as a dataset name."""
+    bench = get(name)
+    if data and Path(data).exists():
+        return Path(data)
+    if data and (Path(data).suffix in (".json", ".jsonl", ".parquet") or data.startswith((".", "/"))
+                 or data.count("/") > 1):
+        raise BenchmarkError(f"{name}={data}: no such file (where each benchmark file comes from: {WHERE})")
+    if data and (bench.hub is None or data != bench.hub[0]):
+        return data, None, split or "test"
+    if bench.hub is None:
+        raise BenchmarkError(f"{name}: no hub default; pass a local file, {name}=FILE ({WHERE})")
+    return bench.hub[0], bench.hub[1], split or bench.hub[2]
+
+
+def unreachable(name: str, spec: tuple, why: str) -> BenchmarkError:
+    """The one sentence for a hub benchmark that cannot be had here, with the two ways to supply it."""
+    return BenchmarkError(
+        f"{name}: the hub dataset {spec[0]} cannot be loaded here ({why}); give a local file instead, {name}=FILE "
+        f"(`allo eval bench --benchmark {name}=FILE`, `--set 'task.benchmarks=[{name}=FILE, ...]'`, a suite's "
+        f"`benchmarks:`, or `prepare_data.py --source {name}=FILE`), or fetch it where there is a network: "
+        f"`hf download {spec[0]} --repo-type dataset` ({WHERE})")
+
+
+def check_available(name: str, data: Optional[str] = None, split: Optional[str] = None) -> None:
+    """Before any work: a local file is there, and a hub dataset is in the local cache when HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE is set (online, the hub is trusted to answer)."""
+    import os
+
+    spec = source_of(name, data, split)
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if isinstance(spec, Path) or not offline:
+        return
+    from datasets import load_dataset_builder
+
+    try:
+        load_dataset_builder(spec[0], spec[1])
+    except Exception as e:  # noqa: BLE001 - any failure to resolve it offline means it is not cached
+        raise unreachable(name, spec, "HF_HUB_OFFLINE is set and it is not in the local cache") from e
+
+
 def load(name: str, data: Optional[str] = None, limit: Optional[int] = None,
          split: Optional[str] = None) -> tuple[list[dict], dict]:
     """Items of benchmark `name` from `data` (a local file or a hub name; None: the benchmark's hub default, with
     its config), and provenance {source, sha256 (local files), n}. `split` picks a hub split (default test)."""
     bench = get(name)
-    if data and Path(data).exists():
-        path = Path(data)
+    spec = source_of(name, data, split)
+    if isinstance(spec, Path):
+        path = spec
         rows = _read_local(path)
         source = {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     else:
-        if data and (bench.hub is None or data != bench.hub[0]):
-            spec = (data, None, split or "test")
-        else:
-            spec = None if bench.hub is None else (bench.hub[0], bench.hub[1], split or bench.hub[2])
-        if spec is None:
-            raise BenchmarkError(f"{name}: no hub default; pass a local file (see eval/README.md for the formats)")
         from datasets import load_dataset
 
-        ds = load_dataset(spec[0], spec[1], split=spec[2])
+        try:
+            ds = load_dataset(spec[0], spec[1], split=spec[2])
+        except Exception as e:  # noqa: BLE001 - offline, unknown, gated: one sentence with the ways out
+            raise unreachable(name, spec, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from e
         rows = [(f"{spec[0]}[{i}]", dict(r)) for i, r in enumerate(ds)]
         source = {"source": f"hub:{spec[0]}" + (f"/{spec[1]}" if spec[1] else "") + f":{spec[2]}",
                   "fingerprint": getattr(ds, "_fingerprint", None)}

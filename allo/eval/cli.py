@@ -148,6 +148,11 @@ def _bench(args) -> dict:
     from allo.config import GenerationConfig
     from allo.eval.run import EVAL_SAMPLING, evaluate
 
+    from allo.eval.benchmarks import check_available
+
+    for spec in args.benchmark:  # every benchmark can be had before the model loads and generates
+        name, _, data = spec.partition("=")
+        check_available(name, data or None)
     gen = replace(EVAL_SAMPLING, max_new_tokens=args.max_new_tokens)
     loaded = _load(args.model)
     out = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 from allo.config import ConfigError, EndpointConfig, GenerationConfig, Tracker, knob, load_config
+from allo.eval.benchmarks import WHERE, BenchmarkError, check_available
 from allo.eval.suite import instruction_suites, slug
 
 
@@ -57,6 +58,16 @@ def load_suite(path: str, overrides: Sequence[str] = ()) -> Suite:
     suite = load_config(Suite, path, overrides, "suite keys (benchmarks:, template:, judge:, ...)")
     if not (suite.benchmarks or suite.alpaca_eval or suite.arena_hard):
         raise ConfigError(f"{path}: nothing to evaluate: set benchmarks, alpaca_eval or arena_hard")
+    for key in ("alpaca_eval", "arena_hard", "arena_baseline"):
+        value = getattr(suite, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"{path}: {key}: {value}: no such file (where it comes from: {WHERE})")
+    for spec in suite.benchmarks:
+        name, _, data = str(spec).partition("=")
+        try:
+            check_available(name, data or None)
+        except BenchmarkError as e:
+            raise ConfigError(f"{path}: benchmarks: {e}") from None
     if suite.arena_hard and suite.baseline == "reference" and not suite.arena_baseline:
         raise ConfigError(f"{path}: arena_hard with baseline: reference needs arena_baseline (the reference "
                           "answers, e.g. model_answer/gpt-4-0314.jsonl), or set baseline: first")
