@@ -338,7 +338,10 @@ def problem_count(recipe: Recipe, given: Optional[int]) -> tuple[int, str]:
         return len(problems), f"{len(problems)} problems in {recipe.task.problems}"
     if given:
         return given, f"{given} problems (--problems)"
-    return 0, "no task.problems file yet: pass --problems N"
+    return 0, NO_PROBLEMS
+
+
+NO_PROBLEMS = "no task.problems file yet: pass --problems N"
 
 
 def step_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tuple[int, int, str]:
@@ -449,6 +452,8 @@ def verdict(steps: list[StepPlan], hw: Hardware) -> str:
             f"does not fit: {', '.join(p.step for p in bad)} {'exceeds' if len(bad) == 1 else 'exceed'} "
             f"{hw.gpu_bytes / GiB:.0f} GiB per GPU "
             f"({bad[0].step}: {bad[0].peak / GiB:.1f} GiB; fix: {bad[0].fix or 'none found'})")
+    if any(NO_PROBLEMS in p.tokens_source for p in steps):  # not 0 GPU-hours: unknown
+        return f"{head}; GPU-hours unknown ({NO_PROBLEMS})"
     return f"{head}; about {hours:.1f} GPU-hours ({hours / hw.world:.2f} h wall on {hw.world} GPUs) at MFU {hw.mfu:.2f}"
 
 

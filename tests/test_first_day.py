@@ -122,3 +122,24 @@ def test_the_judge_is_checked_before_the_first_step(tmp_path, tiny_model, pairs_
     proc = subprocess.run([sys.executable, "-m", "allo", "run", str(recipe)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "ALLO_TEST_NO_SUCH_KEY is not set" in proc.stderr, proc.stderr[-1500:]
+
+
+def test_submit_dry_run_shows_the_plan_or_why_not(tmp_path):
+    """Offline without the model's config: the reason; with it: the verdict, GPU-hours unknown until the problem
+    count is known (not 0.0), then a number."""
+    env = dict(ENV, ALLO_PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               ALLO_LOG_DIR=str(tmp_path / "logs"))
+    base = ["bash", "slurm/submit.sh", "recipes/math/recipe.yaml", "--nodes", "2", "--gpus-per-node", "8",
+            "--dry-run"]
+
+    def plan_line(*extra):
+        proc = subprocess.run(base + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+        return next(x for x in proc.stdout.splitlines() if x.startswith("memory plan:"))
+
+    assert "cannot be made" in plan_line() and "hf download meta-llama/Llama-2-7b-hf config.json" in plan_line()
+    model = _llama7b(tmp_path)
+    sets = ["--", "--set", f"model.path={model}", "--set", f"model.tokenizer={model}"]
+    assert "GPU-hours unknown (no task.problems file yet: pass --problems N)" in plan_line(*sets)
+    assert re.search(r"about [0-9.]+ GPU-hours", plan_line("--problems", "7473", *sets))
+    assert not (tmp_path / "logs").exists()
