@@ -133,3 +133,9 @@ class SafetensorsWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         self.tmp.replace(self.path)
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))

@@ -184,6 +184,22 @@ def check_mask(mask: str, model: Optional[Path]) -> None:
         raise InputError(f"{e} (locate the mask on the model in {model})") from None
 
 
+def check_hub_dataset(name: str) -> None:
+    """Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), a hub dataset must be in the local cache; online it passes."""
+    from allo.io import hub_offline
+
+    if not hub_offline():
+        return
+    from datasets import load_dataset_builder
+
+    try:
+        load_dataset_builder(name)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, it cannot be read here
+        raise InputError(f"{name}: a hub dataset that is not in the local cache, and HF_HUB_OFFLINE is set: fetch "
+                         f"it where there is a network (`hf download {name} --repo-type dataset`) or give a local "
+                         "file (.jsonl, .json or .parquet)") from e
+
+
 def check_data(path: str, skip_bad: bool = False) -> None:
     """A local data file exists and decodes (UTF-8 JSON lines, a JSON document, or Parquet); hub names pass (the
     stage reads them). Record fields are checked by the stage, which names each bad record's place too.
@@ -193,6 +209,7 @@ def check_data(path: str, skip_bad: bool = False) -> None:
 
     p = Path(path).expanduser()
     if not p.exists() and not p.suffix and "/" in path and HUB_ID.match(path):
+        check_hub_dataset(path)
         return
     if not p.exists():
         raise InputError(f"{path}: no such data file (check the path)")

@@ -143,3 +143,14 @@ def test_submit_dry_run_shows_the_plan_or_why_not(tmp_path):
     assert "GPU-hours unknown (no task.problems file yet: pass --problems N)" in plan_line(*sets)
     assert re.search(r"about [0-9.]+ GPU-hours", plan_line("--problems", "7473", *sets))
     assert not (tmp_path / "logs").exists()
+
+
+def test_an_uncached_hub_dataset_is_refused_offline(tmp_path, tiny_model, monkeypatch, capsys):
+    from allo.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code = main(["dpo", "--set", f"model.path={tiny_model}", "--set", "data.train=someorg/some-pairs",
+                 "--set", f"output_dir={tmp_path}"])
+    assert code == 2
+    assert "someorg/some-pairs: a hub dataset that is not in the local cache" in capsys.readouterr().err

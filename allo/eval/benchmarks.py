@@ -179,12 +179,10 @@ def unreachable(name: str, spec: tuple, why: str) -> BenchmarkError:
 def check_available(name: str, data: Optional[str] = None, split: Optional[str] = None) -> None:
     """Before any work: a local file is there, and a hub dataset is in the local cache when HF_HUB_OFFLINE or
     HF_DATASETS_OFFLINE is set (online, the hub is trusted to answer)."""
-    import os
+    from allo.io import hub_offline
 
     spec = source_of(name, data, split)
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if isinstance(spec, Path) or not offline:
+    if isinstance(spec, Path) or not hub_offline():
         return
     from datasets import load_dataset_builder
 
