@@ -83,7 +83,8 @@ def measure(tmp: Path, size: str, zero: str, sparse: bool) -> tuple[float, int]:
     import os
 
     proc = subprocess.run(torchrun_command(["improve", str(recipe_path), "--mask", str(mask)], 2), cwd=ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+                          env={**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, **env},
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode:
         raise RuntimeError(f"{size} {zero} sparse={sparse}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     recipe = load_recipe(str(recipe_path))

@@ -299,14 +299,14 @@ def test_a_gpu_host_with_a_cpu_accelerator_stops_before_any_process_group(monkey
 
 
 def test_device_is_derived_once_when_unset(monkeypatch):
+    import os
+
     from allo.engine import accelerator_name
 
-    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert accelerator_name() == "cuda"
-    monkeypatch.delenv("DS_ACCELERATOR")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert accelerator_name() == "cpu"
+    for cuda, want in ((True, "cuda"), (False, "cpu")):  # a copy of the environment: nothing leaks to later tests
+        monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"})
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert accelerator_name() == want and os.environ["DS_ACCELERATOR"] == want
 
 
 def test_no_launcher_forces_the_cpu():
