@@ -1,26 +1,23 @@
 """MaskedAdamW: AdamW that updates only the elements of a neuron mask, with optional sparse moments.
 
 DeepSpeed gives the client optimizer flat fp32 tensors (see masks/apply.py); ``attach_masks`` hands it one
-bool mask per such tensor. Masked-out elements are never touched: not by the Adam step, not by decoupled
-weight decay, not by bias correction. With ``sparse_state=True`` the moments live only at the selected
-elements (two floats each), so at a 10% mask they cost a tenth of dense AdamW's; the arithmetic on the
-selected elements is the same as the dense path, so both follow the same trajectory.
+bool mask per such tensor. Masked-out elements are never moved: their gradient is zeroed in the same pass that
+reads it, so on moments that stay zero torch's fused AdamW kernel moves them by exactly 0, and decoupled weight
+decay is applied to the selected elements only. The step is torch's one-pass fused kernel (p, g, m, v read once,
+p, m, v written once) plus that masking pass, with no host synchronisation. With ``sparse_state=True`` the moments
+live only at the selected elements (two floats each), so at a 10% mask they cost a tenth of dense AdamW's; the
+selected elements are gathered, stepped by the same kernel and scattered back, so both follow the same trajectory.
 
-Before masks are attached (and for tensors with no mask) it behaves as plain AdamW, the same math as
-``torch.optim.AdamW``, which is what the unmasked stages use.
+Before masks are attached (and for tensors with no mask) it is plain AdamW, torch's fused AdamW, which is what the
+unmasked stages use.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 
 
-# Second moments are clamped to the smallest normal float32 before the square root: torch's CPU sqrt is much slower
-# on zeros (bench/RESULTS.md, profiling note 9), and under a 10% mask 90% of the moments are 0.
-# The result is unchanged: sqrt(TINY) / sqrt(1 − β2) ≤ 3.4e-18 for β2 ≤ 0.999, below half an ulp of any eps ≥ 1e-9.
-TINY = torch.finfo(torch.float32).tiny
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # same-size integer views of float dtypes
 
 
@@ -36,22 +33,19 @@ def keep_only(x: torch.Tensor, keep: torch.Tensor, inplace: bool = True) -> torc
     return bits.mul_(ones).view(x.dtype) if inplace else torch.mul(bits, ones).view(x.dtype)
 
 
-# The update runs over slices of at most this many elements: DeepSpeed hands the optimizer whole flat partitions
-# (a 7B model's ZeRO-3 partition on 16 GPUs is 437M elements), and each temporary of the update would otherwise be
-# that size (bench/RESULTS.md, "allo plan"). Elementwise arithmetic, so the result does not depend on it.
+# Sparse moments gather, step and scatter slices of at most this many selected elements, and masked weight decay
+# works on slices of this size: DeepSpeed hands the optimizer whole flat partitions (a 7B model's ZeRO-3 partition
+# on 16 GPUs is 437M elements), and a temporary of that size would otherwise exist (bench/RESULTS.md, "allo plan").
+# Elementwise arithmetic, so the result does not depend on it. The dense step itself has no temporaries.
 STEP_CHUNK = 1 << 24
 
 
-def _adamw_update(m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, values: torch.Tensor, beta1: float,
-                  beta2: float, step_size: float, bias2: float, eps: float, decay: float) -> torch.Tensor:
-    """Moments updated in place; returns the (negative) step of AdamW for these elements, decay included."""
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (v.clamp_min(TINY).sqrt_() / bias2).add_(eps)
-    update = (m / denom).mul_(-step_size)
-    if decay:
-        update.add_(values, alpha=-decay)
-    return update
+def _fused_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
+                 step: torch.Tensor, lr: float, betas: tuple[float, float], eps: float, decay: float) -> None:
+    """torch's fused AdamW kernel: one pass that reads p, g, m, v and writes p, m, v (28 bytes an fp32 element);
+    `step` (on the parameters' device) already counts this step, so nothing waits for the device."""
+    torch._fused_adamw_(params, grads, m, v, [], [step] * len(params), lr=lr, beta1=betas[0], beta2=betas[1],
+                        weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -64,8 +58,16 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def attach_masks(self, masks: dict[int, torch.Tensor]) -> None:
         """`masks` maps id(optimizer tensor) -> flat bool mask of the same numel, kept as given (no copy) on that
-        tensor's device; one on another device is refused here rather than at the first step."""
+        tensor's device; one on another device is refused here rather than at the first step. Before any real step:
+        masked-out elements rely on their moments being zero. (DeepSpeed's mixed-precision wrappers run one step on
+        zero gradients to create the state; that all-zero state is dropped.)"""
         tensors = {id(p): p for group in self.param_groups for p in group["params"]}
+        for k in masks:
+            state = self.state.get(tensors[k]) if k in tensors else None
+            if state:
+                if any(bool(t.any()) for n, t in state.items() if n.startswith("exp_avg")):
+                    raise RuntimeError("attach masks before the first optimizer step with a gradient")
+                del self.state[tensors[k]]
         for k, m in masks.items():
             if k in tensors and m.device != tensors[k].device:
                 raise ValueError(f"a neuron mask on {m.device} for an optimizer tensor on {tensors[k].device}: build "
@@ -85,36 +87,42 @@ class MaskedAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                keep = self._masks.get(id(p))
-                index = self._index.get(id(p))
+                if p.dtype != torch.float32 or p.grad.dtype != torch.float32:
+                    raise TypeError(f"MaskedAdamW steps fp32 tensors (DeepSpeed's master weights), got {p.dtype} "
+                                    f"with {p.grad.dtype} gradients")
+                keep, index = self._masks.get(id(p)), self._index.get(id(p))
                 flat_p, flat_g = p.view(-1), p.grad.view(-1)
-                if index is not None:  # sparse moments: gather, update, scatter
-                    values, grad = flat_p.index_select(0, index), flat_g.index_select(0, index).float()
-                else:
-                    values, grad = flat_p, flat_g
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(values, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(values, dtype=torch.float32)
+                    n = flat_p.numel() if index is None else index.numel()
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=p.device)
+                elif state["step"].device != p.device:  # a checkpoint's step count comes back on the CPU
+                    state["step"] = state["step"].to(p.device)
                 state["step"] += 1
-                step = state["step"].item()
                 m, v = state["exp_avg"], state["exp_avg_sq"]
-                step_size = lr / (1 - beta1 ** step)
-                bias2 = math.sqrt(1 - beta2 ** step)
-                for at in range(0, values.numel(), STEP_CHUNK):  # temporaries of one chunk at a time
-                    sl = slice(at, at + STEP_CHUNK)
-                    update = _adamw_update(m[sl], v[sl], grad[sl], values[sl], beta1, beta2, step_size, bias2, eps,
-                                           lr * wd)
-                    if index is not None:
-                        flat_p.index_add_(0, index[sl], update.to(flat_p.dtype))
-                    elif keep is not None:
-                        flat_p[sl].add_(keep_only(update, keep[sl]).to(flat_p.dtype))
-                    else:
-                        flat_p[sl].add_(update.to(flat_p.dtype))
+                if index is not None:  # sparse moments: gather the selected elements, step them, scatter back
+                    for at in range(0, index.numel(), STEP_CHUNK):
+                        idx = index[at:at + STEP_CHUNK].long()
+                        values, grad = flat_p.index_select(0, idx), flat_g.index_select(0, idx)
+                        _fused_adamw([values], [grad], [m[at:at + STEP_CHUNK]], [v[at:at + STEP_CHUNK]],
+                                     state["step"], lr, betas, eps, wd)
+                        flat_p.index_copy_(0, idx, values)
+                    continue
+                if keep is None:
+                    _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, wd)
+                    continue
+                # A masked-out element gets a zero gradient on moments that are zero, so the fused step moves it by
+                # exactly 0; only the selected elements decay.
+                keep_only(flat_g, keep)
+                if wd:
+                    for at in range(0, flat_p.numel(), STEP_CHUNK):
+                        sl = slice(at, at + STEP_CHUNK)
+                        flat_p[sl].sub_(keep_only(flat_p[sl] * (lr * wd), keep[sl]))
+                _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, 0.0)
         return loss

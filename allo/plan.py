@@ -178,7 +178,8 @@ def model_states(s: Shape, z: Zero, hw: Hardware, mixed: bool = True, mask_ratio
         terms["gathered layer (ZeRO-3)"] = 4 * s.largest_layer
     if z.bucket_elements:
         terms["ZeRO reduce bucket"] = width * z.bucket_elements
-    # MaskedAdamW's update: two fp32 temporaries of one slice (at most STEP_CHUNK elements) of its largest tensor,
+    # MaskedAdamW's update: at most two fp32 temporaries of one slice (masked weight decay, sparse gathers; at most
+    # STEP_CHUNK elements) of its largest tensor (an upper bound: the dense step without decay has none),
     # a flat partition under ZeRO (ZeRO-3 splits it into sub-groups of 1e9), a parameter without; sparse moments
     # also gather the selected weights and gradients.
     largest = min(part(1), 10 ** 9) if z.stage >= 1 else s.largest_layer
