@@ -303,9 +303,9 @@ def test_device_is_derived_once_when_unset(monkeypatch):
 
     from allo.engine import accelerator_name
 
-    for cuda, want in ((True, "cuda"), (False, "cpu")):  # a copy of the environment: nothing leaks to later tests
+    for seen, want in ((True, "cuda"), (False, "cpu")):  # a copy of the environment: nothing leaks to later tests
         monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"})
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda seen=seen: seen)
         assert accelerator_name() == want and os.environ["DS_ACCELERATOR"] == want
 
 

@@ -65,7 +65,7 @@ def test_registry_orders_steps_after_their_inputs_and_refuses_cycles():
 
 
 def _downstream(names: set[str]) -> set[str]:
-    from allo.steps import REGISTRY, STEPS, repeats
+    from allo.steps import REGISTRY, STEPS
 
     out = set(names)
     for name in STEPS:  # pipeline order: upstream steps come first
