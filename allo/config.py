@@ -96,7 +96,9 @@ class TrainConfig:
                                           "Each write's duration is logged (metrics: ckpt_write_s): choose Slurm's "
                                           "--signal=USR1@N lead time above it.", ge=0)
     keep_last: int = knob(2, "Checkpoints kept on disk; older ones are deleted after a new one completes.", ge=1)
-    log_every: int = knob(1, "Write metrics every N optimizer steps.", ge=1)
+    log_every: int = knob(1, "Write metrics every N optimizer steps. The loop waits for the device only then (metric "
+                             "means stay on the GPU in between), so a larger N lets a GPU run ahead; step_s and "
+                             "tokens_per_s are the interval's means.", ge=1)
     preempt_marker: Optional[str] = knob(None, "A file written (JSON: step, stage, time) when a signal stops the run, "
                                                "for a launcher to decide on requeue; slurm/allo.sbatch sets it per job "
                                                "through ALLO_PREEMPT_MARKER, which overrides it.")

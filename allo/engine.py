@@ -277,9 +277,10 @@ class Strategy:
     def step(self) -> None:
         self.engine.step()
 
-    def grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+    def grad_norm_tensor(self) -> Any:
+        """DeepSpeed's global gradient norm of the last step as it keeps it (a device tensor, a float, or None where
+        it computes none), so reading it does not wait for the device."""
+        return self.engine.get_global_grad_norm()
 
     # --- collectives (every rank must call these; see allo.comm for which group carries what) -------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:

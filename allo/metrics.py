@@ -1,4 +1,5 @@
-"""Metric sinks (JSONL, CSV, the trackers of `train.report_to`) on rank 0, and running means reduced once per optimizer step."""
+"""Metric sinks (JSONL, CSV, the trackers of `train.report_to`) on rank 0, and per-step metric means that stay on the
+device until a logging step reduces them all at once (one collective, one device-to-host copy per interval)."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,7 @@ from allo.tracking import Tracker
 
 
 class RunningMeans:
-    """Sum metrics over the micro-batches of one step; `reduce` averages them over ranks in one collective."""
+    """Sum metrics over the micro-batches of one step, as device tensors: adding them never waits for the device."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -20,18 +21,24 @@ class RunningMeans:
 
     def add(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
-            v = v.detach().float().mean().cpu()
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            v = v.detach().float().mean()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
             self.counts[k] = self.counts.get(k, 0) + 1
 
-    def reduce(self, strategy: Any, extra: dict[str, float]) -> dict[str, float]:
-        keys = sorted(self.sums)
-        local = [float(self.sums[k]) / self.counts[k] for k in keys] + list(extra.values())
-        t = torch.tensor(local, dtype=torch.float64, device=strategy.device)
-        strategy.all_reduce(t, op="mean")  # collective
-        self.sums.clear()
-        self.counts.clear()
-        return dict(zip(keys + list(extra), t.tolist()))
+    def take(self) -> dict[str, torch.Tensor]:
+        """This step's means (device tensors), and a fresh start for the next step."""
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def reduce_steps(strategy: Any, steps: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """Collective: every pending step's means averaged over ranks, in one all-reduce on the device and one copy to
+    the host (the one point of the training loop that waits for the device)."""
+    keys = sorted(steps[0])
+    table = torch.stack([torch.stack([s[k].to(torch.float64) for k in keys]) for s in steps])
+    strategy.all_reduce(table, op="mean")  # collective
+    return [dict(zip(keys, row)) for row in table.tolist()]
 
 
 class MetricLogger:

@@ -35,7 +35,7 @@ from allo.io import atomic_write_text
 from allo.logprobs import token_logps
 from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_layout
 from allo.masks.io import check_against_model, mask_counts
-from allo.metrics import MetricLogger, RunningMeans, peak_memory_mb
+from allo.metrics import MetricLogger, RunningMeans, peak_memory_mb, reduce_steps
 from allo.tracking import open_trackers
 from allo.optim import MaskedAdamW
 from allo.signals import EXIT_REQUEUE, stop_on_signal, write_preempted
@@ -201,49 +201,52 @@ class Trainer:
         return perm[start:start + cfg.micro_batch_size].tolist()
 
     def train(self) -> None:
+        """The loop. Nothing in it waits for the device except a logging step: metric means stay on the device (one
+        per step, `pending`) until then; the per-step agreement on stopping and on time-based checkpoints, and the
+        token count, are host values reduced on the CPU (a gloo group under NCCL)."""
         s, cfg = self.strategy, self.cfg
         self._install_signal_handlers()
         means = RunningMeans()
         progress = _progress(self.total_steps, self.pos.step, self.stage.name, s.is_rank0)
         arrays = self.stage.token_arrays + (("ref_logps",) if self.stage.needs_reference else ())
+        pending: list[tuple[int, dict, dict]] = []  # (step, device means, host values) not yet logged
+        interval_start = time.perf_counter()
         while self.pos.step < self.total_steps:
-            t0 = time.perf_counter()
             tokens = 0
             for micro in range(s.grad_accum):
                 chosen = [self.stage.examples[i] for i in self._batch_indices(self.pos.step, micro)]
                 if self.stage.needs_reference:
                     chosen = [{**ex, "ref_logps": self.reference.rows(ex["index"])} for ex in chosen]
                 batch = collate(chosen, self.tokenizer.pad_token_id, arrays)
-                batch = {k: v.to(s.device) for k, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
+                batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
                 loss, metrics = self.stage.objective(self._logps(batch), batch)
                 s.backward(loss)
                 if self.masker is not None:
                     self.masker.before_step()
                 s.step()
-                tokens += int(batch["attention_mask"].sum())
-                means.add(loss=loss.detach(), **metrics)
+                means.add(loss=loss, **metrics)
             self.pos.step += 1
             self.pos.consumed += cfg.global_batch_size
-            # One collective per step: metric means, token count and the stop flag.
-            elapsed = time.perf_counter() - t0
             due = cfg.save_every_minutes > 0 and time.monotonic() - self.last_save >= 60 * cfg.save_every_minutes
-            stats = means.reduce(s, extra={"tokens": float(tokens), "stop": float(self.stop_requested),
-                                           "save_due": float(due),
-                                           "step_s": elapsed, "optim_state": float(self.optimizer.state_bytes())})
-            # Decide on the reduced value only: the handler may set `stop_requested` on one rank right after the
-            # reduce, and acting on that would send the ranks down different paths (deadlock); it counts next step.
-            stop, due = stats.pop("stop") > 0, stats.pop("save_due") > 0  # decided together: any rank's clock
-            stats.update(tokens_per_s=stats.pop("tokens") * s.world / stats["step_s"], lr=self.engine.get_lr()[0],
-                         optim_state_mb=stats.pop("optim_state") * s.world / 2 ** 20,
-                         grad_norm=s.grad_norm(), trainable_fraction=self.trainable_fraction,
-                         peak_mem_mb=peak_memory_mb(s.device), epoch=self.pos.consumed / len(self.stage.examples))
-            self.trace.append((float(stats["loss"]), float(stats["grad_norm"])))
-            if self.last_write_s is not None:  # the checkpoint written after the previous step
-                stats["ckpt_write_s"], self.last_write_s = self.last_write_s, None
-            if self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps:
-                self.metrics.log(stats, self.pos.step)
+            # One CPU collective per step: the stop flag, the clock and the tokens of every rank. Decide on the
+            # reduced values only: the handler may set `stop_requested` on one rank right after the reduce, and
+            # acting on that would send the ranks down different paths (deadlock); it counts next step.
+            flags = s.all_reduce(torch.tensor([float(self.stop_requested), float(due), float(tokens)],
+                                              dtype=torch.float64), op="sum").tolist()
+            stop, due = flags[0] > 0, flags[1] > 0
+            step_means = means.take()
+            norm = s.grad_norm_tensor()
+            if isinstance(norm, torch.Tensor):  # on the device: reduced with the means, not read now
+                step_means["grad_norm"] = norm.detach().reshape(())
+            host = {"tokens": flags[2], "lr": self.engine.get_lr()[0], "epoch": self.pos.consumed / len(self.stage.examples),
+                    **({} if isinstance(norm, torch.Tensor) else {"grad_norm": float("nan") if norm is None else norm})}
+            pending.append((self.pos.step, step_means, host))
             progress.update(1)
-            progress.set_postfix(loss=f"{stats['loss']:.4f}")
+            if stop or self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps:
+                now = time.perf_counter()
+                self._log(pending, (now - interval_start) / len(pending), progress)
+                pending, interval_start = [], now
             if stop:
                 self.save_checkpoint()
                 if s.is_rank0:
@@ -261,6 +264,26 @@ class Trainer:
         self.metrics.close()
         if self.reference is not None:
             self.reference.close()
+
+    def _log(self, pending: list[tuple[int, dict, dict]], step_s: float, progress) -> None:
+        """Collective: the pending steps' means reduced at once; every step goes to the trace (the guard rails
+        read it), the last one to the metrics. `step_s`: the interval's wall time per step (the device's work
+        included, as this is where the host waits for it)."""
+        s = self.strategy
+        rows = reduce_steps(s, [m for _, m, _ in pending])
+        for (step, _, host), row in zip(pending, rows):
+            row.update(host)
+            self.trace.append((float(row["loss"]), float(row["grad_norm"])))
+        step, _, _ = pending[-1]
+        stats = rows[-1]
+        tokens = stats.pop("tokens")
+        stats.update(step_s=step_s, tokens_per_s=tokens / step_s,
+                     optim_state_mb=self.optimizer.state_bytes() * s.world / 2 ** 20,
+                     trainable_fraction=self.trainable_fraction, peak_mem_mb=peak_memory_mb(s.device))
+        if self.last_write_s is not None:  # the checkpoint written after an earlier step
+            stats["ckpt_write_s"], self.last_write_s = self.last_write_s, None
+        self.metrics.log(stats, step)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}")
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

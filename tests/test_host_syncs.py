@@ -1,0 +1,104 @@
+"""The training loop waits for the device only at logging steps. Run on the meta device, where every tensor has a
+shape and no data: any `.item()`, `.tolist()`, `float(t)` or `if t` on a computed tensor raises there, as it would
+stall the host on a GPU. The loop (batches, log-probs, the DPO / improve / forget objectives, metric means) runs
+8 steps with log_every 4 and reaches the host exactly twice, through `reduce_steps`, which the test stands in for.
+DeepSpeed and the model are stand-ins (a tiny embedding model): this checks allo's own code."""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import allo.train
+from allo.config import DPOConfig, ForgetConfig, ImproveConfig, TrainConfig
+from allo.stages import objectives
+from allo.train import Stage, Trainer
+
+META = torch.device("meta")
+
+
+class Model(torch.nn.Module):
+    def __init__(self, vocab: int = 50):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        return SimpleNamespace(logits=self.head(self.embed(input_ids)))
+
+
+class Strategy:
+    """DeepSpeed's side, without DeepSpeed: one rank on the meta device."""
+    device, world, rank, is_rank0, grad_accum = META, 1, 0, True, 2
+
+    def __init__(self, model):
+        self.model = model
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.model.zero_grad(set_to_none=True)
+
+    def all_reduce(self, tensor, op="mean"):
+        assert tensor.device.type == "cpu", "only host values are reduced every step"
+        return tensor
+
+    def grad_norm_tensor(self):
+        return torch.ones((), device=META)
+
+    def barrier(self):
+        pass
+
+
+def _examples(n: int, slots: int, arrays: tuple[str, ...]) -> list[dict]:
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        responses = [[rng.randrange(3, 50) for _ in range(rng.randint(2, 6))] for _ in range(slots)]
+        ex = {"index": i, "prompt_ids": [rng.randrange(3, 50) for _ in range(rng.randint(1, 4))],
+              "responses": responses}
+        for name in arrays:
+            ex[name] = [[rng.random() for _ in r] for r in responses]
+        out.append(ex)
+    return out
+
+
+@pytest.mark.parametrize("name,objective,slots,arrays", [
+    ("dpo", objectives.preference(DPOConfig()), 2, ("ref_logps",)),
+    ("improve", objectives.improve(ImproveConfig()), 2, ("ref_logps",)),
+    ("forget", objectives.forget(ForgetConfig()), 1, ("ref_logps", "keep_probs")),
+])
+def test_no_host_sync_outside_logging(tmp_path, monkeypatch, name, objective, slots, arrays):
+    model = Model().to(META)
+    strategy = Strategy(model)
+    stage = Stage(name, _examples(16, slots, arrays), objective, token_arrays=arrays)
+    cfg = TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=8, log_every=4, report_to=[])
+    trainer = Trainer(strategy, model, SimpleNamespace(pad_token_id=0), stage, cfg, tmp_path, group="g")
+    trainer.engine = _Engine(model)
+    trainer.optimizer = SimpleNamespace(state_bytes=lambda: 0)
+    trainer.metrics = allo.train.MetricLogger(tmp_path, enabled=False)
+    trainer.trace = []
+    reached: list[int] = []
+
+    def reduce_steps(s, steps):  # the one device-to-host point, in place of the real one
+        reached.append(len(steps))
+        assert all(t.device == META for step in steps for t in step.values())
+        return [{k: 0.5 for k in step} for step in steps]
+
+    monkeypatch.setattr(allo.train, "reduce_steps", reduce_steps)
+    trainer.train()
+    assert reached == [4, 4] and len(trainer.trace) == 8
+
+
+class _Engine:
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def get_lr(self):
+        return [1e-3]
