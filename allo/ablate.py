@@ -6,10 +6,16 @@ are symlinks to the run's) and redoes only what the variant changes: locate, for
 ALLO's model (`task.eval_models`). The pipeline's fingerprints guarantee the reuse is exact: a linked step whose
 settings differed would be rerun, so only steps the variant's settings cannot reach are linked.
 
-- `--ratios R ...`: the mask-ratio sweep, N1 = N2 = R% (the paper's inverted U around 10-15%);
-- `--without forget|improve|locate`: ALLO without a stage (`forget.enabled` / `improve.enabled` false: the step
-  passes its starting model through), or without locate: a uniformly random mask of the same sizes;
-- `--mask random|bottom`: the random-mask and bottom-k% controls at the run's ratios.
+- `--ratios R|N1:N2 ...`: the mask-ratio sweep, N1 = N2 = R% (the paper's inverted U around 10-15%), or N1 and
+  N2 apart (`10:15` is the paper recipes' own pair);
+- `--without forget|improve`: ALLO without a stage (`forget.enabled` / `improve.enabled` false: the step passes
+  its starting model through);
+- `--without locate`: forget and improve on every parameter (100% masks), the paper's control for locating;
+- `--without token-reward`: forget with the same weight on every token of a wrong response (`forget.token_weight:
+  uniform`), so the reward model picks no token;
+- `--without noise-mask`: improve keeps every rejected token (`improve.epsilon: 1`), plain DPO inside N2;
+- `--mask random|bottom`: the random-mask and bottom-k% controls at the run's ratios (random masks of the same
+  sizes are the control for *which* elements locate picks).
 `allo report OUTPUT_DIR` puts them in a table and plots (report/ablation_ratios.png, report/ablation_controls.png).
 """
 from __future__ import annotations
@@ -24,13 +30,18 @@ from allo.config import Recipe, load_recipe
 log = logging.getLogger(__name__)
 REDONE = ("locate", "forget", "improve", "eval")  # what any variant's settings reach; every other step is linked
 CONTROLS = {"without-forget": ["forget.enabled=false"], "without-improve": ["improve.enabled=false"],
+            "without-locate": ["locate.forget_ratio=100", "locate.improve_ratio=100"],
+            "without-token-reward": ["forget.token_weight=uniform"], "without-noise-mask": ["improve.epsilon=1.0"],
             "mask-random": ["locate.random=true"], "mask-bottom": ["locate.bottom=true"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ratios", type=float, nargs="+", metavar="R", help="mask-ratio sweep: N1 = N2 = R%% each")
-    parser.add_argument("--without", nargs="+", choices=["forget", "improve", "locate"], default=[],
-                        help="ALLO without a stage (without locate: a random mask of the same size)")
+    parser.add_argument("--ratios", nargs="+", metavar="R|N1:N2",
+                        help="mask-ratio sweep: N1 = N2 = R%% each, or N1:N2 (e.g. 10:15)")
+    parser.add_argument("--without", nargs="+", default=[],
+                        choices=["forget", "improve", "locate", "token-reward", "noise-mask"],
+                        help="ALLO without a stage, without locate (100%% masks), without the token reward (uniform "
+                             "forget weights) or without the noise mask (every rejected token kept)")
     parser.add_argument("--mask", nargs="+", choices=["random", "bottom"], default=[],
                         help="random-mask and bottom-k%% controls at the run's ratios")
 
@@ -38,13 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def variants(args: argparse.Namespace) -> dict[str, list[str]]:
     """Variant name -> its recipe overrides, in the order asked; without locate is the random-mask control."""
     out: dict[str, list[str]] = {}
-    for r in args.ratios or []:
-        if not 0 < r <= 100:
-            raise ValueError(f"--ratios {r:g}: a percentage in (0, 100]")
-        out[f"ratio-{r:g}"] = [f"locate.forget_ratio={r}", f"locate.improve_ratio={r}"]
+    for spec in args.ratios or []:
+        n1, _, n2 = str(spec).partition(":")
+        try:
+            r1, r2 = float(n1), float(n2 or n1)
+        except ValueError:
+            raise ValueError(f"--ratios {spec}: a percentage R or a pair N1:N2, e.g. 10 or 10:15") from None
+        for r in (r1, r2):
+            if not 0 < r <= 100:
+                raise ValueError(f"--ratios {spec}: {r:g} is not a percentage in (0, 100]")
+        out[f"ratio-{r1:g}" + (f"-{r2:g}" if r2 != r1 else "")] = [f"locate.forget_ratio={r1}",
+                                                                  f"locate.improve_ratio={r2}"]
     for w in args.without:
-        name = "mask-random" if w == "locate" else f"without-{w}"
-        out[name] = CONTROLS[name]
+        out[f"without-{w}"] = CONTROLS[f"without-{w}"]
     for m in args.mask:
         out[f"mask-{m}"] = CONTROLS[f"mask-{m}"]
     if not out:

@@ -186,8 +186,9 @@ class ForgetConfig:
     enabled: bool = knob(True, "False: the step passes its starting model through untrained (the paper's ALLO "
                                "without forget: improve starts from the SFT model).")
     beta: float = knob(0.1, "Token-NPO β.", gt=0)
-    token_weight: Literal["indicator", "soft", "raw"] = knob(
-        "indicator", "w = 1[p<0.5] (default), 1-p, or p (the reference code's stored value).")
+    token_weight: Literal["indicator", "soft", "raw", "uniform"] = knob(
+        "indicator", "w = 1[p<0.5] (default), 1-p, p (the reference code's stored value), or 1 for every token "
+        "(the \"without token reward\" control).")
     SPEC_TRAIN: ClassVar[dict] = dict(lr=5e-7, warmup_ratio=0.03, global_batch_size=128)
     train: dict = _train()
 

@@ -62,19 +62,22 @@ def npo_loss(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tens
 
 
 def token_weights(keep_prob: torch.Tensor, mode: str) -> torch.Tensor:
-    """Spec §2: w from the reward model's keep-probability p. indicator 1[p<0.5]; soft 1−p; raw p."""
+    """docs/method.md §2: w from the reward model's keep-probability p. indicator 1[p<0.5]; soft 1−p; raw p;
+    uniform 1 (every token of the response: the "without token reward" control)."""
+    if mode == "uniform":
+        return torch.ones_like(keep_prob)
     if mode == "indicator":
         return (keep_prob < 0.5).to(keep_prob.dtype)
     if mode == "soft":
         return 1.0 - keep_prob
     if mode == "raw":
         return keep_prob
-    raise ValueError(f"unknown token weight mode {mode!r} (indicator, soft, raw)")
+    raise ValueError(f"unknown token weight mode {mode!r} (indicator, soft, raw, uniform)")
 
 
 def token_npo_loss(policy: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                    beta: float) -> torch.Tensor:
-    """Spec §3: L = −(1/Σ 1[w≠0]) · Σ w·log σ(−β δ), δ = log π − log π_ref, over every token of the batch.
+    """docs/method.md §3: L = −(1/Σ 1[w≠0]) · Σ w·log σ(−β δ), δ = log π − log π_ref, over every token of the batch.
 
     A batch with no weighted token gives 0 (not NaN), so a micro-batch of clean responses is harmless.
     """
@@ -123,7 +126,7 @@ def noise_masked_dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Te
                           ref_rejected: torch.Tensor, mask_chosen: torch.Tensor, mask_rejected: torch.Tensor,
                           beta: float, epsilon: float, k_basis: str = "response",
                           noise_side: str = "rejected") -> NoiseMaskedDPO:
-    """Spec §4: −log σ(β [Σ_j q^w_j δ^w_j − Σ_j q^l_j δ^l_j]) with per-token δ = log π − log π_ref.
+    """docs/method.md §4: −log σ(β [Σ_j q^w_j δ^w_j − Σ_j q^l_j δ^l_j]) with per-token δ = log π − log π_ref.
 
     q is recomputed from the current δ at every step and carries no gradient (a selection, not a weight).
     """

@@ -218,9 +218,11 @@ def ablation_rows(run: Path) -> list[dict]:
                 "selection": masks.get("n2", {}).get("selection", "top"),
                 "accuracy": 100 * res["accuracy"][allo] if allo else None, "table2": t2}
 
-    variants = sorted((d for d in (run / "ablate").glob("*") if (d / "ablation.json").exists()),
-                      key=lambda d: (not d.name.startswith("ratio-"), float(d.name[6:]) if d.name.startswith("ratio-")
-                                     else 0, d.name))  # the sweep by ratio, then the controls
+    def order(d: Path) -> tuple:  # the sweep by ratio (ratio-R, ratio-N1-N2), then the controls by name
+        sweep = d.name.startswith("ratio-")
+        return (not sweep, tuple(float(x) for x in d.name[6:].split("-")) if sweep else (), d.name)
+
+    variants = sorted((d for d in (run / "ablate").glob("*") if (d / "ablation.json").exists()), key=order)
     rows = [r for r in [row("run", run)] + [row(d.name, d) for d in variants] if r]
     return rows if len(rows) > 1 else []
 
@@ -247,8 +249,8 @@ def plot_ablations(run: Path, out: Path) -> list[Path]:
     ablation_controls.png: one bar per control beside the run's ALLO."""
     rows = [r for r in ablation_rows(run) if r["accuracy"] is not None]
     made = []
-    sweep = sorted((r["n2"], r["accuracy"]) for r in rows
-                   if r["variant"].startswith("ratio-") or (r["variant"] == "run" and r["n1"] == r["n2"]))
+    sweep = sorted((r["n2"], r["accuracy"]) for r in rows if r["n1"] == r["n2"]
+                   and (r["variant"].startswith("ratio-") or r["variant"] == "run"))
     if any(r["variant"].startswith("ratio-") for r in rows):
         plt = _plt()
         fig, ax = plt.subplots(figsize=(5, 3.5))

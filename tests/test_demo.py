@@ -92,14 +92,16 @@ def test_ablate_controls_over_the_run(quick_run):
     sets = ["forget.train.max_steps=2"]
     before = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
     torchrun(["ablate", str(run / "recipe.yaml"), *[x for s in sets for x in ("--set", s)],
-              "--ratios", "20", "--without", "forget", "--mask", "random"])
+              "--ratios", "20", "5:25", "--without", "forget", "locate", "token-reward", "noise-mask",
+              "--mask", "random"])
     refused = torchrun(["ablate", str(run / "recipe.yaml"), *[x for s in sets for x in ("--set", s)],
                         "--set", "warmup.train.lr=0.5", "--ratios", "30"], check=False)
     assert refused.returncode != 0 and "the ablation's settings change step warmup" in refused.stderr
     assert {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS} == before, "the run itself was rewritten"
     ab = run / "ablate"
-    assert sorted(p.name for p in ab.iterdir()) == ["mask-random", "ratio-20", "without-forget"]
-    for variant in (ab / v for v in ("mask-random", "ratio-20", "without-forget")):
+    assert sorted(p.name for p in ab.iterdir()) == ["mask-random", "ratio-20", "ratio-5-25", "without-forget",
+                                                   "without-locate", "without-noise-mask", "without-token-reward"]
+    for variant in ab.iterdir():
         for step in ("sft", "sample", "pairs", "warmup", "reward-train", "reward-score", "dpo"):
             assert (variant / step).resolve() == (run / step).resolve() and (variant / step).is_symlink(), step
         res = json.loads((variant / "eval" / "results.json").read_text())
@@ -111,6 +113,14 @@ def test_ablate_controls_over_the_run(quick_run):
         rnd = json.loads((ab / "mask-random" / "locate" / f"{m}.json").read_text())
         assert rnd["selection"] == "random" and rnd["random_seed"] == 7
         assert abs(rnd["achieved_ratio"] - parent[m]["achieved_ratio"]) < 0.01, "a random mask of the same size"
+    pair = {m: json.loads((ab / "ratio-5-25" / "locate" / f"{m}.json").read_text())["ratio"] for m in ("n1", "n2")}
+    assert pair == {"n1": 5, "n2": 25}
+    for stage in ("forget", "improve"):  # without locate: every parameter trains
+        assert json.loads((ab / "without-locate" / stage / "manifest.json").read_text())["trainable_fraction"] == 1.0
+    last = lambda variant, stage: json.loads(  # noqa: E731
+        (ab / variant / stage / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last("without-token-reward", "forget")["weighted_token_fraction"] == 1.0, "uniform weights: every token"
+    assert last("without-noise-mask", "improve")["rejected_kept_fraction"] == 1.0, "every rejected token kept"
     top, rnd = load_masks(run / "locate" / "n2.safetensors"), load_masks(ab / "mask-random" / "locate" / "n2.safetensors")
     overlap = sum(int((top[n] & rnd[n]).sum()) for n in top) / sum(int(top[n].sum()) for n in top)
     assert abs(overlap - parent["n2"]["ratio"] / 100) < 0.05, f"a random mask overlaps the top mask by chance: {overlap}"

@@ -143,3 +143,22 @@ def test_dpo_plus_nll_by_hand():
         loss, metrics = make(cfg(nll_weight=0.5))(logps, batch)
         assert math.isclose(float(loss), float(plain) + 0.5 * 2.0, rel_tol=1e-6)
         assert torch.allclose(metrics["nll/chosen"], torch.tensor([2.0, 2.0]))
+
+
+def test_uniform_token_weights_weigh_every_token_alike():
+    """The "without token reward" control: w = 1 whatever the reward model says, so the token NPO loss is the mean
+    of −log σ(−β δ) over every response token (hand-computed on two tokens)."""
+    import math
+
+    import pytest
+
+    from allo.losses import token_npo_loss, token_weights
+
+    keep = torch.tensor([[0.9, 0.1, 0.7]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = token_weights(keep, "uniform") * mask
+    assert w.tolist() == [[1.0, 1.0, 0.0]]
+    policy, ref = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[-1.5, -1.0, -3.0]])
+    beta = 0.1
+    want = -(math.log(1 / (1 + math.exp(beta * 0.5))) + math.log(1 / (1 + math.exp(beta * -1.0)))) / 2
+    assert token_npo_loss(policy, ref, w, mask, beta).item() == pytest.approx(want, rel=1e-6)

@@ -1,6 +1,6 @@
 """Answer extraction and checking per task family, shared by sampling (labelling) and evaluation.
 
-Spec §6: the answer is the text after the last "The answer is" (case-insensitive). Families:
+docs/method.md §6: the answer is the text after the last "The answer is" (case-insensitive). Families:
 - `math`: numbers compare numerically (1,024 == 1024.0); anything else (fractions, radicals, intervals, LaTeX)
   goes through math-verify's LaTeX/sympy equivalence. A `\\boxed{...}` after the last "The answer is" (or without
   one) is the answer (how MATH reference solutions and most math-tuned models state it).
