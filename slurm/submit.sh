@@ -54,11 +54,11 @@ if [ "$cpu" = 0 ]; then
     echo "memory plan: cannot be made: $(tail -n 1 "$why")"
   fi
   rm -f "$why"
-  if [ "$rc" = 3 ] && [ "$force" = 0 ] && [ "$dry" = 0 ]; then
+  if [ "$rc" = 3 ] && [ "$force" = 0 ]; then
     echo "submit.sh: refused: the plan does not fit (see \`allo plan $recipe --nodes $nodes --gpus-per-node $gpus" \
          "--gpu-memory $memory\`; --force submits anyway)" >&2
     exit 2
-  elif [ "$rc" != 0 ] && [ "$rc" != 3 ] && [ "$force" = 0 ] && [ "$dry" = 0 ]; then
+  elif [ "$rc" != 0 ] && [ "$rc" != 3 ] && [ "$force" = 0 ]; then
     echo "submit.sh: refused: no memory plan (fix what it says, or --force to submit without one)" >&2
     exit 2
   fi

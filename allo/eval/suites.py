@@ -58,6 +58,9 @@ def load_suite(path: str, overrides: Sequence[str] = ()) -> Suite:
     suite = load_config(Suite, path, overrides, "suite keys (benchmarks:, template:, judge:, ...)")
     if not (suite.benchmarks or suite.alpaca_eval or suite.arena_hard):
         raise ConfigError(f"{path}: nothing to evaluate: set benchmarks, alpaca_eval or arena_hard")
+    if suite.arena_hard and suite.baseline == "reference" and not suite.arena_baseline:
+        raise ConfigError(f"{path}: arena_hard with baseline: reference needs arena_baseline (the reference "
+                          "answers, e.g. model_answer/gpt-4-0314.jsonl), or set baseline: first")
     for key in ("alpaca_eval", "arena_hard", "arena_baseline"):
         value = getattr(suite, key)
         if value and not Path(value).exists():
@@ -68,9 +71,6 @@ def load_suite(path: str, overrides: Sequence[str] = ()) -> Suite:
             check_available(name, data or None)
         except BenchmarkError as e:
             raise ConfigError(f"{path}: benchmarks: {e}") from None
-    if suite.arena_hard and suite.baseline == "reference" and not suite.arena_baseline:
-        raise ConfigError(f"{path}: arena_hard with baseline: reference needs arena_baseline (the reference "
-                          "answers, e.g. model_answer/gpt-4-0314.jsonl), or set baseline: first")
     return suite
 
 
