@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/python recipes/tiny/demo.py
 
 # The demo as an experiment: every method tuned on a development split, then the test split once over 3 seeds
-# (recipes/tiny/experiment.py; 10 min 13 s on 2 cores, README "The demo as an experiment").
+# (recipes/tiny/experiment.py; 10 min 13 s on 2 cores at 142bc21, bench/RESULTS.md).
 experiment: $(STAMP)
 	$(BIN)/python recipes/tiny/experiment.py
 
