@@ -51,6 +51,10 @@ def test_quick_demo_runs_every_stage(quick_run):
     assert forget and all(0.0 <= p <= 1.0 for rec in forget for p in rec["keep_probs"])
     result = json.loads((run / "demo_result.json").read_text())
     assert set(result["accuracy"]) == {"SFT", "+DPO", "+NPO", "+SimPO", "+ALLO"}
+    for label, kinds in result["by_kind"].items():  # the mechanism check: planted-error problems and the rest
+        (right_w, n_w), (right_o, n_o) = kinds["with"], kinds["without"]
+        assert n_w > 0 and n_o > 0 and (right_w + right_o) / (n_w + n_o) == pytest.approx(result["accuracy"][label])
+    assert '| with a "gives away" step | without |' in proc.stdout
     assert "| +ALLO |" in proc.stdout
     # one process per rank runs every stage: DeepSpeed's per-engine warning once, each stage under its step's name
     text = proc.stdout + proc.stderr

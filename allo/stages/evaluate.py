@@ -43,9 +43,10 @@ def eval_step(ctx: Context) -> Optional[dict]:
     for m, name in enumerate(models):
         for key, _, items in sets:
             records = outputs[(m, key)]
-            if key == "held-out":
-                acc = sum(is_correct(x["output"], x["answer"], t.family) for x in records) / max(1, len(records))
-                result.setdefault("accuracy", {})[name] = acc
+            if key == "held-out":  # per problem too, for analyses by kind of problem
+                scored = [{**x, "correct": is_correct(x["output"], x["answer"], t.family)} for x in records]
+                write_predictions(out / suite.slug(name), key, scored)
+                result.setdefault("accuracy", {})[name] = sum(x["correct"] for x in scored) / max(1, len(scored))
             elif key.startswith("table3:"):
                 answers.setdefault(key.split(":", 1)[1], {})[name] = [x["output"].strip() for x in records]
             else:

@@ -104,6 +104,7 @@ def run_seed(seed: int, size: dict, user_sets: list[str], out: Path) -> dict:
     items = [{"prompt": p["prompt"], "wrong": p["rejected"], "reference": p.get("reference", p["chosen"])}
              for p in pairs]
     result = {"seed": seed, "accuracy": accuracy, "updated": updated, "wall": walls,
+              "by_kind": by_kind(run, list(accuracy)),
               "token_reward": _agreement(items, [r["keep_probs"] for r in scored], tok, recipe.data.template)}
     print(f"token reward vs teacher edits: {result['token_reward']}")
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
@@ -187,15 +188,35 @@ def _frac(stage_dir: Path) -> str:
     return f"{100 * json.loads((stage_dir / 'manifest.json').read_text())['trainable_fraction']:.1f}%"
 
 
+def by_kind(run: Path, labels: list[str]) -> dict[str, dict[str, list[int]]]:
+    """Per model, [correct, problems] on the held-out problems with a "gives away" step (where the planted
+    misconception can act) and on the rest: whether a gain comes from fixing the planted error."""
+    from allo.eval.suite import slug
+    from allo.tasks.arith import MISCONCEPTION as PHRASE
+
+    out = {}
+    for label in labels:
+        rows = [json.loads(x) for x in (run / "eval" / slug(label) / "held-out.predictions.jsonl").read_text()
+                .splitlines()]
+        kinds = {"with": [r for r in rows if PHRASE in r["prompt"]],
+                 "without": [r for r in rows if PHRASE not in r["prompt"]]}
+        out[label] = {k: [sum(r["correct"] for r in v), len(v)] for k, v in kinds.items()}
+    return out
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| method | held-out accuracy % (mean ± std over seeds) | parameters updated |",
-             "|---|---|---|"]
+    lines = ["| method | held-out accuracy % (mean ± std over seeds) | with a \"gives away\" step | without | "
+             "parameters updated |", "|---|---|---|---|---|"]
     for label in ("SFT", "+DPO", "+NPO", "+SimPO", "+ALLO"):
         accs = [100 * r["accuracy"][label] for r in results]
         spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
         upd = results[0]["updated"][label]
         upd = f"{100 * upd:.1f}%" if isinstance(upd, float) else upd
-        lines.append(f"| {label} | {statistics.mean(accs):.1f}{spread} | {upd} |")
+        kinds = []
+        for kind in ("with", "without"):  # pooled over seeds
+            right, n = (sum(r["by_kind"][label][kind][i] for r in results) for i in (0, 1))
+            kinds.append(f"{100 * right / max(1, n):.1f} (of {n})")
+        lines.append(f"| {label} | {statistics.mean(accs):.1f}{spread} | {kinds[0]} | {kinds[1]} | {upd} |")
     walls = {k: statistics.mean(r["wall"][k] for r in results) for k in results[0]["wall"]}
     lines.append("")
     lines.append("wall time per step (s, mean over seeds): " + ", ".join(f"{k} {v:.1f}" for k, v in walls.items()))
