@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 source slurm/usage.sh && usage_if_asked bench/gpu_check.sh "$@"
 WHEELS=(deepspeed==0.19.8 hjson==3.1.0 ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection
         typing_extensions math-verify==0.9.0 latex2sympy2_extended antlr4-python3-runtime==4.13.2 datasets==5.2.0
-        dill multiprocess trl==1.16.0 pytest pluggy iniconfig)  # the rest is in the machine's image
+        dill multiprocess trl==1.16.0 pytest pluggy iniconfig pygments)  # the rest is in the machine's image
 
 fetch() {
   mkdir -p .git/info && { grep -qsx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude; }
