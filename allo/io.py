@@ -135,7 +135,22 @@ class SafetensorsWriter:
         self.tmp.replace(self.path)
 
 
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def hub_offline(datasets: bool = False) -> bool:
+    """Whether the Hugging Face hub is switched off for this process: HF_HUB_OFFLINE, and for `datasets` (which
+    also honours it) HF_DATASETS_OFFLINE."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in names)
+
+
+def hub_dataset_unavailable(name: str, config: Optional[str] = None) -> Optional[Exception]:
+    """Offline, why the hub dataset `name` cannot be read from the local cache (None when it can, and always None
+    online, where the hub answers for itself)."""
+    if not hub_offline(datasets=True):
+        return None
+    from datasets import load_dataset_builder
+
+    try:
+        load_dataset_builder(name, config)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, it cannot be read here
+        return e
+    return None

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
-from allo.io import safetensors_header
+from allo.io import hub_offline, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def model_dir(path: str, *, tokenizer: bool = True) -> Optional[Path]:
     if cached is not None:
         check_checkpoint(cached, tokenizer=tokenizer)
         return cached
-    if _offline():
+    if hub_offline():
         raise InputError(f"{path}: no such directory, and no hub model of that name in the local Hugging Face cache "
                          f"(HF_HUB_OFFLINE is set: download it first with `hf download {path}`, or fix "
                          "the path)")
@@ -62,14 +62,10 @@ def check_tokenizer(path: str) -> None:
         return
     if not HUB_ID.match(path):
         raise InputError(f"{path}: no such tokenizer directory (model.tokenizer)")
-    if _offline() and _hub_snapshot(path, "tokenizer_config.json") is None:
+    if hub_offline() and _hub_snapshot(path, "tokenizer_config.json") is None:
         raise InputError(f"{path}: no such directory, and no hub tokenizer of that name in the local Hugging Face "
                          f"cache (HF_HUB_OFFLINE is set: `hf download {path}` first, or fix "
                          "model.tokenizer)")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def _hub_snapshot(repo: str, filename: str = "config.json") -> Optional[Path]:
@@ -186,18 +182,13 @@ def check_mask(mask: str, model: Optional[Path]) -> None:
 
 def check_hub_dataset(name: str) -> None:
     """Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), a hub dataset must be in the local cache; online it passes."""
-    from allo.io import hub_offline
+    from allo.io import hub_dataset_unavailable
 
-    if not hub_offline():
-        return
-    from datasets import load_dataset_builder
-
-    try:
-        load_dataset_builder(name)
-    except Exception as e:  # noqa: BLE001 - whatever the reason, it cannot be read here
+    why = hub_dataset_unavailable(name)
+    if why is not None:
         raise InputError(f"{name}: a hub dataset that is not in the local cache, and HF_HUB_OFFLINE is set: fetch "
                          f"it where there is a network (`hf download {name} --repo-type dataset`) or give a local "
-                         "file (.jsonl, .json or .parquet)") from e
+                         "file (.jsonl, .json or .parquet)") from why
 
 
 def check_data(path: str, skip_bad: bool = False) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from unittest import mock
 from typing import Callable, Optional, Sequence
 
+from allo.io import hub_offline
 from allo.openai_client import ChatClient, content
 
 # ----------------------------------------------------------------------------------------------- AlpacaEval
@@ -138,16 +139,12 @@ def _alpaca_score(annotations: Sequence[dict], difficulty: Optional[str]) -> tup
         return metrics, None
     except Exception as e:  # no difficulty data: the plain win rate stands, and the note says how to get LC
         where = (f"{difficulty} ({type(e).__name__}: {e})" if difficulty else
-                 f"the Hugging Face hub ({type(e).__name__}{'; HF_HUB_OFFLINE is set' if _hub_offline() else ''})")
+                 f"the Hugging Face hub ({type(e).__name__}{'; HF_HUB_OFFLINE is set' if hub_offline() else ''})")
         return metrics, (f"length-controlled win rate unavailable: alpaca_eval's df_gamed.csv could not be loaded "
                          f"from {where}; plain win rate only. Offline, pass --difficulty FILE (or set "
                          "ALLO_ALPACA_DIFFICULTY) with a copy of df_gamed.csv from the tatsu-lab/alpaca_eval dataset, "
                          "or put it in the hub cache: hf download tatsu-lab/alpaca_eval df_gamed.csv "
                          "--repo-type dataset")
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def _local_hub_file(path: Path):
