@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from fake_cuda import CUDA, FakeCuda, cuda, fake_cuda, real
+from test_select import zero3_slices
+from thread_ranks import Exchange, run_threads
 from allo.comm import Communicator
 from allo.masks.apply import GradMasker, Piece, build_masks
 from allo.masks.io import save_masks
@@ -113,23 +115,13 @@ class NcclLike:
     ReduceOp = SimpleNamespace(SUM="sum", MAX="max")
 
     def __init__(self, world: int) -> None:
-        self.world = world
-        self.barrier_ = threading.Barrier(world)
-        self.slots: list = [None] * world
-        self.rank_of: dict[int, int] = {}
-        self.calls: list[str] = []
+        self.exchange = Exchange(world)
+        self.rank_of: dict[int, int] = {}  # thread -> rank: torch.distributed's calls do not name the rank
 
     def _exchange(self, value):
-        rank = self.rank_of[threading.get_ident()]
-        self.barrier_.wait()
-        self.slots[rank] = value
-        self.barrier_.wait()
-        out = list(self.slots)
-        self.barrier_.wait()
-        return out
+        return self.exchange(self.rank_of[threading.get_ident()], value)
 
     def _check(self, what: str, group, tensor=None) -> None:
-        self.calls.append(f"{what}:{'gloo' if group == self.GLOO else 'nccl'}")
         if group == self.GLOO:
             if tensor is not None and isinstance(tensor, FakeCuda):
                 raise RuntimeError("gloo: a CUDA tensor in a CPU group")
@@ -156,31 +148,18 @@ class NcclLike:
             out[:] = got
 
     def barrier(self, group=None):
-        self.barrier_.wait()
+        self.exchange.barrier.wait()
 
 
 def run_ranks(world: int, fn) -> list:
     """fn(rank, Communicator) on `world` threads, each rank's Communicator a GPU rank's over NcclLike."""
     dist = NcclLike(world)
-    results: list = [None] * world
-    errors: list = []
 
-    def body(rank: int) -> None:
+    def body(rank: int):
         dist.rank_of[threading.get_ident()] = rank
-        try:
-            results[rank] = fn(rank, Communicator(dist, rank, world, CUDA, cpu_group=NcclLike.GLOO))
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            dist.barrier_.abort()
+        return fn(rank, Communicator(dist, rank, world, CUDA, cpu_group=NcclLike.GLOO))
 
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    if errors:
-        raise errors[0]
-    return results
+    return run_threads(world, body, dist.exchange)
 
 
 def test_communicator_routes_each_tensor_to_a_group_that_accepts_it():
@@ -225,13 +204,7 @@ def test_locate_from_partitions_over_nccl_rules_equals_offline(tmp_path, tiny_mo
         strategy = allo.engine.Strategy("ds_configs/zero3.json", TrainConfig(global_batch_size=2, micro_batch_size=1),
                                         "fp32")
         assert (strategy.rank, strategy.world, strategy.device) == (rank, 2, CUDA)
-        local = []
-        for n, w in tuned.items():
-            flat = w.flatten()
-            part = -(-flat.numel() // 2)
-            if rank * part < flat.numel():
-                local.append((n, rank * part, flat[rank * part:(rank + 1) * part]))
-        return locate_partitioned(local, shapes, tiny_model, 1e-3, {"n1": 10, "n2": 15}, tmp_path / "parts",
+        return locate_partitioned(zero3_slices(tuned, 2, rank), shapes, tiny_model, 1e-3, {"n1": 10, "n2": 15}, tmp_path / "parts",
                                    strategy, threads=1)
 
     paths = run_ranks(2, fn)[0]
@@ -249,15 +222,7 @@ def test_fp32_export_gathers_through_the_side_group(tmp_path, monkeypatch):
 
     full = {"a.weight": torch.randn(3, 5), "b.bias": torch.randn(7)}
 
-    def halves(rank):
-        out = []
-        for n, w in full.items():
-            flat = w.flatten()
-            part = -(-flat.numel() // 2)
-            out.append((n, rank * part, flat[rank * part:(rank + 1) * part]))
-        return out
-
-    monkeypatch.setattr(apply, "fp32_masters", lambda engine, named: halves(engine.rank))
+    monkeypatch.setattr(apply, "fp32_masters", lambda engine, named: zero3_slices(full, 2, engine.rank))
     named = [(n, SimpleNamespace(shape=w.shape)) for n, w in full.items()]
     config = SimpleNamespace(to_json_file=lambda path: Path(path).write_text("{}"))
 

@@ -4,7 +4,6 @@ ones bit for bit, massive ties included; and the tie warning names the remedy.""
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
 import torch
@@ -13,32 +12,17 @@ from allo.masks.io import load_masks
 from allo.masks.locate import locate
 from allo.masks.locate_partitioned import locate_partitioned
 from test_locate import SHAPES, make_pair, reference
-
-
-class ThreadComm:
-    """Collectives between threads: what the engine's Strategy does between processes."""
-
-    def __init__(self, world: int):
-        self.world = world
-        self.slots: list = [None] * world
-        self.barrier = threading.Barrier(world)
-
-    def rank_view(self, rank: int) -> "RankComm":
-        return RankComm(self, rank)
+from thread_ranks import Exchange, run_threads
 
 
 class RankComm:
-    def __init__(self, shared: ThreadComm, rank: int):
-        self.shared, self.rank, self.world = shared, rank, shared.world
+    """Collectives between threads: what the engine's Strategy does between processes."""
+
+    def __init__(self, exchange: Exchange, rank: int):
+        self.exchange, self.rank, self.world = exchange, rank, exchange.world
 
     def _exchange(self, obj):
-        s = self.shared
-        s.barrier.wait()
-        s.slots[self.rank] = obj
-        s.barrier.wait()
-        out = list(s.slots)
-        s.barrier.wait()
-        return out
+        return self.exchange(self.rank, obj)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         parts = self._exchange(tensor.clone())
@@ -67,24 +51,8 @@ def zero3_slices(tuned: dict, world: int, rank: int) -> list:
 
 
 def run_ranks(world: int, fn) -> list:
-    results, errors = [None] * world, []
-    comm = ThreadComm(world)
-
-    def target(r):
-        try:
-            results[r] = fn(comm.rank_view(r), r)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-            comm.barrier.abort()
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
+    exchange = Exchange(world)
+    return run_threads(world, lambda r: fn(RankComm(exchange, r), r), exchange)
 
 
 @pytest.mark.parametrize("world,cap,bin_bits,scope,band", [(2, None, 20, "global", 0), (3, 0, 6, "global", 4),
