@@ -3,8 +3,7 @@
 `FakeCuda` wraps a CPU tensor and reports device `cuda:0`; under `fake_cuda()` every op checks its tensor arguments
 the way CUDA kernels do (a cuda op accepts cuda tensors and 0-dim CPU scalars, nothing else), runs on the CPU
 tensors inside, and wraps what a cuda op returns. Factories and `.to()` with `device="cuda"` make FakeCuda tensors.
-Device-to-host transfers (`.item()`, `.tolist()`, `.cpu()`, `float(t)`) of a FakeCuda tensor are counted in
-`FakeCudaMode.syncs`: on a GPU each one stalls the host until the stream drains.
+(Host syncs are caught on the meta device instead: tests/test_host_syncs.py.)
 
 So a device bug that only a GPU used to meet ("Expected all tensors to be on the same device") fails on CPU.
 """
@@ -23,8 +22,6 @@ aten = torch.ops.aten
 CROSSING = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default, aten._copy_from_and_resize.default,
             aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default,
             aten.lift_fresh.default, aten.set_.source_Tensor}
-SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-         aten._unique2.default, aten.unique_consecutive.default}
 
 
 class FakeCuda(torch.Tensor):
@@ -96,10 +93,6 @@ def _is_cuda_device(d: Any) -> bool:
 class FakeCudaMode(TorchDispatchMode):
     _active: list["FakeCudaMode"] = []
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs: list[str] = []
-
     @classmethod
     def current(cls) -> "FakeCudaMode":
         if not cls._active:
@@ -125,10 +118,6 @@ class FakeCudaMode(TorchDispatchMode):
                                f"devices, cuda:0 and cpu!")
         to_cuda = _is_cuda_device(kwargs.get("device"))
         leaving = "device" in kwargs and kwargs["device"] is not None and not to_cuda
-        if "cuda" in devices and (func in SYNCS or (func is aten._to_copy.default and leaving)):
-            self.syncs.append(str(func))
-        if func is aten.copy_.default and isinstance(args[1], FakeCuda) and not isinstance(args[0], FakeCuda):
-            self.syncs.append(str(func))
         unwrapped = tree_map(lambda x: x.inner if isinstance(x, FakeCuda) else x, (args, kwargs))
         a, kw = unwrapped
         if "device" in kw and to_cuda:

@@ -1,13 +1,14 @@
 """`make demo`: the paper's comparison (SFT, +DPO, +NPO, +ALLO) reproduced from scratch on a tiny task, on the GPUs
 when the machine has them and on the CPU otherwise.
 
-Per seed: write the task's data (allo/tasks/arith.py) and train a tokenizer on it, then run the whole pipeline
-with `torchrun --nproc_per_node 2 -m allo run recipes/tiny/recipe.yaml` (2 ranks, ZeRO-3): sft -> sample ->
+Per seed: write the task's data (allo/tasks/arith.py), train a tokenizer on it and write RUN/recipe.yaml (the tiny
+recipe with the seed's settings), then run the whole pipeline with `python -m allo.torchrun --nproc_per_node 2 -m allo
+run RUN/recipe.yaml` (2 ranks, or one per GPU; ZeRO-3): sft -> sample ->
 pairs -> warmup (DPO) -> locate (N1, N2) -> reward-data (programmatic minimum-edit teacher) -> reward-train ->
 reward-score -> forget (N1) -> improve (N2) ; baselines dpo, npo and simpo -> eval (greedy held-out accuracy).
 Ends with a table like the paper's Table 2 (mean ± std over seeds) and `allo report` plots per seed.
 
-Usage: python recipes/tiny/demo.py [--seeds 0 1] [--quick] [--ranks N] [--set KEY=VALUE ...]   (default: seeds 0 and 1)
+Usage: python recipes/tiny/demo.py [--seeds 0 1] [--quick] [--ranks N] [--out DIR] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def write_run_recipe(run: Path, sets: list[str], ranks: int) -> Path:
     ablated by hand (`allo run RUN/recipe.yaml --from STEP`, `allo ablate RUN/recipe.yaml`)."""
     import yaml
 
-    from allo.config import load_recipe, read_yaml
+    from allo.config import read_yaml
 
     data, _ = read_yaml(RECIPE, sets)  # the YAML with the --set values in place (not the resolved recipe: which
     path = run / "recipe.yaml"         # train keys a recipe sets decides how the stages' own defaults apply)
