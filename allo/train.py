@@ -239,7 +239,8 @@ class Trainer:
             norm = s.grad_norm_tensor()
             if isinstance(norm, torch.Tensor):  # on the device: reduced with the means, not read now
                 step_means["grad_norm"] = norm.detach().reshape(())
-            host = {"tokens": flags[2], "lr": self.engine.get_lr()[0], "epoch": self.pos.consumed / len(self.stage.examples),
+            host = {"tokens": flags[2], "lr": self.engine.get_lr()[0],
+                    "epoch": self.pos.consumed / len(self.stage.examples),
                     **({} if isinstance(norm, torch.Tensor) else {"grad_norm": float("nan") if norm is None else norm})}
             pending.append((self.pos.step, step_means, host))
             progress.update(1)
@@ -271,11 +272,10 @@ class Trainer:
         included, as this is where the host waits for it)."""
         s = self.strategy
         rows = reduce_steps(s, [m for _, m, _ in pending])
-        for (step, _, host), row in zip(pending, rows):
+        for (_, _, host), row in zip(pending, rows):
             row.update(host)
             self.trace.append((float(row["loss"]), float(row["grad_norm"])))
-        step, _, _ = pending[-1]
-        stats = rows[-1]
+        step, stats = pending[-1][0], rows[-1]
         tokens = stats.pop("tokens")
         stats.update(step_s=step_s, tokens_per_s=tokens / step_s,
                      optim_state_mb=self.optimizer.state_bytes() * s.world / 2 ** 20,
