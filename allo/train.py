@@ -237,11 +237,13 @@ class Trainer:
             stop, due = flags[0] > 0, flags[1] > 0
             step_means = means.take()
             norm = s.grad_norm_tensor()
-            if isinstance(norm, torch.Tensor):  # on the device: reduced with the means, not read now
+            on_device = isinstance(norm, torch.Tensor) and norm.device == s.device
+            if on_device:  # reduced with the means, not read now
                 step_means["grad_norm"] = norm.detach().reshape(())
             host = {"tokens": flags[2], "lr": self.engine.get_lr()[0],
                     "epoch": self.pos.consumed / len(self.stage.examples),
-                    **({} if isinstance(norm, torch.Tensor) else {"grad_norm": float("nan") if norm is None else norm})}
+                    # a float, None, or a CPU tensor (offloaded norms): read on the host, no device wait
+                    **({} if on_device else {"grad_norm": float("nan") if norm is None else float(norm)})}
             pending.append((self.pos.step, step_means, host))
             progress.update(1)
             if stop or self.pos.step % cfg.log_every == 0 or self.pos.step == self.total_steps:

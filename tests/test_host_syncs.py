@@ -33,8 +33,8 @@ class Strategy:
     """DeepSpeed's side, without DeepSpeed: one rank on the meta device."""
     device, world, rank, is_rank0, grad_accum = META, 1, 0, True, 2
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, norm_device=META):
+        self.model, self.norm_device = model, norm_device
 
     def backward(self, loss):
         loss.backward()
@@ -46,8 +46,8 @@ class Strategy:
         assert tensor.device.type == "cpu", "only host values are reduced every step"
         return tensor
 
-    def grad_norm_tensor(self):
-        return torch.ones((), device=META)
+    def grad_norm_tensor(self):  # on the device, or on the CPU as DeepSpeed's offloaded norms are
+        return torch.ones((), device=self.norm_device)
 
     def barrier(self):
         pass
@@ -71,9 +71,10 @@ def _examples(n: int, slots: int, arrays: tuple[str, ...]) -> list[dict]:
     ("improve", objectives.improve(ImproveConfig()), 2, ("ref_logps",)),
     ("forget", objectives.forget(ForgetConfig()), 1, ("ref_logps", "keep_probs")),
 ])
-def test_no_host_sync_outside_logging(tmp_path, monkeypatch, name, objective, slots, arrays):
+@pytest.mark.parametrize("norm_device", ["meta", "cpu"])
+def test_no_host_sync_outside_logging(tmp_path, monkeypatch, name, objective, slots, arrays, norm_device):
     model = Model().to(META)
-    strategy = Strategy(model)
+    strategy = Strategy(model, torch.device(norm_device))
     stage = Stage(name, _examples(16, slots, arrays), objective, token_arrays=arrays)
     cfg = TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=8, log_every=4, report_to=[])
     trainer = Trainer(strategy, model, SimpleNamespace(pad_token_id=0), stage, cfg, tmp_path, group="g")
