@@ -35,6 +35,18 @@ CONTROLS = {"without-forget": ["forget.enabled=false"], "without-improve": ["imp
             "mask-random": ["locate.random=true"], "mask-bottom": ["locate.bottom=true"]}
 
 
+def _downstream_of_redone() -> list[str]:
+    """Steps after the redone ones that read their outputs (the step-matched DPO reads forget's and improve's step
+    counts): a variant switches them off rather than train them again."""
+    from allo.steps import REGISTRY
+
+    reach: set[str] = set(REDONE)
+    for name, step in REGISTRY.items():
+        if name not in REDONE and reach.intersection(step.upstream):
+            reach.add(name)
+    return [n for n in REGISTRY if n in reach and n not in REDONE]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", nargs="+", metavar="R|N1:N2",
                         help="mask-ratio sweep: N1 = N2 = R%% each, or N1:N2 (e.g. 10:15)")
@@ -70,14 +82,16 @@ def variants(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def link_reused(parent: Path, child: Path, recipe: Recipe) -> None:
-    """Symlink the run's completed step directories that the variant reuses. Refused when one is not complete, or
+    """Symlink the run's completed step directories that the variant reuses (a step the run skipped: its skip
+    record, so that switching it on later in both is seen as one change). Refused when one is not complete, or
     when the variant's settings would change it (an override that reaches it: the pipeline would then rerun it
     and write into the run's own directory)."""
     from allo.pipeline import Pipeline
     from allo.steps import REGISTRY
 
     pipe = Pipeline(recipe)
-    reused = [n for n, step in REGISTRY.items() if n not in REDONE and not (step.skip and step.skip(recipe))]
+    off = _downstream_of_redone()  # switched off in the variant: its own skip record, never the run's
+    reused = [n for n in REGISTRY if n not in REDONE and n not in off]
     for name in reused:
         src = parent / name
         manifest = src / "manifest.json"
@@ -104,6 +118,7 @@ def main(recipe_path: str, overrides: list[str], args: argparse.Namespace) -> No
 
     from allo.io import write_json
     from allo.pipeline import run_pipeline
+    from allo.steps import REGISTRY
 
     parent = load_recipe(recipe_path, overrides)
     run = Path(parent.output_dir)
@@ -111,7 +126,8 @@ def main(recipe_path: str, overrides: list[str], args: argparse.Namespace) -> No
     todo = variants(args)
     for name, extra in todo.items():
         child = run / "ablate" / name
-        recipe = load_recipe(recipe_path, [*overrides, *extra, f"output_dir={child}",
+        off = [f"{REGISTRY[n].train.section}.enabled=false" for n in _downstream_of_redone()]
+        recipe = load_recipe(recipe_path, [*overrides, *extra, *off, f"output_dir={child}",
                                            f"task.eval_models=[{', '.join(rows)}]"])
         link_reused(run, child, recipe)
         if not dist.is_initialized() or dist.get_rank() == 0:

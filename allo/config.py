@@ -143,6 +143,16 @@ class DPOConfig:
 
 
 @dataclass
+class MatchedConfig:
+    """A matched baseline of `make experiment` (README, "The demo as an experiment"): DPO with the `dpo` section's
+    objective settings, started or fed differently. Off unless enabled, so runs train only what they ask for."""
+    enabled: bool = knob(False, "Train this baseline (and give it a row in the eval table); `allo --help` says "
+                                "what each one is.")
+    SPEC_TRAIN: ClassVar[dict] = DPOConfig.SPEC_TRAIN
+    train: dict = _train()
+
+
+@dataclass
 class SimPOConfig:
     beta: float = knob(2.0, "SimPO reward scale β on average log-probs (the SimPO paper's 2.0–2.5, not DPO's 0.1).",
                        gt=0)
@@ -336,6 +346,9 @@ class Recipe:
     sft: SFTConfig = knob(factory=SFTConfig)
     warmup: DPOConfig = knob(factory=DPOConfig)
     dpo: DPOConfig = knob(factory=DPOConfig)
+    dpo_steps: MatchedConfig = knob(factory=MatchedConfig)  # the matched baselines (allo.steps._matched)
+    npo_dpo: MatchedConfig = knob(factory=MatchedConfig)
+    dpo_rewrites: MatchedConfig = knob(factory=MatchedConfig)
     npo: NPOConfig = knob(factory=NPOConfig)
     simpo: SimPOConfig = knob(factory=SimPOConfig)
     locate: LocateConfig = knob(factory=LocateConfig)

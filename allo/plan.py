@@ -360,7 +360,7 @@ def step_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tuple[i
         path = recipe.task.sft_data if data == "recipe:task.sft_data" else None
         return data_tokens(recipe, path, fields, n, f"one SFT record per problem, {where}")
     path = run / data
-    if step.name in ("warmup", "dpo", "simpo", "improve") and recipe.task.pairs:
+    if data == "pairs/pairs.jsonl" and recipe.task.pairs:
         path = Path(recipe.task.pairs)
     if path.exists():
         return data_tokens(recipe, str(path), fields, 0, "")
@@ -388,7 +388,7 @@ def generate_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tup
     m = len(held) if held else 0
     from allo.steps import REGISTRY
 
-    models = 1 + sum(1 for st in REGISTRY.values() if st.label)
+    models = 1 + sum(1 for st in REGISTRY.values() if st.label and not (st.skip and st.skip(recipe)))
     return m * models * recipe.task.eval_max_new_tokens, (
         f"{m} held-out problems × {models} models × task.eval_max_new_tokens (upper bound; benchmarks not counted)")
 

@@ -40,6 +40,8 @@ class Training:
     after: Optional[str] = None       # "module:function" run on every rank after training (see runner.run_stage)
     same_as: Optional[str] = None     # a training step this one repeats when the recipe gives both the same
                                       # data, weights and settings: its outputs are taken instead of training again
+    steps_of: tuple[str, ...] = ()    # train for as many optimizer steps as these steps took together (their
+                                      # manifests' counts become train.max_steps): a step-matched baseline
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,9 @@ def _declare() -> list[Step]:
              config=("locate", "warmup.train", "train.lr"), run="allo.stages.locate:locate_step",
              command="allo.stages.locate"),
         Step("reward-data", "Minimum-edit rewrites of wrong responses by a teacher (OpenAI-compatible endpoint or the "
-                            "programmatic teacher) for training the token reward model.",
-             inputs=("pairs/wrong.jsonl",), outputs=("reward.jsonl",),
+                            "programmatic teacher) for training the token reward model; the right ones also as "
+                            "preference pairs {prompt, chosen: rewrite, rejected: wrong response}.",
+             inputs=("pairs/wrong.jsonl",), outputs=("reward.jsonl", "pairs.jsonl"),
              config=("reward.teacher", "reward.teacher_endpoint.base_url", "reward.teacher_endpoint.model",
                      "task.family"), run="allo.stages.reward:reward_data_step", every_rank=True),
         Step("reward-train", "Train the small token reward model (an LM sharing the policy's tokenizer) on the "
@@ -134,6 +137,7 @@ def _declare() -> list[Step]:
                       "SFT model on the same loop.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("simpo",),
              label="+SimPO", train=Training("simpo", "simpo", data="pairs/pairs.jsonl", init=SFT_MODEL)),
+        *_matched(),
     ]
     evaluated = tuple(f"{s.name}/model" for s in steps if s.label)  # every model with a row in the tables
     steps.append(
@@ -144,6 +148,32 @@ def _declare() -> list[Step]:
              files=("task.eval", "task.alpaca_eval", "task.arena_hard"), run="allo.stages.evaluate:eval_step",
              every_rank=True))
     return steps
+
+
+def _matched() -> list[Step]:
+    """The matched baselines of `make experiment`, each skipped unless its section is enabled: the DPO objective
+    with ALLO's optimizer steps, after NPO, or on the teacher's rewrites."""
+    def off(section: str) -> Callable[[Recipe], Optional[str]]:
+        return lambda r: None if getattr(r, section).enabled else f"{section}.enabled is false (a matched baseline)"
+
+    return [
+        Step("dpo-steps", "Matched baseline: DPO from the SFT model for as many optimizer steps as forget and improve "
+                          "together (the pairs repeat as needed).",
+             inputs=(SFT_MODEL, "pairs/pairs.jsonl", "forget/model", "improve/model"), outputs=("model",),
+             config=TRAIN_KEYS + ("dpo", "dpo_steps"), label="+DPO-steps", skip=off("dpo_steps"),
+             train=Training("dpo", "dpo_steps", data="pairs/pairs.jsonl", init=SFT_MODEL,
+                            steps_of=("forget", "improve"))),
+        Step("npo-dpo", "Matched baseline: DPO on the pairs from the NPO baseline's model (NPO then DPO, every "
+                        "parameter, on ALLO's wrong responses and pairs).",
+             inputs=("npo/model", "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo", "npo_dpo"),
+             label="+NPO-DPO", skip=off("npo_dpo"),
+             train=Training("dpo", "npo_dpo", data="pairs/pairs.jsonl", init="npo/model")),
+        Step("dpo-rewrites", "Matched baseline: DPO from the SFT model on pairs whose chosen response is the "
+                             "teacher's rewrite of the wrong one (the teacher's signal, without ALLO).",
+             inputs=(SFT_MODEL, "reward-data/pairs.jsonl"), outputs=("model",),
+             config=TRAIN_KEYS + ("dpo", "dpo_rewrites"), label="+DPO-rewrites", skip=off("dpo_rewrites"),
+             train=Training("dpo", "dpo_rewrites", data="reward-data/pairs.jsonl", init=SFT_MODEL)),
+    ]
 
 
 def _ordered(steps: list[Step]) -> dict[str, Step]:

@@ -45,7 +45,7 @@ run() {
   "$python" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, '| deepspeed', \
 deepspeed.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())" \
     | tee -a "$out/check.log"
-  # the table first: it is what a short device session must not lose
+  # the table first: it is what a run cut short by its time limit must not lose
   if [ "$smoke" = 1 ]; then bench=(--smoke); else bench=(); fi
   timeout 240 "$python" bench/gpu.py "${bench[@]}" --out "$out/gpu.json" 2>&1 | tee -a "$out/check.log"
   [ "${PIPESTATUS[0]}" = 0 ] || { rc=1; echo "gpu-check: bench/gpu.py failed; see $out/check.log" >&2; }

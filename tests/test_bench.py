@@ -1,4 +1,4 @@
-"""bench/gpu.py end to end on CPU (--smoke): the script a GPU session runs must not be broken when it gets there;
+"""bench/gpu.py end to end on CPU (--smoke): the script `make gpu-check` runs on a GPU must not be broken when it gets there;
 and bench/profile_share.py's reading of a raw py-spy profile."""
 from __future__ import annotations
 

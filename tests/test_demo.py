@@ -66,7 +66,8 @@ def test_quick_demo_runs_every_stage(quick_run):
 
 def test_manifests_skip_and_from_reruns(quick_run):
     """After a finished run, `allo run` on the recipe the demo wrote for it skips every step (the run continues by
-    hand); `--from simpo` reruns simpo..eval; a changed setting reruns exactly its step and the steps downstream."""
+    hand); `--from simpo` reruns simpo and every step after it; a changed setting reruns exactly its step and the
+    steps downstream."""
     from allo.steps import STEPS
 
     run, _ = quick_run
@@ -79,10 +80,10 @@ def test_manifests_skip_and_from_reruns(quick_run):
     torchrun(args + ["--from", "simpo"])
     after = {s: os.path.getmtime(run / s / "manifest.json") for s in STEPS}
     rerun = {s for s in STEPS if after[s] != before[s]}
-    assert rerun == {"simpo", "eval"}, rerun
+    assert rerun == set(STEPS[STEPS.index("simpo"):]), rerun  # simpo, the matched baselines (off: skips), eval
     torchrun(args + ["--set", "improve.beta=0.2"])  # a changed setting reruns its step and everything downstream
     changed = {s for s in STEPS if os.path.getmtime(run / s / "manifest.json") != after[s]}
-    assert changed == {"improve", "eval"}, changed
+    assert changed == {"improve", "dpo-steps", "eval"}, changed  # dpo-steps, off here, records its skip again
 
 
 def test_ablate_controls_over_the_run(quick_run):
@@ -139,3 +140,31 @@ def test_ablate_controls_over_the_run(quick_run):
     assert all(f"| {v} |" in tables for v in ("run", "ratio-20", "without-forget", "mask-random"))
     for png in ("ablation_ratios.png", "ablation_controls.png"):
         assert (run / "report" / png).stat().st_size > 1000, png
+
+
+def test_matched_baselines_over_the_run(quick_run):
+    """`make experiment`'s matched baselines on the finished run: DPO-steps takes as many optimizer steps as forget
+    and improve did (their metrics.jsonl), NPO-DPO starts from the NPO model, DPO-rewrites trains on the teacher's
+    right rewrites of the wrong responses; an ablation of a run with them switches DPO-steps off."""
+    from allo.tasks import is_correct
+
+    run, _ = quick_run
+    on = [x for s in ("dpo_steps", "npo_dpo", "dpo_rewrites") for x in ("--set", f"{s}.enabled=true")]
+    torchrun(["run", str(run / "recipe.yaml"), *on, "--only", "dpo-steps,npo-dpo,dpo-rewrites"])
+    last = lambda stage: json.loads((run / stage / "metrics.jsonl").read_text().splitlines()[-1])["step"]  # noqa: E731
+    manifest = lambda stage: json.loads((run / stage / "manifest.json").read_text())  # noqa: E731
+    assert last("dpo-steps") == last("forget") + last("improve") == manifest("dpo-steps")["steps"]
+    assert manifest("dpo-steps")["examples"] == manifest("dpo")["examples"], "the same pairs, more passes"
+    assert manifest("npo-dpo")["init"] == str(run / "npo" / "model") and last("npo-dpo") == last("dpo")
+    pairs = [json.loads(x) for x in (run / "reward-data" / "pairs.jsonl").read_text().splitlines()]
+    answers = {json.loads(x)["prompt"]: json.loads(x)["answer"] for x in
+               (run / "data" / "problems.jsonl").read_text().splitlines()}
+    assert len(pairs) == manifest("reward-data")["kept"]
+    assert manifest("dpo-rewrites")["examples"] == sum(bool(p["rejected"].strip()) for p in pairs)  # empty: skipped
+    assert all(is_correct(p["chosen"], answers[p["prompt"]], "math") for p in pairs)
+    assert not any(is_correct(p["rejected"], answers[p["prompt"]], "math") for p in pairs)
+    torchrun(["ablate", str(run / "recipe.yaml"), *on, "--set", "forget.train.max_steps=2", "--without", "locate"])
+    variant = run / "ablate" / "without-locate"
+    assert manifest("dpo-steps")["steps"] == last("forget") + last("improve"), "the run's own is untouched"
+    assert json.loads((variant / "dpo-steps" / "manifest.json").read_text())["skipped"].startswith("dpo_steps.enabled")
+    assert (variant / "npo-dpo").resolve() == (run / "npo-dpo").resolve()

@@ -1,50 +1,91 @@
 """`make experiment`'s protocol, with the training runs stubbed (a function of the learning rates stands in for
-accuracy): tuning reads only the development split (seed 0's test file does not exist yet, and no tuning run names
-it), every method gets the same grid, the chosen rate is the development split's best, and the test split is
-evaluated once per seed at the chosen rates, reported with the paired ALLO − DPO comparison."""
+accuracy): tuning reads only the tuning seed's development split (its test file never exists), every method gets
+the same grid, NPO-DPO is tuned with NPO at its chosen rate, each test seed's models are evaluated on its test split
+exactly once at the chosen rates, and the table carries paired intervals, step counts and the mechanism split."""
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes" / "tiny"))
 import experiment  # noqa: E402
 
+# Development accuracy as a function of each method's grid factor: DPO likes the largest rate, ALLO the smallest,
+# without-locate ×3, NPO-DPO ×10 but only when NPO sits at its own best (×1); the rest ×1.
+DEV = {"+DPO": lambda f: f["dpo"], "+ALLO": lambda f: 1 / f["improve"], "ALLO without locate": lambda f: -abs(
+    f["improve"] - 3), "+NPO-DPO": lambda f: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1)}
+TEST_ACC = {"SFT": 3, "+DPO": 5, "+NPO": 4, "+SimPO": 4, "+ALLO": 8, "+DPO-steps": 6, "+NPO-DPO": 5,
+            "+DPO-rewrites": 6, "ALLO without locate": 6}  # right answers of 10 test problems
+
 
 def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "OUT", tmp_path)
     base = experiment.base_rates([])
+    labels = [m.label for m in experiment.chosen_methods(False)]
     calls = []
 
-    def fake_allo(stage, sets, *extra, ranks=2):
+    def write_model(where: Path, label: str, acc: float, correct: int) -> None:
+        (where / "eval" / label.strip("+").lower()).mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": "Ann gives away 2" if i % 2 else "Ann buys 2", "correct": i < correct} for i in range(10)]
+        (where / "eval" / label.strip("+").lower() / "held-out.predictions.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+
+    def fake_allo(command, sets, *extra, ranks=2):
         kv = dict(s.split("=", 1) for s in sets)
         run = Path(kv["output_dir"])
-        calls.append({"eval": kv["task.eval"], "test_exists": (run / "data" / "test.jsonl").exists(),
-                      "sets": list(sets)})
         factor = {s: float(kv[f"{s}.train.lr"]) / base[s] for s in base}
-        # dev favours the largest rate for DPO, the smallest for ALLO, x1 for the rest; test gives ALLO +1 point
-        score = {"+DPO": factor["dpo"], "+ALLO": 1 / factor["improve"], "+NPO": -abs(factor["npo"] - 1),
-                 "+SimPO": -abs(factor["simpo"] - 1)}
-        acc = {"SFT": 0.3, **{k: 0.4 + 0.01 * v for k, v in score.items()}}
-        if kv["task.eval"].endswith("test.jsonl"):
-            acc = {"SFT": 0.3, "+DPO": 0.5, "+NPO": 0.45, "+SimPO": 0.46, "+ALLO": 0.51 + 0.001 * int(kv["seed"])}
-        (run / "eval").mkdir(parents=True, exist_ok=True)
-        (run / "eval" / "results.json").write_text(json.dumps({"accuracy": acc}))
+        split = "test" if kv["task.eval"].endswith("test.jsonl") else "dev"
+        calls.append({"command": command, "extra": extra, "seed": int(kv["seed"]), "split": split, "factor": factor,
+                      "test_exists": (run / "data" / "test.jsonl").exists(), "sets": list(sets)})
+        variants = {"locate": "without-locate"} if command == "ablate" else {}
+        assert command == "run" or list(extra) == ["--without", "locate"], extra
+        rows = {"ALLO without locate": run / "ablate" / "without-locate"} if variants else {
+            label: run for label in ["SFT", *labels] if label != "ALLO without locate"}
+        for label, where in rows.items():
+            row = "+ALLO" if label == "ALLO without locate" else label
+            acc = 0.4 + 0.01 * DEV.get(label, lambda f: 0)(factor)
+            if split == "test":
+                acc = TEST_ACC[label] / 10
+                write_model(where, row, acc, TEST_ACC[label])
+                for step in experiment.ALLO_STEPS + ("dpo", "npo", "simpo", "dpo-steps", "npo-dpo", "dpo-rewrites"):
+                    (where / step).mkdir(parents=True, exist_ok=True)
+                    (where / step / "manifest.json").write_text(json.dumps({"steps": 4, "examples": 128}))
+            (where / "eval").mkdir(parents=True, exist_ok=True)
+            results = where / "eval" / "results.json"
+            old = json.loads(results.read_text())["accuracy"] if results.exists() and not variants else {}
+            results.write_text(json.dumps({"accuracy": {**old, row: acc}}))
 
     monkeypatch.setattr(experiment.demo, "allo", fake_allo)
-    experiment.main(["--quick", "--seeds", "0", "1", "2"])
-    tuning, testing = calls[:len(experiment.GRID)], calls[len(experiment.GRID):]
-    assert all(c["eval"].endswith("seed0/data/dev.jsonl") and not c["test_exists"] for c in tuning)
+    experiment.main(["--quick", "--seeds", "1", "2"])
+    tuning = [c for c in calls if c["seed"] == experiment.TUNING_SEED]
+    testing = [c for c in calls if c["seed"] != experiment.TUNING_SEED]
+    assert all(c["split"] == "dev" and not c["test_exists"] for c in tuning)
     assert not any("test.jsonl" in s for c in tuning for s in c["sets"])
-    assert [c["eval"].rsplit("/", 3)[-3] for c in testing] == ["seed0", "seed1", "seed2"]
-    assert all(c["eval"].endswith("test.jsonl") and c["test_exists"] for c in testing)
+    assert {c["split"] for c in testing} == {"test"} and [c["seed"] for c in testing] == [1, 1, 2, 2]
+    evaluated = Counter((c["seed"], c["command"]) for c in testing)
+    assert evaluated == {(1, "run"): 1, (1, "ablate"): 1, (2, "run"): 1, (2, "ablate"): 1}, "one test eval a model"
+    after = [c for c in tuning if c["command"] == "run"][len(experiment.GRID):]
+    assert [c["factor"]["npo"] for c in after] == pytest.approx([1.0] * len(experiment.GRID)), "NPO at its best"
+    assert [c["factor"]["npo_dpo"] for c in after] == pytest.approx(experiment.GRID, rel=1e-3), "NPO-DPO's own grid"
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["tuning"]["best_factor"] == {"+DPO": max(experiment.GRID), "+NPO": 1.0, "+SimPO": 1.0,
-                                               "+ALLO": min(experiment.GRID)}
-    chosen = {s.split("=")[0]: float(s.split("=")[1]) for s in testing[0]["sets"] if ".train.lr=" in s}
-    assert abs(chosen["dpo.train.lr"] / base["dpo"] - max(experiment.GRID)) < 1e-3
-    assert abs(chosen["forget.train.lr"] / base["forget"] - min(experiment.GRID)) < 1e-3
+    best = result["tuning"]["best_factor"]
+    assert best["+DPO"] == max(experiment.GRID) and best["+ALLO"] == min(experiment.GRID)
+    assert best["ALLO without locate"] == 3.0 and best["+NPO-DPO"] == 10.0 and best["+NPO"] == 1.0
+    run_test, ablate_test = testing[0], testing[1]
+    assert abs(run_test["factor"]["dpo"] - max(experiment.GRID)) < 1e-3
+    assert abs(run_test["factor"]["forget"] - min(experiment.GRID)) < 1e-3
+    assert abs(ablate_test["factor"]["forget"] - 3.0) < 1e-3, "a control at its own chosen rate"
     text = (tmp_path / "table.md").read_text()
-    assert "ALLO − DPO per seed: +1.0, +1.1, +1.2" in text and "ALLO ahead on 3 of 3 seeds" in text
+    assert "| +ALLO | 80.0 ± 0.0 | +30.0 [" in text, text  # 8 vs 5 right of 10, on both seeds
+    assert "| +DPO-steps | dpo-steps 4 | dpo-steps 128 |" in text
+    assert "| +ALLO | warmup 4 + reward-train 4 + forget 4 + improve 4 = 16 |" in text
+
+
+def test_the_tuning_seed_is_never_a_test_seed():
+    with pytest.raises(SystemExit):
+        experiment.main(["--quick", "--seeds", "0", "1"])

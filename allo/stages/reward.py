@@ -32,14 +32,16 @@ def reward_items(ctx: Context) -> list[dict]:
 
 
 def reward_data_step(ctx: Context) -> Optional[dict]:
-    """The teacher's minimum-edit rewrites, kept when right, plus "keep" copies -> reward-data/reward.jsonl. Sharded
-    over the ranks: each calls the teacher for its units of wrong responses."""
+    """The teacher's minimum-edit rewrites, kept when right, plus "keep" copies -> reward-data/reward.jsonl, and the
+    kept rewrites as preference pairs over the wrong responses -> reward-data/pairs.jsonl (the dpo-rewrites
+    baseline's data). Sharded over the ranks: each calls the teacher for its units of wrong responses."""
     from allo.guards import check_rewrites
     from allo.reward.model import reward_data
     from allo.reward.teacher import check_programmatic, llm_rewrites, programmatic_rewrites, python_rewrites
     from allo.tasks import is_correct
 
     r = ctx.recipe
+    wrong = read_jsonl(ctx.path("pairs/wrong.jsonl"))
     items = reward_items(ctx)
     family = r.task.family
     is_right = (lambda text, gold: bool(text.strip())) if family == "instruct" else (
@@ -59,16 +61,19 @@ def reward_data_step(ctx: Context) -> Optional[dict]:
     def work(k: int, idx: range) -> list[list[dict]]:
         sub = [items[i] for i in idx]
         out = []
-        for it, fixed in zip(sub, teacher(sub)):
+        for i, it, fixed in zip(idx, sub, teacher(sub)):
             records, counts = reward_data([it], [fixed], is_right)
+            pair = [{"prompt": wrong[i]["prompt"], "chosen": fixed, "rejected": wrong[i]["rejected"]}] if (
+                counts["kept"]) else []
             out.append([{"outcome": next(c for c in ("kept", "rewrite_wrong", "teacher_failed") if counts[c]),
-                         "records": records}])
+                         "records": records, "pairs": pair}])
         return out
 
     rows = run_sharded(ctx.sync, "reward-data", ctx.shards("reward-data"), units_of(len(items), unit), work)
     if rows is None:
         return None
     write_jsonl(ctx.dir("reward-data") / "reward.jsonl", [rec for row in rows for rec in row["records"]])
+    write_jsonl(ctx.dir("reward-data") / "pairs.jsonl", [p for row in rows for p in row["pairs"]])
     counts = {"items": len(items), **{c: sum(row["outcome"] == c for row in rows)
                                       for c in ("kept", "rewrite_wrong", "teacher_failed")}}
     log.info("reward data: %s", counts)

@@ -116,6 +116,8 @@ def train_step(ctx: Context, step: Step) -> Optional[dict]:
     from allo.preflight import check_training
 
     recipe = resolve(t.recipe)(ctx.recipe) if t.recipe else ctx.recipe
+    if t.steps_of:
+        recipe = _steps_matched(ctx, recipe, step)
     data, init, mask = ctx.path(t.data), ctx.path(t.init), ctx.path(t.mask) if t.mask else None
     if not getattr(getattr(recipe, t.section), "enabled", True):
         return _pass_through(ctx, step.name, t.section, init) if ctx.sync.rank == 0 else None
@@ -123,6 +125,23 @@ def train_step(ctx: Context, step: Step) -> Optional[dict]:
                    keep_last=recipe.stage_train(t.section).keep_last)
     return run_stage(recipe, t.stage, data=data, init=init, mask=mask, out_dir=str(ctx.dir(step.name)),
                      section=t.section, after=t.after, name=step.name)
+
+
+def _steps_matched(ctx: Context, recipe: Recipe, step: Step) -> Recipe:
+    """`recipe` with the step's train.max_steps set to the optimizer steps its `steps_of` steps took (their
+    manifests; a step switched off took none)."""
+    import json
+
+    t = step.train
+    took = {name: json.loads((ctx.dir(name) / "manifest.json").read_text()).get("steps", 0) for name in t.steps_of}
+    total = sum(took.values())
+    if total < 1:
+        raise ValueError(f"step {step.name} matches the optimizer steps of {', '.join(t.steps_of)}, which took none")
+    section = getattr(recipe, t.section)
+    if ctx.sync.rank == 0:
+        log.info("%s: %d optimizer steps, as many as %s", step.name, total,
+                 " + ".join(f"{name} {n}" for name, n in took.items()))
+    return replace(recipe, **{t.section: replace(section, train={**section.train, "max_steps": total})})
 
 
 def _pass_through(ctx: Context, name: str, section: str, init: str) -> dict:

@@ -1,17 +1,29 @@
-"""`make experiment`: does ALLO beat DPO on the tiny task when every method is tuned the same way, without the test
-set? The demo's task (recipes/tiny/demo.py): arithmetic word problems whose SFT rationales carry a systematic
-misconception ("gives away" worked as an addition in 60% of those steps), so the SFT model has an error mode that
-preference pairs can fix.
+"""`make experiment`: does ALLO beat baselines matched to it in optimizer steps, data and signal on the tiny task,
+when every method is tuned the same way and never on the test problems? The task is the demo's
+(recipes/tiny/demo.py): arithmetic word problems whose SFT rationales carry a planted misconception ("gives away"
+worked as an addition in 60% of those steps), so the SFT model has an error mode that preference data can fix.
 
-1. Tune, on seed 0's development split only. Every method gets the same five grid points: its recipe learning
-   rate times 1/3, 1, 3, 10 and 30 (ALLO: forget's and improve's together). One `allo run` per grid point with every
-   method's rate scaled and task.eval = dev.jsonl; the pipeline reruns only the steps whose rate changed, and the
-   eval. Seed 0's test file is written only after tuning, so tuning cannot read it.
-2. Test, once: every method at its best development rate, seeds 0..N-1 (`--seeds`), greedy accuracy on each seed's
-   test split: mean ± standard error over seeds, and ALLO − DPO per seed (paired) with its mean ± standard error.
-   Writes runs/tiny/experiment/table.md (with the date, the commit and the wall time) and result.json.
+Methods, each trained from the seed's SFT model:
+- DPO, NPO and SimPO: the demo's baselines, one epoch over the pairs (NPO: over the wrong responses);
+- ALLO: warm-up DPO, locate, token reward model, forget (N1), improve (N2);
+- DPO-steps: DPO for as many optimizer steps as ALLO's forget and improve together;
+- NPO-DPO: NPO (at its own chosen rate), then DPO, every parameter, on ALLO's wrong responses and pairs;
+- DPO-rewrites: DPO whose chosen responses are the teacher's rewrites of the wrong ones (the teacher's signal);
+- ALLO without locate: forget and improve on every parameter (100% masks, `allo ablate --without locate`);
+- with --controls, also ALLO with random masks of the same sizes, without the token reward (uniform forget weights)
+  and without the noise mask (improve keeps every rejected token).
 
-Usage: python recipes/tiny/experiment.py [--seeds 0 1 2] [--quick] [--set KEY=VALUE ...]
+1. Tune on seed 0 (the tuning seed, never a test seed), development split only; seed 0 has no test file. Every
+   method gets the same five grid points, its recipe learning rates × 1/3, 1, 3, 10 and 30 (ALLO and its controls:
+   forget's and improve's together, at the recipe's ratio). NPO-DPO is tuned after NPO, with NPO at its chosen
+   rate. Ties go to the point nearest ×1.
+2. Test once per seed (default seeds 1..8): every method at its chosen rates; each model is evaluated once on the
+   seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
+   the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); accuracy on
+   the problems with a "gives away" step and on the rest; optimizer steps and training examples per method.
+   Writes runs/tiny/experiment/table.md (with the date, commit and wall time) and result.json.
+
+Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -22,7 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -30,102 +44,242 @@ sys.path.insert(0, str(Path(__file__).parent))
 import demo  # noqa: E402
 
 from allo.config import load_recipe  # noqa: E402
+from allo.eval.stats import paired_bootstrap  # noqa: E402
+from allo.eval.suite import slug  # noqa: E402
+from allo.tasks.arith import MISCONCEPTION as PHRASE  # noqa: E402
 
 OUT = ROOT / "runs" / "tiny" / "experiment"
-METHODS = {"+DPO": ("dpo",), "+NPO": ("npo",), "+SimPO": ("simpo",), "+ALLO": ("forget", "improve")}
+TUNING_SEED = 0
 GRID = (1 / 3, 1.0, 3.0, 10.0, 30.0)  # the same points for every method: factors on the recipe's learning rates
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str                       # its row; a pipeline method's eval label
+    rates: tuple[str, ...]           # recipe sections whose train.lr the grid scales
+    enable: tuple[str, ...] = ()     # sections switched on for it (the matched baselines are off by default)
+    variant: tuple[str, ...] = ()    # `allo ablate` flags: a control run as a variant of ALLO's run
+    after: Optional[str] = None      # a method whose rates stay at their chosen values while this one is tuned
+    control: bool = False            # only with --controls
+    steps: tuple[str, ...] = ()      # the pipeline steps that train it (for its optimizer steps and examples)
+
+
+ALLO_STEPS = ("warmup", "reward-train", "forget", "improve")
+METHODS = (
+    Method("+DPO", ("dpo",), steps=("dpo",)),
+    Method("+NPO", ("npo",), steps=("npo",)),
+    Method("+SimPO", ("simpo",), steps=("simpo",)),
+    Method("+ALLO", ("forget", "improve"), steps=ALLO_STEPS),
+    Method("+DPO-steps", ("dpo_steps",), enable=("dpo_steps",), steps=("dpo-steps",)),
+    Method("+NPO-DPO", ("npo_dpo",), enable=("npo_dpo",), after="+NPO", steps=("npo", "npo-dpo")),
+    Method("+DPO-rewrites", ("dpo_rewrites",), enable=("dpo_rewrites",), steps=("dpo-rewrites",)),
+    Method("ALLO without locate", ("forget", "improve"), variant=("--without", "locate"), steps=ALLO_STEPS),
+    Method("ALLO, random masks", ("forget", "improve"), variant=("--mask", "random"), control=True, steps=ALLO_STEPS),
+    Method("ALLO without token reward", ("forget", "improve"), variant=("--without", "token-reward"), control=True,
+           steps=ALLO_STEPS),
+    Method("ALLO without noise mask", ("forget", "improve"), variant=("--without", "noise-mask"), control=True,
+           steps=ALLO_STEPS),
+)
+VARIANT_DIR = {("--without", "locate"): "without-locate", ("--mask", "random"): "mask-random",
+               ("--without", "token-reward"): "without-token-reward", ("--without", "noise-mask"): "without-noise-mask"}
+
+
+def chosen_methods(controls: bool) -> list[Method]:
+    return [m for m in METHODS if controls or not m.control]
 
 
 def base_rates(user_sets: list[str]) -> dict[str, float]:
     recipe = load_recipe(demo.RECIPE, user_sets)
-    return {s: recipe.stage_train(s).lr for stages in METHODS.values() for s in stages}
+    return {s: recipe.stage_train(s).lr for m in METHODS for s in m.rates}
 
 
 def rate_sets(rates: dict[str, float]) -> list[str]:
-    return [f"{stage}.train.lr={lr:.3g}" for stage, lr in rates.items()]
+    return [f"{section}.train.lr={lr:.3g}" for section, lr in rates.items()]
 
 
-def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str]) -> tuple[Path, list[str]]:
-    """Seed's data (train, dev; test only when asked) and tokenizer; the run dir and its base `--set`s."""
+def scaled(methods: list[Method], base: dict[str, float], factor: dict[str, float]) -> dict[str, float]:
+    """Pipeline rates: each method's sections at base × its factor (the controls' sections are ALLO's)."""
+    return {s: base[s] * factor[m.label] for m in methods if not m.variant for s in m.rates}
+
+
+def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str], methods: list[Method]) -> tuple[Path, list]:
+    """Seed's data (train, dev; test only when asked) and tokenizer; the run dir and its base `--set`s (the matched
+    baselines switched on)."""
     run = OUT / f"seed{seed}"
     template = load_recipe(demo.RECIPE, [*size["sets"], *user_sets]).data.template
-    return run, demo.prepare_seed(run, seed, size, template, with_test)
+    sets = demo.prepare_seed(run, seed, size, template, with_test)
+    return run, sets + [f"{s}.enabled=true" for m in methods for s in m.enable] + list(user_sets)
 
 
-def accuracies(run: Path) -> dict[str, float]:
-    return json.loads((run / "eval" / "results.json").read_text())["accuracy"]
+def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], controls: dict[float, list[Method]],
+            base: dict[str, float], ranks: int) -> None:
+    """One `allo run` (the pipeline methods at `rates`, evaluated on `split`), then one `allo ablate` per distinct
+    control factor (the controls at ALLO's sections × that factor)."""
+    common = sets + [f"task.eval={run / 'data' / split}"]
+    demo.allo("run", common + rate_sets(rates), ranks=ranks)
+    for factor, group in controls.items():
+        own = {**rates, **{s: base[s] * factor for s in group[0].rates}}
+        demo.allo("ablate", common + rate_sets(own), *ablate_flags(group), ranks=ranks)
 
 
-def tune(size: dict, user_sets: list[str]) -> dict:
-    """Best grid point per method on seed 0's development split: {"dev": {label: {factor: acc}}, "best": ...}."""
-    run, sets = prepare(0, size, with_test=False, user_sets=user_sets)
+def ablate_flags(group: list[Method]) -> list[str]:
+    """`--without A B --mask C`: each flag once, with every value asked for (a repeated flag would replace)."""
+    flags: dict[str, list[str]] = {}
+    for m in group:
+        flag, value = m.variant
+        flags.setdefault(flag, []).append(value)
+    return [x for flag, values in flags.items() for x in (flag, *values)]
+
+
+def accuracy(run: Path, m: Method) -> float:
+    where = run / "ablate" / VARIANT_DIR[m.variant] if m.variant else run
+    return json.loads((where / "eval" / "results.json").read_text())["accuracy"]["+ALLO" if m.variant else m.label]
+
+
+def tune(size: dict, user_sets: list[str], methods: list[Method]) -> dict:
+    """Each method's best grid point on the tuning seed's development split."""
+    run, sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods)
     base = base_rates(user_sets)
-    dev: dict[str, dict[float, float]] = {label: {} for label in METHODS}
+    dev: dict[str, dict[float, float]] = {m.label: {} for m in methods}
+    dev["SFT"] = {}
+    first = [m for m in methods if not m.after]
     for g in GRID:
-        print(f"\n=== tuning, grid point ×{g:.3g} (development split)", flush=True)
-        demo.allo("run", sets + [f"task.eval={run / 'data' / 'dev.jsonl'}", *user_sets,
-                                 *rate_sets({s: lr * g for s, lr in base.items()})], ranks=size["ranks"])
-        acc = accuracies(run)
-        for label in METHODS:
-            dev[label][g] = acc[label]
-        dev.setdefault("SFT", {})[g] = acc["SFT"]
-    best = {label: max(GRID, key=lambda g: (dev[label][g], -abs(math.log(g)))) for label in METHODS}  # ties: ×1
-    rates = {s: base[s] * best[label] for label, stages in METHODS.items() for s in stages}
-    return {"dev": dev, "best_factor": best, "rates": rates}
+        print(f"\n=== tuning, grid point ×{g:.3g} (seed {TUNING_SEED}, development split)", flush=True)
+        controls = [m for m in first if m.variant]
+        run_all(run, sets, "dev.jsonl", scaled(methods, base, {m.label: g for m in methods}),
+                {g: controls} if controls else {}, base, size["ranks"])
+        for m in first:
+            dev[m.label][g] = accuracy(run, m)
+        dev["SFT"][g] = accuracy(run, Method("SFT", ()))
+    best = {m.label: pick(dev[m.label]) for m in first}
+    for m in (m for m in methods if m.after):  # tuned with what it starts from at its chosen rate
+        for g in GRID:
+            print(f"\n=== tuning {m.label} after {m.after} at ×{best[m.after]:.3g}, grid point ×{g:.3g}", flush=True)
+            factor = {**{x.label: GRID[-1] for x in methods}, m.after: best[m.after], m.label: g}
+            demo.allo("run", sets + [f"task.eval={run / 'data' / 'dev.jsonl'}"]
+                      + rate_sets(scaled(methods, base, factor)), ranks=size["ranks"])
+            dev[m.label][g] = accuracy(run, m)
+        best[m.label] = pick(dev[m.label])
+    return {"dev": dev, "best_factor": best, "base_rates": base}
 
 
-def test(size: dict, user_sets: list[str], rates: dict[str, float], seeds: list[int]) -> dict[int, dict[str, float]]:
+def pick(scores: dict[float, float]) -> float:
+    return max(GRID, key=lambda g: (scores[g], -abs(math.log(g))))  # ties: the point nearest ×1
+
+
+def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], methods: list[Method]) -> dict:
+    """Each seed's test split, once, every method at its chosen rates: per method the per-problem correctness,
+    "gives away" flags and its optimizer steps and examples."""
+    base, best = tuned["base_rates"], tuned["best_factor"]
+    rates = scaled(methods, base, best)
+    controls: dict[float, list[Method]] = {}
+    for m in methods:
+        if m.variant:
+            controls.setdefault(best[m.label], []).append(m)
     out = {}
     for seed in seeds:
-        run, sets = prepare(seed, size, with_test=True, user_sets=user_sets)
+        run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods)
         print(f"\n=== test, seed {seed}", flush=True)
-        demo.allo("run", sets + [f"task.eval={run / 'data' / 'test.jsonl'}", *user_sets, *rate_sets(rates)],
-                  ranks=size["ranks"])
-        out[seed] = accuracies(run)
+        run_all(run, sets, "test.jsonl", rates, controls, base, size["ranks"])
+        out[seed] = {m.label: outcome(run, m) for m in [Method("SFT", ()), *methods]}
     return out
 
 
+def outcome(run: Path, m: Method) -> dict:
+    """A model's per-problem results on the seed's test split, and what trained it (manifests)."""
+    where = run / "ablate" / VARIANT_DIR[m.variant] if m.variant else run
+    label = "+ALLO" if m.variant else m.label
+    rows = [json.loads(x) for x in (where / "eval" / slug(label) / "held-out.predictions.jsonl").read_text()
+            .splitlines()]
+    trained = {s: json.loads((where / s / "manifest.json").read_text()) for s in m.steps}
+    return {"correct": [int(r["correct"]) for r in rows], "gives_away": [PHRASE in r["prompt"] for r in rows],
+            "steps": {s: t.get("steps", 0) for s, t in trained.items()},
+            "examples": {s: t.get("examples", 0) for s, t in trained.items()}}
+
+
 def mean_se(values: list[float]) -> str:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.1f} ± {se:.1f}"
+    if len(values) < 2:
+        return f"{statistics.mean(values):.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) / math.sqrt(len(values)):.1f}"
 
 
-def table(tuned: dict, results: dict[int, dict[str, float]], wall: float) -> str:
+def pct(rows: list[dict], kind: bool) -> str:
+    right = sum(c for r in rows for c, k in zip(r["correct"], r["gives_away"]) if k == kind)
+    n = sum(k == kind for r in rows for k in r["gives_away"])
+    return f"{100 * right / max(1, n):.1f}"
+
+
+def counts(rows: list[dict], key: str) -> str:
+    """Mean over seeds per training step, joined: "warmup 18 + reward-train 92 + ... = 160"."""
+    per = {s: statistics.mean(r[key][s] for r in rows) for s in rows[0][key]}
+    if not per:
+        return "–"
+    parts = " + ".join(f"{s} {v:.0f}" for s, v in per.items())
+    return parts if len(per) == 1 else f"{parts} = {sum(per.values()):.0f}"
+
+
+def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: float, argv: list[str]) -> str:
     seeds = sorted(results)
-    lines = [f"Test accuracy % (greedy), mean ± standard error over seeds {', '.join(map(str, seeds))}; each method at "
-             f"its best development-split learning rate (grid {', '.join(f'×{g:.3g}' for g in GRID)} of the recipe's)",
-             "", f"| method | test accuracy | chosen lr factor | dev accuracy at {', '.join(f'×{g:.3g}' for g in GRID)} |",
-             "|---|---|---|---|"]
-    for label in ("SFT", *METHODS):
-        accs = [100 * results[s][label] for s in seeds]
-        factor = f"×{tuned['best_factor'][label]:.3g}" if label in METHODS else "–"
-        dev = ", ".join(f"{100 * tuned['dev'][label][g]:.1f}" for g in GRID)
-        lines.append(f"| {label} | {mean_se(accs)} | {factor} | {dev} |")
-    diffs = [100 * (results[s]["+ALLO"] - results[s]["+DPO"]) for s in seeds]
-    lines += ["", f"Paired, ALLO − DPO per seed: {', '.join(f'{d:+.1f}' for d in diffs)} (mean ± SE {mean_se(diffs)} "
-              f"points; ALLO ahead on {sum(d > 0 for d in diffs)} of {len(diffs)} seeds)"]
+    labels = ["SFT", *(m.label for m in methods)]
+    by = {label: [results[s][label] for s in seeds] for label in labels}
+    lines = [f"Test accuracy %, greedy, on seeds {', '.join(map(str, seeds))} (400 problems each); every method at its "
+             f"best rate on seed {TUNING_SEED}'s development split. Differences pool every test problem; [95% paired "
+             f"bootstrap interval, problems resampled within each seed].", "",
+             "| method | accuracy (mean ± SE over seeds) | − DPO | − ALLO | \"gives away\" problems | "
+             "other problems | chosen rate |", "|---|---|---|---|---|---|---|"]
+    for label in labels:
+        rows = by[label]
+        accs = [100 * statistics.mean(r["correct"]) for r in rows]
+        vs = []
+        for other in ("+DPO", "+ALLO"):
+            vs.append("–" if other == label else str(paired_bootstrap([r["correct"] for r in rows],
+                                                                      [r["correct"] for r in by[other]])))
+        rate = "–" if label == "SFT" else rate_text(tuned, next(m for m in methods if m.label == label))
+        lines.append(f"| {label} | {mean_se(accs)} | {vs[0]} | {vs[1]} | {pct(rows, True)} | {pct(rows, False)} | "
+                     f"{rate} |")
+    lines += ["", "What trained each method (optimizer steps and training examples per step, mean over seeds; every "
+                  "method starts from the same SFT model):", "", "| method | optimizer steps | training examples |",
+              "|---|---|---|"]
+    lines += [f"| {m.label} | {counts(by[m.label], 'steps')} | {counts(by[m.label], 'examples')} |" for m in methods]
+    lines += ["", f"Development accuracy % on seed {TUNING_SEED} at ×{', ×'.join(f'{g:.3g}' for g in GRID)} of the "
+                  f"recipe's rates:", "", "| method | " + " | ".join(f"×{g:.3g}" for g in GRID) + " |",
+              "|---|" + "---|" * len(GRID)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(f"{100 * tuned['dev'][label][g]:.1f}" for g in GRID) + " |")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "?"
-    lines += ["", f"{time.strftime('%Y-%m-%d')}, commit {commit}, wall time {wall / 60:.0f} min "
-                  f"(`python recipes/tiny/experiment.py`)"]
+    lines += ["", f"{time.strftime('%Y-%m-%d')}, commit {commit}, wall time {wall / 60:.0f} min on "
+                  f"{demo.device()} (`python recipes/tiny/experiment.py {' '.join(argv)}`)".replace(" `)", "`)")]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def rate_text(tuned: dict, m: Method) -> str:
+    g = tuned["best_factor"][m.label]
+    rates = ", ".join(f"{s} {tuned['base_rates'][s] * g:.2g}" for s in m.rates)
+    return f"×{g:.3g} ({rates})"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(1, 9)),
+                   help=f"test seeds (default 1..8; {TUNING_SEED} is the tuning seed and is refused)")
+    p.add_argument("--controls", action="store_true",
+                   help="also ALLO with random masks, without the token reward and without the noise mask")
     p.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a check of the script)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    if TUNING_SEED in args.seeds:
+        p.error(f"--seeds: seed {TUNING_SEED} is the tuning seed; its test split is never scored")
     size = dict(demo.SIZES["quick" if args.quick else "full"])
     size["ranks"] = demo.ranks(size["ranks"])
+    methods = chosen_methods(args.controls)
     t0 = time.time()
-    tuned = tune(size, args.sets)
-    results = test(size, args.sets, tuned["rates"], args.seeds)
-    out = table(tuned, results, time.time() - t0)
+    tuned = tune(size, args.sets, methods)
+    results = test(size, args.sets, tuned, args.seeds, methods)
+    out = table(tuned, results, methods, time.time() - t0, sys.argv[1:] if argv is None else argv)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "table.md").write_text(out + "\n")
-    (OUT / "result.json").write_text(json.dumps({"tuning": tuned, "test": results}, indent=2, default=str))
+    (OUT / "result.json").write_text(json.dumps({"tuning": tuned, "test": results}, default=str))
     print("\n" + out)
 
 
