@@ -35,10 +35,12 @@ install-gpu:
 demo: $(STAMP)
 	$(BIN)/python recipes/tiny/demo.py
 
-# The demo as an experiment: every method tuned on a development split, then the test split once over 3 seeds
-# (recipes/tiny/experiment.py; 10 min 13 s on 2 cores at 142bc21, bench/RESULTS.md).
+# The demo as an experiment: ALLO against baselines matched in steps, data and signal, each tuned on seed 0's
+# development split, then tested once on seeds 1-8 with paired intervals (recipes/tiny/experiment.py; its wall time
+# is in the table it writes, runs/tiny/experiment/table.md, and in the README). EXPERIMENT_ARGS=--controls adds
+# the other controls.
 experiment: $(STAMP)
-	$(BIN)/python recipes/tiny/experiment.py
+	$(BIN)/python recipes/tiny/experiment.py $(EXPERIMENT_ARGS)
 
 # TRL (bench/requirements.txt) too: the GPU check's CPU smoke test runs TRL's DPOTrainer beside allo.
 test: $(VENV)/.bench

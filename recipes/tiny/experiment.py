@@ -218,7 +218,8 @@ def counts(rows: list[dict], key: str) -> str:
     return parts if len(per) == 1 else f"{parts} = {sum(per.values()):.0f}"
 
 
-def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: float, argv: list[str]) -> str:
+def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: float, argv: list[str],
+          commit: str) -> str:
     seeds = sorted(results)
     labels = ["SFT", *(m.label for m in methods)]
     by = {label: [results[s][label] for s in seeds] for label in labels}
@@ -246,8 +247,6 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
               "|---|" + "---|" * len(GRID)]
     for label in labels:
         lines.append(f"| {label} | " + " | ".join(f"{100 * tuned['dev'][label][g]:.1f}" for g in GRID) + " |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "?"
     lines += ["", f"{time.strftime('%Y-%m-%d')}, commit {commit}, wall time {wall / 60:.0f} min on "
                   f"{demo.device()} (`python recipes/tiny/experiment.py {' '.join(argv)}`)".replace(" `)", "`)")]
     return "\n".join(lines)
@@ -274,9 +273,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     size["ranks"] = demo.ranks(size["ranks"])
     methods = chosen_methods(args.controls)
     t0 = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "?"  # the code that runs, whatever is committed meanwhile
     tuned = tune(size, args.sets, methods)
     results = test(size, args.sets, tuned, args.seeds, methods)
-    out = table(tuned, results, methods, time.time() - t0, sys.argv[1:] if argv is None else argv)
+    out = table(tuned, results, methods, time.time() - t0, sys.argv[1:] if argv is None else argv, commit)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "table.md").write_text(out + "\n")
     (OUT / "result.json").write_text(json.dumps({"tuning": tuned, "test": results}, default=str))
