@@ -60,7 +60,7 @@ bench: $(VENV)/.bench
 bench-quick: $(VENV)/.bench
 	$(BIN)/python bench/run_all.py --quick
 
-# On a GPU machine without a package index (README, "Checking a GPU machine"): the wheels brought along in .whl/
+# On a GPU machine without a package index (docs/internals.md, "On GPUs"): the wheels brought along in .whl/
 # (bash bench/gpu_check.sh fetch), then pytest -m gpu and bench/gpu.py with TRL beside it; at most 8 minutes.
 gpu-check:
 	bash bench/gpu_check.sh run

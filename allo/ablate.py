@@ -82,8 +82,8 @@ def variants(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def link_reused(parent: Path, child: Path, recipe: Recipe) -> None:
-    """Symlink the run's completed step directories that the variant reuses (a step the run skipped: its skip
-    record, so that switching it on later in both is seen as one change). Refused when one is not complete, or
+    """Symlink the run's completed step directories that the variant reuses, skipped steps included (a variant then
+    follows the run when a later run switches one on). Refused when one is not complete, or
     when the variant's settings would change it (an override that reaches it: the pipeline would then rerun it
     and write into the run's own directory)."""
     from allo.pipeline import Pipeline

@@ -13,7 +13,7 @@ Two kinds of body:
   steps, `allo.sharding`), else on rank 0 while the other ranks wait on a file. Bodies are imported only when
   they run, so ``allo --help`` stays fast.
 
-Adding a baseline is one entry here plus its objective in `allo.stages` (README, "Adding a step").
+Adding a baseline is one entry here plus its objective in `allo.stages` (docs/internals.md, "Adding a step").
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ exactly once at the chosen rates, and the table carries paired intervals, step c
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,10 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes" / "tiny"))
 import experiment  # noqa: E402
 
-# Development accuracy as a function of each method's grid factor: DPO likes the largest rate, ALLO the smallest,
-# without-locate ×3, NPO-DPO ×10 but only when NPO sits at its own best (×1); the rest ×1.
-DEV = {"+DPO": lambda f: f["dpo"], "+ALLO": lambda f: 1 / f["improve"], "ALLO without locate": lambda f: -abs(
-    f["improve"] - 3), "+NPO-DPO": lambda f: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1)}
+# Development accuracy as a function of each method's grid factor: DPO peaks at ×100 (past the grid), ALLO likes
+# the smallest rate (past every extension), without-locate ×1/10, NPO-DPO ×10 but only when NPO sits at its own best
+# (×1); the rest ×1.
+DEV = {"+DPO": lambda f: -abs(math.log(f["dpo"] / 100)), "+ALLO": lambda f: 1 / f["improve"],
+       "ALLO without locate": lambda f: -abs(math.log(f["improve"] * 10)),
+       "+NPO-DPO": lambda f: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1)}
 TEST_ACC = {"SFT": 3, "+DPO": 5, "+NPO": 4, "+SimPO": 4, "+ALLO": 8, "+DPO-steps": 6, "+NPO-DPO": 5,
             "+DPO-rewrites": 6, "ALLO without locate": 6}  # right answers of 10 test problems
 
@@ -69,17 +72,22 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     assert {c["split"] for c in testing} == {"test"} and [c["seed"] for c in testing] == [1, 1, 2, 2]
     evaluated = Counter((c["seed"], c["command"]) for c in testing)
     assert evaluated == {(1, "run"): 1, (1, "ablate"): 1, (2, "run"): 1, (2, "ablate"): 1}, "one test eval a model"
-    after = [c for c in tuning if c["command"] == "run"][len(experiment.GRID):]
+    after = [c for c in [c for c in tuning if c["command"] == "run"][len(experiment.GRID):]
+             if c["factor"]["npo"] == pytest.approx(1.0)]  # past the shared grid, with NPO at its chosen ×1
     assert [c["factor"]["npo"] for c in after] == pytest.approx([1.0] * len(experiment.GRID)), "NPO at its best"
     assert [c["factor"]["npo_dpo"] for c in after] == pytest.approx(experiment.GRID, rel=1e-3), "NPO-DPO's own grid"
     result = json.loads((tmp_path / "result.json").read_text())
+    tried = lambda method: sorted(round(float(g), 4) for g in result["tuning"]["dev"][method])  # noqa: E731
+    assert tried("+DPO")[-2:] == [100.0, 300.0], "past the grid's top edge until the best is inside"
+    assert tried("+ALLO")[:3] == [0.01, 0.0333, 0.1], "three more points at most"
+    assert tried("+SimPO") == [round(g, 4) for g in experiment.GRID], "a best inside the grid: no more"
     best = result["tuning"]["best_factor"]
-    assert best["+DPO"] == max(experiment.GRID) and best["+ALLO"] == min(experiment.GRID)
-    assert best["ALLO without locate"] == 3.0 and best["+NPO-DPO"] == 10.0 and best["+NPO"] == 1.0
+    assert best["+DPO"] == 100.0 and best["+ALLO"] == pytest.approx(0.01)
+    assert best["ALLO without locate"] == pytest.approx(0.1) and best["+NPO-DPO"] == 10.0 and best["+NPO"] == 1.0
     run_test, ablate_test = testing[0], testing[1]
-    assert abs(run_test["factor"]["dpo"] - max(experiment.GRID)) < 1e-3
-    assert abs(run_test["factor"]["forget"] - min(experiment.GRID)) < 1e-3
-    assert abs(ablate_test["factor"]["forget"] - 3.0) < 1e-3, "a control at its own chosen rate"
+    assert run_test["factor"]["dpo"] == pytest.approx(100, rel=1e-3)
+    assert run_test["factor"]["forget"] == pytest.approx(0.01, rel=1e-3)
+    assert ablate_test["factor"]["forget"] == pytest.approx(0.1, rel=1e-3), "a control at its own chosen rate"
     text = (tmp_path / "table.md").read_text()
     assert "| +ALLO | 80.0 ± 0.0 | +30.0 [" in text, text  # 8 vs 5 right of 10, on both seeds
     assert "| +DPO-steps | dpo-steps 4 | dpo-steps 128 |" in text

@@ -15,8 +15,9 @@ Methods, each trained from the seed's SFT model:
 
 1. Tune on seed 0 (the tuning seed, never a test seed), development split only; seed 0 has no test file. Every
    method gets the same five grid points, its recipe learning rates × 1/3, 1, 3, 10 and 30 (ALLO and its controls:
-   forget's and improve's together, at the recipe's ratio). NPO-DPO is tuned after NPO, with NPO at its chosen
-   rate. Ties go to the point nearest ×1.
+   forget's and improve's together, at the recipe's ratio). A method whose best is an edge of the points tried
+   gets the next point past it (×1/10, 1/30, 1/100 or ×100, 300, 1000) until its best is inside. NPO-DPO is tuned
+   after NPO, with NPO at its chosen rate. Ties go to the point nearest ×1.
 2. Test once per seed (default seeds 1..8): every method at its chosen rates; each model is evaluated once on the
    seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
    the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); accuracy on
@@ -51,6 +52,7 @@ from allo.tasks.arith import MISCONCEPTION as PHRASE  # noqa: E402
 OUT = ROOT / "runs" / "tiny" / "experiment"
 TUNING_SEED = 0
 GRID = (1 / 3, 1.0, 3.0, 10.0, 30.0)  # the same points for every method: factors on the recipe's learning rates
+BEYOND = (1 / 10, 1 / 30, 1 / 100, 100.0, 300.0, 1000.0)  # tried in turn while a method's best is an edge
 
 
 @dataclass(frozen=True)
@@ -136,35 +138,80 @@ def accuracy(run: Path, m: Method) -> float:
     return json.loads((where / "eval" / "results.json").read_text())["accuracy"]["+ALLO" if m.variant else m.label]
 
 
+class Tuning:
+    """The tuning seed's run on its development split, and each method's development accuracy per grid factor.
+    `state` is the factor of every pipeline method's rates in the run as it stands, so that trying one method's
+    point reruns only that method's steps (the pipeline skips the rest)."""
+
+    def __init__(self, size: dict, user_sets: list[str], methods: list[Method]):
+        self.run, self.sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods)
+        self.dev_sets = self.sets + [f"task.eval={self.run / 'data' / 'dev.jsonl'}"]  # what a single point runs
+        self.base, self.methods, self.ranks = base_rates(user_sets), methods, size["ranks"]
+        self.dev: dict[str, dict[float, float]] = {m.label: {} for m in [Method("SFT", ()), *methods]}
+        self.state: dict[str, float] = {}
+
+    def grid_point(self, g: float, methods: list[Method]) -> None:
+        """Every method of `methods` at factor g: one `allo run` and one `allo ablate` for the controls."""
+        self.state = {m.label: g for m in self.methods}
+        controls = [m for m in methods if m.variant]
+        run_all(self.run, self.sets, "dev.jsonl", scaled(self.methods, self.base, self.state),
+                {g: controls} if controls else {}, self.base, self.ranks)
+        for m in methods:
+            self.dev[m.label][g] = accuracy(self.run, m)
+        self.dev["SFT"][g] = accuracy(self.run, Method("SFT", ()))
+
+    def point(self, m: Method, g: float) -> None:
+        """One method at factor g, the others as the run stands."""
+        if m.variant:
+            own = {**scaled(self.methods, self.base, self.state), **{s: self.base[s] * g for s in m.rates}}
+            demo.allo("ablate", self.dev_sets + rate_sets(own), *ablate_flags([m]), ranks=self.ranks)
+        else:
+            self.state[m.label] = g
+            demo.allo("run", self.dev_sets + rate_sets(scaled(self.methods, self.base, self.state)),
+                      ranks=self.ranks)
+        self.dev[m.label][g] = accuracy(self.run, m)
+
+    def settle(self, m: Method) -> float:
+        """m's best factor, after extending its grid past an edge its best sits on (up to three points each way)."""
+        for _ in BEYOND:
+            g = beyond(self.dev[m.label])
+            if g is None:
+                break
+            print(f"\n=== tuning {m.label}: its best is at the grid's edge, trying ×{g:.3g}", flush=True)
+            self.point(m, g)
+        return pick(self.dev[m.label])
+
+
 def tune(size: dict, user_sets: list[str], methods: list[Method]) -> dict:
-    """Each method's best grid point on the tuning seed's development split."""
-    run, sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods)
-    base = base_rates(user_sets)
-    dev: dict[str, dict[float, float]] = {m.label: {} for m in methods}
-    dev["SFT"] = {}
+    """Each method's best factor on the tuning seed's development split: the shared grid, then each method's
+    extension past an edge, then the methods tuned after another (NPO-DPO with NPO at its chosen rate)."""
+    t = Tuning(size, user_sets, methods)
     first = [m for m in methods if not m.after]
     for g in GRID:
         print(f"\n=== tuning, grid point ×{g:.3g} (seed {TUNING_SEED}, development split)", flush=True)
-        controls = [m for m in first if m.variant]
-        run_all(run, sets, "dev.jsonl", scaled(methods, base, {m.label: g for m in methods}),
-                {g: controls} if controls else {}, base, size["ranks"])
-        for m in first:
-            dev[m.label][g] = accuracy(run, m)
-        dev["SFT"][g] = accuracy(run, Method("SFT", ()))
-    best = {m.label: pick(dev[m.label]) for m in first}
-    for m in (m for m in methods if m.after):  # tuned with what it starts from at its chosen rate
+        t.grid_point(g, first)
+    best = {m.label: t.settle(m) for m in first}
+    for m in (m for m in methods if m.after):
+        t.state[m.after] = best[m.after]
         for g in GRID:
             print(f"\n=== tuning {m.label} after {m.after} at ×{best[m.after]:.3g}, grid point ×{g:.3g}", flush=True)
-            factor = {**{x.label: GRID[-1] for x in methods}, m.after: best[m.after], m.label: g}
-            demo.allo("run", sets + [f"task.eval={run / 'data' / 'dev.jsonl'}"]
-                      + rate_sets(scaled(methods, base, factor)), ranks=size["ranks"])
-            dev[m.label][g] = accuracy(run, m)
-        best[m.label] = pick(dev[m.label])
-    return {"dev": dev, "best_factor": best, "base_rates": base}
+            t.point(m, g)
+        best[m.label] = t.settle(m)
+    return {"dev": t.dev, "best_factor": best, "base_rates": t.base}
 
 
 def pick(scores: dict[float, float]) -> float:
-    return max(GRID, key=lambda g: (scores[g], -abs(math.log(g))))  # ties: the point nearest ×1
+    return max(scores, key=lambda g: (scores[g], -abs(math.log(g))))  # ties: the point nearest ×1
+
+
+def beyond(scores: dict[float, float]) -> Optional[float]:
+    """The next factor past the edge of the points tried when the best is that edge, else None."""
+    best, tried = pick(scores), sorted(scores)
+    if best == tried[0]:
+        return next((g for g in sorted(BEYOND, reverse=True) if g < best), None)
+    if best == tried[-1]:
+        return next((g for g in sorted(BEYOND) if g > best), None)
+    return None
 
 
 def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], methods: list[Method]) -> dict:
@@ -242,11 +289,14 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
                   "method starts from the same SFT model):", "", "| method | optimizer steps | training examples |",
               "|---|---|---|"]
     lines += [f"| {m.label} | {counts(by[m.label], 'steps')} | {counts(by[m.label], 'examples')} |" for m in methods]
-    lines += ["", f"Development accuracy % on seed {TUNING_SEED} at ×{', ×'.join(f'{g:.3g}' for g in GRID)} of the "
-                  f"recipe's rates:", "", "| method | " + " | ".join(f"×{g:.3g}" for g in GRID) + " |",
-              "|---|" + "---|" * len(GRID)]
+    tried = sorted({g for scores in tuned["dev"].values() for g in scores})
+    lines += ["", f"Development accuracy % on seed {TUNING_SEED} at each factor of the recipe's rates (the grid "
+                  f"×{', ×'.join(f'{g:.3g}' for g in GRID)} for every method; further points where a best was at "
+                  f"an edge):", "", "| method | " + " | ".join(f"×{g:.3g}" for g in tried) + " |",
+              "|---|" + "---|" * len(tried)]
     for label in labels:
-        lines.append(f"| {label} | " + " | ".join(f"{100 * tuned['dev'][label][g]:.1f}" for g in GRID) + " |")
+        dev = tuned["dev"][label]
+        lines.append(f"| {label} | " + " | ".join(f"{100 * dev[g]:.1f}" if g in dev else "" for g in tried) + " |")
     lines += ["", f"{time.strftime('%Y-%m-%d')}, commit {commit}, wall time {wall / 60:.0f} min on "
                   f"{demo.device()} (`python recipes/tiny/experiment.py {' '.join(argv)}`)".replace(" `)", "`)")]
     return "\n".join(lines)
