@@ -126,9 +126,10 @@ def test_ablate_controls_over_the_run(quick_run):
         (ab / variant / stage / "metrics.jsonl").read_text().splitlines()[-1])
     assert last("without-token-reward", "forget")["weighted_token_fraction"] == 1.0, "uniform weights: every token"
     assert last("without-noise-mask", "improve")["rejected_kept_fraction"] == 1.0, "every rejected token kept"
-    top, rnd = load_masks(run / "locate" / "n2.safetensors"), load_masks(ab / "mask-random" / "locate" / "n2.safetensors")
+    top = load_masks(run / "locate" / "n2.safetensors")
+    rnd = load_masks(ab / "mask-random" / "locate" / "n2.safetensors")
     overlap = sum(int((top[n] & rnd[n]).sum()) for n in top) / sum(int(top[n].sum()) for n in top)
-    assert abs(overlap - parent["n2"]["ratio"] / 100) < 0.05, f"a random mask overlaps the top mask by chance: {overlap}"
+    assert abs(overlap - parent["n2"]["ratio"] / 100) < 0.05, f"a random mask overlaps the top by chance: {overlap}"
     wf = ab / "without-forget"
     assert json.loads((wf / "forget" / "manifest.json").read_text())["skipped"].startswith("forget.enabled is false")
     assert (wf / "forget" / "model").resolve() == (run / "sft" / "model").resolve()
