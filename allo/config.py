@@ -8,7 +8,8 @@ Stage sections (``warmup``, ``forget``, ...) have a ``train`` dict of overrides 
 per-stage defaults (``SPEC_TRAIN``). A stage's training config resolves by specificity, most specific
 first: a key the recipe sets in ``<stage>.train``, then a key the recipe sets in ``train``, then the stage's
 spec default, then the ``TrainConfig`` default (``Recipe.stage_train``). So ``--set train.lr=5e-7`` reaches
-every stage that does not set its own ``lr``. Secrets never live here: a config names the environment variable holding a key.
+every stage that does not set its own ``lr``. Secrets never live here: a config names the environment variable
+holding a key.
 """
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ def token_weights(keep_prob: torch.Tensor, mode: str) -> torch.Tensor:
 
 def token_npo_loss(policy: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                    beta: float) -> torch.Tensor:
-    """docs/method.md §3: L = −(1/Σ 1[w≠0]) · Σ w·log σ(−β δ), δ = log π − log π_ref, over every token of the batch.
+    """docs/method.md §3: L = −(1/Σ 1[w≠0]) · Σ w·log σ(−β δ), δ = log π − log π_ref, over every token of the
+    batch.
 
     A batch with no weighted token gives 0 (not NaN), so a micro-batch of clean responses is harmless.
     """

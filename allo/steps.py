@@ -92,13 +92,14 @@ def _declare() -> list[Step]:
              inputs=("sample/samples.jsonl",), outputs=("pairs.jsonl", "wrong.jsonl"),
              config=("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.columns"),
              files=("task.pairs",), run="allo.stages.sampling:pairs_step"),
-        Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (docs/method.md §1): the reference run whose "
-                       "weight changes |θ'−θ|/α rank the neurons.",
+        Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (docs/method.md §1): the reference "
+                       "run whose weight changes |θ'−θ|/α rank the neurons.",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model", "masks", "model_fp32"),
              config=TRAIN_KEYS + ("warmup", "locate.from_partitions", "locate.export_fp32"),
              train=Training("warmup", "warmup", data="pairs/pairs.jsonl", init=SFT_MODEL,
                             after="allo.stages.locate:after_warmup")),
-        Step("locate", "Rank every parameter element by |θ'−θ|/α and write the N1 (forget) and N2 (improve) masks.",
+        Step("locate", "Rank every parameter element by |θ'−θ|/α and write the N1 (forget) and N2 (improve) "
+                       "masks.",
              inputs=(SFT_MODEL, "warmup/model"), outputs=("n1.safetensors", "n2.safetensors"),
              config=("locate", "warmup.train", "train.lr"), run="allo.stages.locate:locate_step",
              command="allo.stages.locate"),
@@ -117,7 +118,8 @@ def _declare() -> list[Step]:
                              "p_ij.",
              inputs=("reward-train/model", "pairs/wrong.jsonl"), outputs=("forget.jsonl",),
              config=("data.template",), run="allo.stages.reward:reward_score_step", every_rank=True),
-        Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask (docs/method.md §3).",
+        Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask "
+                       "(docs/method.md §3).",
              inputs=(SFT_MODEL, "reward-score/forget.jsonl", "locate/n1.safetensors"), outputs=("model",),
              config=TRAIN_KEYS + ("forget",),
              train=Training("forget", "forget", data="reward-score/forget.jsonl", init=SFT_MODEL,

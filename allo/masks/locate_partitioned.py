@@ -1,4 +1,5 @@
-"""Locating key neurons from a ZeRO run's partitions (docs/method.md §1), so a 70B user never merges a checkpoint on one node.
+"""Locating key neurons from a ZeRO run's partitions (docs/method.md §1), so a 70B user never merges a checkpoint on
+one node.
 
 Each rank scores the elements it owns (its fp32 master partition of θ' and the same ranges of θ read from the
 starting checkpoint) with the one selection routine, `allo.masks.select.select_masks`, which sums the histograms

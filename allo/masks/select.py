@@ -1,4 +1,5 @@
-"""The one exact top-k selection of `allo locate` (docs/method.md §1), for any source of scored chunks and any communicator.
+"""The one exact top-k selection of `allo locate` (docs/method.md §1), for any source of scored chunks and any
+communicator.
 
 Scores are non-negative float32 |θ' − θ|, whose bit patterns sort like their values, so an element's rank is
 decided by an integer key (the bits; for `bottom` their complement). Pass 1 builds, per selection group (the

@@ -1,4 +1,5 @@
-"""The token reward model (docs/method.md §2): a small LM, sharing the policy's tokenizer, that rewrites wrong responses.
+"""The token reward model (docs/method.md §2): a small LM, sharing the policy's tokenizer, that rewrites wrong
+responses.
 
 Training data (`reward_data`): prompt = `rewrite_prompt(problem, reference, wrong)`, response = the teacher's
 minimum-edit rewrite; correct responses are mixed in copied unchanged so the model learns to keep good tokens.

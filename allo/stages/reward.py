@@ -26,7 +26,8 @@ def reward_model_recipe(recipe: Recipe) -> Recipe:
 
 def reward_items(ctx: Context) -> list[dict]:
     """Every distinct wrong response once (pairs/wrong.jsonl) with its reference: the problem's reference solution,
-    a right sample, or for instruction following the chosen response (what the teacher edits towards, docs/method.md §2)."""
+    a right sample, or for instruction following the chosen response (what the teacher edits towards,
+    docs/method.md §2)."""
     return [{"prompt": _text(p["prompt"], "user"), "wrong": _text(p["rejected"]), "reference": _text(p["reference"]),
              "answer": p.get("answer", "")} for p in read_jsonl(ctx.path("pairs/wrong.jsonl"))]
 

@@ -86,8 +86,8 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     with strategy.model_init_context():
         model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed)
     needs_ref = d.needs_reference and getattr(getattr(recipe, d.section), "loss_type", "") != "simpo"
-    spec = Stage(name or (stage if section == d.section else section), examples, d.objective(recipe), d.token_arrays, needs_ref, mask,
-                 reference_key=str(init_path))
+    spec = Stage(name or (stage if section == d.section else section), examples, d.objective(recipe), d.token_arrays,
+                 needs_ref, mask, reference_key=str(init_path))
     if strategy.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, out / "config.yaml", stage=section, train=train_cfg)
