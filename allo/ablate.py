@@ -124,9 +124,9 @@ def main(recipe_path: str, overrides: list[str], args: argparse.Namespace) -> No
     run = Path(parent.output_dir)
     rows = ["improve"] + (["sft"] if parent.task.alpaca_eval or parent.task.arena_hard else [])  # Table 3: vs SFT
     todo = variants(args)
+    off = [f"{REGISTRY[n].train.section}.enabled=false" for n in _downstream_of_redone()]
     for name, extra in todo.items():
         child = run / "ablate" / name
-        off = [f"{REGISTRY[n].train.section}.enabled=false" for n in _downstream_of_redone()]
         recipe = load_recipe(recipe_path, [*overrides, *extra, *off, f"output_dir={child}",
                                            f"task.eval_models=[{', '.join(rows)}]"])
         link_reused(run, child, recipe)

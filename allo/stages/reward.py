@@ -24,12 +24,12 @@ def reward_model_recipe(recipe: Recipe) -> Recipe:
                                         max_prompt_length=rw.max_prompt_length))
 
 
-def reward_items(ctx: Context) -> list[dict]:
-    """Every distinct wrong response once (pairs/wrong.jsonl) with its reference: the problem's reference solution,
+def reward_items(wrong: list[dict]) -> list[dict]:
+    """Every distinct wrong response once (the records of pairs/wrong.jsonl) with its reference: the problem's reference solution,
     a right sample, or for instruction following the chosen response (what the teacher edits towards,
     docs/method.md §2)."""
     return [{"prompt": _text(p["prompt"], "user"), "wrong": _text(p["rejected"]), "reference": _text(p["reference"]),
-             "answer": p.get("answer", "")} for p in read_jsonl(ctx.path("pairs/wrong.jsonl"))]
+             "answer": p.get("answer", "")} for p in wrong]
 
 
 def reward_data_step(ctx: Context) -> Optional[dict]:
@@ -43,7 +43,7 @@ def reward_data_step(ctx: Context) -> Optional[dict]:
 
     r = ctx.recipe
     wrong = read_jsonl(ctx.path("pairs/wrong.jsonl"))
-    items = reward_items(ctx)
+    items = reward_items(wrong)
     family = r.task.family
     is_right = (lambda text, gold: bool(text.strip())) if family == "instruct" else (
         lambda text, gold: is_correct(text, gold, family))
@@ -95,7 +95,7 @@ def reward_score_step(ctx: Context) -> Optional[dict]:
     from allo.reward.model import keep_probs
 
     rm_dir = ctx.path("reward-train/model")
-    items = reward_items(ctx)
+    items = reward_items(read_jsonl(ctx.path("pairs/wrong.jsonl")))
     loaded: list = []
 
     def work(k: int, idx: range) -> list[list[dict]]:

@@ -189,18 +189,23 @@ def _frac(stage_dir: Path) -> str:
     return f"{100 * json.loads((stage_dir / 'manifest.json').read_text())['trainable_fraction']:.1f}%"
 
 
-def by_kind(run: Path, labels: list[str]) -> dict[str, dict[str, list[int]]]:
-    """Per model, [correct, problems] on the held-out problems with a "gives away" step (where the planted
-    misconception can act) and on the rest: whether a gain comes from fixing the planted error."""
+def predictions(run: Path, label: str) -> list[dict]:
+    """The eval step's per-problem results of one model: {correct, gives_away} per held-out problem, in order;
+    `gives_away`: the problem has a "gives away" step, where the planted misconception can act."""
     from allo.eval.suite import slug
     from allo.tasks.arith import MISCONCEPTION as PHRASE
 
+    rows = (run / "eval" / slug(label) / "held-out.predictions.jsonl").read_text().splitlines()
+    return [{"correct": bool(r["correct"]), "gives_away": PHRASE in r["prompt"]} for r in map(json.loads, rows)]
+
+
+def by_kind(run: Path, labels: list[str]) -> dict[str, dict[str, list[int]]]:
+    """Per model, [correct, problems] on the held-out problems with a "gives away" step and on the rest: whether a
+    gain comes from fixing the planted error."""
     out = {}
     for label in labels:
-        rows = [json.loads(x) for x in (run / "eval" / slug(label) / "held-out.predictions.jsonl").read_text()
-                .splitlines()]
-        kinds = {"with": [r for r in rows if PHRASE in r["prompt"]],
-                 "without": [r for r in rows if PHRASE not in r["prompt"]]}
+        rows = predictions(run, label)
+        kinds = {"with": [r for r in rows if r["gives_away"]], "without": [r for r in rows if not r["gives_away"]]}
         out[label] = {k: [sum(r["correct"] for r in v), len(v)] for k, v in kinds.items()}
     return out
 

@@ -46,8 +46,6 @@ import demo  # noqa: E402
 
 from allo.config import load_recipe  # noqa: E402
 from allo.eval.stats import paired_bootstrap  # noqa: E402
-from allo.eval.suite import slug  # noqa: E402
-from allo.tasks.arith import MISCONCEPTION as PHRASE  # noqa: E402
 
 OUT = ROOT / "runs" / "tiny" / "experiment"
 TUNING_SEED = 0
@@ -60,7 +58,8 @@ class Method:
     label: str                       # its row; a pipeline method's eval label
     rates: tuple[str, ...]           # recipe sections whose train.lr the grid scales
     enable: tuple[str, ...] = ()     # sections switched on for it (the matched baselines are off by default)
-    variant: tuple[str, ...] = ()    # `allo ablate` flags: a control run as a variant of ALLO's run
+    variant: str = ""                # a control run as this `allo ablate` variant of ALLO's run (its directory name:
+                                     # "without-locate" is `--without locate`, "mask-random" `--mask random`)
     after: Optional[str] = None      # a method whose rates stay at their chosen values while this one is tuned
     control: bool = False            # only with --controls
     steps: tuple[str, ...] = ()      # the pipeline steps that train it (for its optimizer steps and examples)
@@ -75,15 +74,13 @@ METHODS = (
     Method("+DPO-steps", ("dpo_steps",), enable=("dpo_steps",), steps=("dpo-steps",)),
     Method("+NPO-DPO", ("npo_dpo",), enable=("npo_dpo",), after="+NPO", steps=("npo", "npo-dpo")),
     Method("+DPO-rewrites", ("dpo_rewrites",), enable=("dpo_rewrites",), steps=("dpo-rewrites",)),
-    Method("ALLO without locate", ("forget", "improve"), variant=("--without", "locate"), steps=ALLO_STEPS),
-    Method("ALLO, random masks", ("forget", "improve"), variant=("--mask", "random"), control=True, steps=ALLO_STEPS),
-    Method("ALLO without token reward", ("forget", "improve"), variant=("--without", "token-reward"), control=True,
+    Method("ALLO without locate", ("forget", "improve"), variant="without-locate", steps=ALLO_STEPS),
+    Method("ALLO, random masks", ("forget", "improve"), variant="mask-random", control=True, steps=ALLO_STEPS),
+    Method("ALLO without token reward", ("forget", "improve"), variant="without-token-reward", control=True,
            steps=ALLO_STEPS),
-    Method("ALLO without noise mask", ("forget", "improve"), variant=("--without", "noise-mask"), control=True,
+    Method("ALLO without noise mask", ("forget", "improve"), variant="without-noise-mask", control=True,
            steps=ALLO_STEPS),
 )
-VARIANT_DIR = {("--without", "locate"): "without-locate", ("--mask", "random"): "mask-random",
-               ("--without", "token-reward"): "without-token-reward", ("--without", "noise-mask"): "without-noise-mask"}
 
 
 def chosen_methods(controls: bool) -> list[Method]:
@@ -128,14 +125,19 @@ def ablate_flags(group: list[Method]) -> list[str]:
     """`--without A B --mask C`: each flag once, with every value asked for (a repeated flag would replace)."""
     flags: dict[str, list[str]] = {}
     for m in group:
-        flag, value = m.variant
-        flags.setdefault(flag, []).append(value)
+        flag, value = m.variant.split("-", 1)
+        flags.setdefault(f"--{flag}", []).append(value)
     return [x for flag, values in flags.items() for x in (flag, *values)]
 
 
+def source(run: Path, m: Method) -> tuple[Path, str]:
+    """Where m's model was trained and evaluated, and its row there: a control is ALLO's row of its variant run."""
+    return (run / "ablate" / m.variant, "+ALLO") if m.variant else (run, m.label)
+
+
 def accuracy(run: Path, m: Method) -> float:
-    where = run / "ablate" / VARIANT_DIR[m.variant] if m.variant else run
-    return json.loads((where / "eval" / "results.json").read_text())["accuracy"]["+ALLO" if m.variant else m.label]
+    where, label = source(run, m)
+    return json.loads((where / "eval" / "results.json").read_text())["accuracy"][label]
 
 
 class Tuning:
@@ -234,12 +236,10 @@ def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], method
 
 def outcome(run: Path, m: Method) -> dict:
     """A model's per-problem results on the seed's test split, and what trained it (manifests)."""
-    where = run / "ablate" / VARIANT_DIR[m.variant] if m.variant else run
-    label = "+ALLO" if m.variant else m.label
-    rows = [json.loads(x) for x in (where / "eval" / slug(label) / "held-out.predictions.jsonl").read_text()
-            .splitlines()]
+    where, label = source(run, m)
+    rows = demo.predictions(where, label)
     trained = {s: json.loads((where / s / "manifest.json").read_text()) for s in m.steps}
-    return {"correct": [int(r["correct"]) for r in rows], "gives_away": [PHRASE in r["prompt"] for r in rows],
+    return {"correct": [int(r["correct"]) for r in rows], "gives_away": [r["gives_away"] for r in rows],
             "steps": {s: t.get("steps", 0) for s, t in trained.items()},
             "examples": {s: t.get("examples", 0) for s, t in trained.items()}}
 
@@ -270,7 +270,8 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
     seeds = sorted(results)
     labels = ["SFT", *(m.label for m in methods)]
     by = {label: [results[s][label] for s in seeds] for label in labels}
-    lines = [f"Test accuracy %, greedy, on seeds {', '.join(map(str, seeds))} (400 problems each); every method at its "
+    n = len(by["SFT"][0]["correct"])
+    lines = [f"Test accuracy %, greedy, on seeds {', '.join(map(str, seeds))} ({n} problems each); every method at its "
              f"best rate on seed {TUNING_SEED}'s development split. Differences pool every test problem; [95% paired "
              f"bootstrap interval, problems resampled within each seed].", "",
              "| method | accuracy (mean ± SE over seeds) | − DPO | − ALLO | \"gives away\" problems | "
