@@ -104,6 +104,11 @@ class TrainConfig:
                                                "for a launcher to decide on requeue; slurm/allo.sbatch sets it per job "
                                                "through ALLO_PREEMPT_MARKER, which overrides it.")
     ds_config: str = knob("ds_configs/zero3.json", "DeepSpeed JSON; its \"auto\" fields are filled from here.")
+    single_rank: Literal["fast", "as_configured"] = knob(
+        "fast", "On one rank ZeRO partitions nothing: `fast` trains there with ZeRO-0 in place of a ZeRO-1/2/3 "
+        "ds_config without offload, bf16 as fp32 weights under torch autocast (16 bytes a parameter instead of "
+        "18-20, no per-module hooks, no gradient all-reduce); `as_configured` keeps the ds_config. `allo plan` and "
+        "the stage's log name the choice.")
     report_to: list[Tracker] = knob(
         factory=lambda: ["tensorboard"], help="Experiment trackers (rank 0): any of tensorboard (STAGE_DIR/tb), wandb, "
         "trackio; [] for none. One tracker run per stage, grouped by output_dir, eval results included; their "

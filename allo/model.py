@@ -6,6 +6,7 @@ byte-level BPE tokenizer from local text in well under a second, so nothing ever
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -47,8 +48,11 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, seed: int = 0) -> torch.nn.Module:
-    """Load `path` (default cfg.path), or build a random-init Llama from `cfg.init` when there is no path."""
+def build_model(cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, seed: int = 0,
+                train_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """Load `path` (default cfg.path), or build a random-init Llama from `cfg.init` when there is no path.
+    `train_dtype`: the dtype the weights train in when it differs from the recipe's (fp32 under autocast); the
+    weights are first made in the recipe's dtype, so both start from the same values."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     path = path or cfg.path
     if path is not None:
@@ -63,6 +67,8 @@ def build_model(cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, se
         config._attn_implementation = cfg.attn_implementation
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype)
+    if train_dtype is not None and train_dtype != dtype:
+        model.to(train_dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
@@ -80,6 +86,11 @@ def save_pretrained(module: torch.nn.Module, state: dict, tokenizer: Any, out_di
     shutil.rmtree(tmp, ignore_errors=True)
     module.save_pretrained(str(tmp), state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()},
                            safe_serialization=True)
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(floats) == 1 and next(iter(floats)) != module.dtype:  # fp32 weights trained under autocast, saved bf16
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(next(iter(floats))).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     old = out_dir.with_name(f".{out_dir.name}.old")

@@ -1,7 +1,8 @@
 """The GPU path end to end, on one CUDA GPU (`pytest -m gpu`; `make gpu-check` runs them on a GPU machine). Each
 check is the CPU suite's own, run with the GPU visible (conftest.GPU_ENV) on one rank, so DeepSpeed and allo both
 choose CUDA and NCCL:
-- no frozen element moves under ZeRO-3 in bf16, with dense and sparse Adam moments;
+- no frozen element moves in bf16, with dense and sparse Adam moments, on the one-rank path (ZeRO-0 under
+  autocast) and under ZeRO-3 as configured;
 - SIGTERM then resume is bit-identical;
 - locate from the warm-up's partitions equals the offline exact top-k;
 - the reduced tiny pipeline (`recipes/tiny/demo.py --quick`) runs every step.
@@ -24,11 +25,13 @@ from test_resume import check_sigterm_resume
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
+@pytest.mark.parametrize("single_rank", ["fast", "as_configured"])  # ZeRO-0 under autocast, and ZeRO-3 itself
 @pytest.mark.parametrize("moments", ["dense", "sparse"])
-def test_frozen_elements_do_not_move_zero3_bf16(tmp_path, tiny_model, pairs_file, mask_file, moments):  # noqa: F811
+def test_frozen_elements_do_not_move_bf16(tmp_path, tiny_model, pairs_file, mask_file, moments,  # noqa: F811
+                                          single_rank):
     check_frozen(tmp_path, tiny_model, pairs_file, mask_file, "ds_configs/zero3.json", "bf16",
-                 ("--set", f"train.sparse_optimizer_state={'true' if moments == 'sparse' else 'false'}"),
-                 env=GPU_ENV, nproc=1)
+                 ("--set", f"train.sparse_optimizer_state={'true' if moments == 'sparse' else 'false'}",
+                  "--set", f"train.single_rank={single_rank}"), env=GPU_ENV, nproc=1)
 
 
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path, tiny_model, pairs_file):

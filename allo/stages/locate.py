@@ -132,13 +132,15 @@ def locate_in_run(recipe: Recipe, strategy, engine, named: list, base: str, out_
     """At the end of a warm-up run: masks from the ZeRO partitions of θ' (every rank calls this together)."""
     import time
 
-    from allo.masks.apply import partition_slices
+    from allo.masks.apply import fp32_masters, partition_slices
     from allo.masks.locate_partitioned import locate_partitioned
 
     loc = recipe.locate
     t0 = time.perf_counter()
     shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in named}
-    paths = locate_partitioned(partition_slices(engine, named), shapes, base, recipe.stage_train("warmup").lr,
+    # one rank holds every element, whatever the stage (ZeRO-0 when train.single_rank is fast)
+    slices = fp32_masters(engine, named) if strategy.world == 1 else partition_slices(engine, named)
+    paths = locate_partitioned(slices, shapes, base, recipe.stage_train("warmup").lr,
                                {"n1": loc.forget_ratio, "n2": loc.improve_ratio}, out_dir, strategy,
                                scope=loc.scope, band_start=loc.band_start, bottom=loc.bottom,
                                collect_cap=loc.collect_cap, threads=loc.threads,

@@ -84,7 +84,8 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     examples = load_examples(recipe, stage, data, tokenizer)
     torch.manual_seed(recipe.seed)
     with strategy.model_init_context():
-        model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed)
+        model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed,
+                            train_dtype=strategy.weight_dtype)
     needs_ref = d.needs_reference and getattr(getattr(recipe, d.section), "loss_type", "") != "simpo"
     spec = Stage(name or (stage if section == d.section else section), examples, d.objective(recipe), d.token_arrays,
                  needs_ref, mask, reference_key=str(init_path))
