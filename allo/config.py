@@ -51,7 +51,10 @@ class ModelConfig:
     trust_remote_code: bool = knob(False, "Run model code shipped with a checkpoint. Off unless you trust it.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = knob(
         "sdpa", "transformers attention backend; flash_attention_2/3 need the flash-attn package and a GPU.")
-    gradient_checkpointing: bool = knob(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = knob(
+        "auto", "Recompute activations in backward to save memory (about a third more compute): true, false, or "
+        "auto: on when `allo plan`'s peak for the stage without it is above 90% of the GPU's memory (off on the "
+        "CPU). The stage's log and `allo plan` say which and why.")
 
 
 @dataclass

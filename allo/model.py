@@ -69,8 +69,6 @@ def build_model(cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, se
         model = LlamaForCausalLM(config).to(dtype)
     if train_dtype is not None and train_dtype != dtype:
         model.to(train_dtype)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     model.config.use_cache = False
     return model
 

@@ -45,6 +45,12 @@ SAMPLE_RECORDS = 2000          # records tokenised to estimate a data file's tok
 GPU_RESULT = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu.json"  # bench/gpu.py's, not its smoke
 
 
+# A training step's phases, for terms that live in some only: the end of the forward (saved activations, logits,
+# autocast's bf16 weight copies), the start of the backward (those, plus the logits' and the output layer's
+# gradients and one layer recomputed) and its end with the optimizer step (every gradient, one layer's activations).
+PHASES = ("forward", "backward", "step")
+
+
 @dataclass
 class Shape:
     """What memory depends on, from the model's config."""
@@ -56,6 +62,7 @@ class Shape:
     kv: int           # key/value width: KV heads × head dim
     intermediate: int
     vocab: int
+    linear_params: int = 0  # parameters of nn.Linear modules: what autocast casts to bf16
 
 
 @dataclass
@@ -91,10 +98,17 @@ class StepPlan:
     flops: float = 0.0
     fits: bool = True
     fix: Optional[str] = None
+    phases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a transient term -> the phases it lives in
+    engine: str = ""                                                 # what trains it, and why when not as configured
+
+    def at(self, phase: str) -> int:
+        """Bytes live in `phase`: every term without a phase of its own, and those of `phase`."""
+        return sum(v for k, v in self.terms.items() if phase in self.phases.get(k, (phase,)))
 
     @property
     def peak(self) -> int:
-        return sum(self.terms.values())
+        """The largest of the phases' totals (the sum of every term where no term is transient)."""
+        return max(self.at(ph) for ph in PHASES)
 
 
 # --------------------------------------------------------------------------------------------- model shape
@@ -107,6 +121,7 @@ def shape_of(config: Any) -> Shape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     unique = {id(p): p.numel() for p in model.parameters()}
+    linear = {id(p): p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -114,7 +129,7 @@ def shape_of(config: Any) -> Shape:
     return Shape(params=sum(unique.values()), largest_layer=largest, layers=config.num_hidden_layers,
                  hidden=config.hidden_size, heads=heads, kv=kv_heads * head_dim,
                  intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
-                 vocab=config.vocab_size)
+                 vocab=config.vocab_size, linear_params=sum(linear.values()))
 
 
 def model_config(recipe: Recipe, path: Optional[str] = None) -> Any:
@@ -145,14 +160,31 @@ def _tokenizer_size(path: Optional[str]) -> Optional[int]:
 
 
 # --------------------------------------------------------------------------------------------- memory terms
-def zero_of(ds_config: str) -> Zero:
+def zero_of(ds_config: str | dict) -> Zero:
+    """The ZeRO settings of a DeepSpeed config file (or of a config already read)."""
     from allo.engine import ds_config_path
 
-    cfg = json.loads(ds_config_path(ds_config).read_text()).get("zero_optimization", {})
+    full = ds_config if isinstance(ds_config, dict) else json.loads(ds_config_path(ds_config).read_text())
+    cfg = full.get("zero_optimization", {})
     device = lambda key: (cfg.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
     stage = int(cfg.get("stage", 0))
     bucket = float(cfg.get("reduce_bucket_size", 5e8)) if stage >= 2 else 0  # DeepSpeed's default
     return Zero(stage, device("offload_optimizer"), device("offload_param"), int(bucket))
+
+
+def engine_of(ds_config: str, precision: str, world: int, single_rank: str) -> tuple[Zero, bool, str]:
+    """(ZeRO settings, bf16 under autocast, a line naming them) of the engine a stage gets on `world` ranks: the
+    config's own, or what `train.single_rank` puts in its place on one rank (`allo.engine.single_rank_config`)."""
+    from allo.engine import ds_config_path, single_rank_config
+
+    cfg = json.loads(ds_config_path(ds_config).read_text())
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bf16"}
+    cfg, why = single_rank_config(cfg, world, single_rank)
+    z = zero_of(cfg)
+    autocast = bool(cfg.get("torch_autocast", {}).get("enabled"))
+    offload = " with optimizer offload" if z.offload_optimizer else ""
+    name = f"ZeRO-{z.stage}{offload}, " + ("fp32 weights under bf16 autocast" if autocast else precision)
+    return z, autocast, f"{name} ({'in place of ' + ds_config + ': ' + why if why else ds_config})"
 
 
 def model_states(s: Shape, z: Zero, hw: Hardware, mixed: bool = True, mask_ratio: Optional[float] = None,
@@ -204,6 +236,20 @@ def activation_bytes(s: Shape, rows: int, seq: int, checkpointing: bool, attn: s
     return width * tokens * s.layers * per_layer
 
 
+def autocast_activations(s: Shape, rows: int, seq: int, checkpointing: bool, attn: str) -> dict[str, int]:
+    """Saved activations under bf16 autocast with fp32 weights: the residual stream stays fp32 (the two RMSNorms'
+    inputs and outputs, 4 bytes), the matmul inputs and outputs are bf16 (their casts of the norm outputs, q/k/v,
+    attention output, gate, up, SiLU and product), eager attention's softmax runs in fp32. With checkpointing: each
+    layer's fp32 input, and in the backward one layer recomputed."""
+    layer = 4 * 4 * s.hidden + 2 * (3 * s.hidden + 3 * s.kv + 4 * s.intermediate) + (
+        2 * 4 * s.heads * seq if attn == "eager" else 0)
+    tokens = rows * seq
+    if checkpointing:
+        return {"checkpointed layer inputs (fp32)": 4 * tokens * s.layers * s.hidden,
+                "one layer recomputed": tokens * layer}
+    return {"activations": tokens * s.layers * layer}
+
+
 def logits_bytes(s: Shape, rows: int, seq: int, width: int = 2) -> int:
     """The micro batch's logits plus the fp32 chunk token_logps upcasts and its log-softmax."""
     from allo.logprobs import LOGP_CHUNK
@@ -212,27 +258,93 @@ def logits_bytes(s: Shape, rows: int, seq: int, width: int = 2) -> int:
 
 
 # --------------------------------------------------------------------------------------------- per step
-def train_plan(recipe: Recipe, step, s: Shape, hw: Hardware, z: Optional[Zero] = None,
+def train_plan(recipe: Recipe, step, s: Shape, hw: Hardware, ds_config: Optional[str] = None,
                micro: Optional[int] = None, checkpointing: Optional[bool] = None) -> StepPlan:
+    """The memory of one training step; `ds_config`, `micro`, `checkpointing`: in place of the recipe's."""
     from allo.stages import STAGES
 
     t = recipe.stage_train(step.train.section)
     d = STAGES[step.train.stage]
-    z = z or zero_of(t.ds_config)
+    z, autocast, engine = engine_of(ds_config or t.ds_config, recipe.model.dtype, hw.world, t.single_rank)
     micro = micro or t.micro_batch_size
-    ckpt = recipe.model.gradient_checkpointing if checkpointing is None else checkpointing
-    mixed = recipe.model.dtype == "bf16"
-    width = 2 if mixed else 4
+    ckpt, why = (checkpointing, "") if checkpointing is not None else _checkpointing(recipe, step, s, hw, ds_config,
+                                                                                      micro)
+    engine += f"; gradient checkpointing {'on' if ckpt else 'off'}" + (f" ({why})" if why else "")
+    mixed = recipe.model.dtype == "bf16" and not autocast
+    width = 2 if recipe.model.dtype == "bf16" else 4  # of the activations and logits
     ratio = {"n1": recipe.locate.forget_ratio, "n2": recipe.locate.improve_ratio}.get(d.mask or "", None)
     rows, seq = micro * len(d.responses), recipe.data.max_length
+    attn = recipe.model.attn_implementation
     terms = model_states(s, z, hw, mixed, None if ratio is None else ratio / 100, t.sparse_optimizer_state)
-    terms["activations"] = activation_bytes(s, rows, seq, ckpt, recipe.model.attn_implementation, width)
-    terms["logits"] = logits_bytes(s, rows, seq, width)
+    phases: dict[str, tuple[str, ...]] = {}
+    if autocast:
+        # fp32 weights under ZeRO-0, gradients set to None after each step. The backward frees a layer's saved
+        # tensors as its gradients arrive: bytes live go linearly from the start (activations, logits and their
+        # gradient, the head's gradient) to the end (every gradient), so the larger end is the peak. Gradients live
+        # through every phase when micro batches accumulate into them. The bf16 casts of the Linear weights live
+        # through the forward (autocast caches them until it exits) and, without checkpointing, the backward.
+        accumulate = t.global_batch_size > micro * hw.world
+        phases["gradients"] = PHASES if accumulate else ("step",)
+        acts = autocast_activations(s, rows, seq, ckpt, attn)
+        terms.update(acts)
+        for k in acts:
+            phases[k] = ("backward", "step") if k == "one layer recomputed" else ("forward", "backward")
+        terms["bf16 weight copies (autocast)"] = 2 * s.linear_params
+        phases["bf16 weight copies (autocast)"] = ("forward",) if ckpt else ("forward", "backward")
+        terms["logits"] = logits_bytes(s, rows, seq, 2)
+        terms["logits gradient"] = 2 * rows * seq * s.vocab
+        phases["logits"], phases["logits gradient"] = ("forward", "backward"), ("backward",)
+        if not accumulate:
+            terms["output layer gradient"] = 4 * s.vocab * s.hidden
+            phases["output layer gradient"] = ("backward",)
+        phases["optimizer step temporaries"] = ("step",)
+    else:
+        terms["activations"] = activation_bytes(s, rows, seq, ckpt, attn, width)
+        terms["logits"] = logits_bytes(s, rows, seq, width)
     if d.needs_reference:  # the precomputed reference log-probs live on disk; one micro batch of them is on the GPU
         terms["reference log-probs (micro batch)"] = 4 * rows * seq
     if not hw.cpu:
         terms["runtime reserve"] = RUNTIME_RESERVE
-    return StepPlan(step.name, "train", terms)
+    return StepPlan(step.name, "train", terms, phases=phases, engine=engine)
+
+
+AUTO_CHECKPOINT_FRACTION = 0.9  # of the GPU's memory, above which `gradient_checkpointing: auto` turns it on
+
+
+def auto_checkpointing(peak_without: int, gpu_bytes: int, cpu: bool) -> tuple[bool, str]:
+    """`gradient_checkpointing: auto`: on when the peak without it leaves less than a tenth of the GPU free (the plan
+    comes within 4-7% of measured GPU peaks), else off, as recomputing costs about a third more compute."""
+    if cpu:
+        return False, "auto: off on the CPU"
+    on = peak_without > AUTO_CHECKPOINT_FRACTION * gpu_bytes
+    return on, (f"auto: the plan's peak without it, {peak_without / GiB:.1f} GiB, is "
+                f"{'above' if on else 'within'} {AUTO_CHECKPOINT_FRACTION:.0%} of {gpu_bytes / GiB:.0f} GiB")
+
+
+def _checkpointing(recipe: Recipe, step, s: Shape, hw: Hardware, ds_config: Optional[str],
+                   micro: int) -> tuple[bool, str]:
+    setting = recipe.model.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting), "model.gradient_checkpointing"
+    without = train_plan(recipe, step, s, hw, ds_config, micro, checkpointing=False).peak
+    return auto_checkpointing(without, hw.gpu_bytes, hw.cpu)
+
+
+def checkpointing_for(recipe: Recipe, stage: str, section: str, config: Any, world: int, micro: int,
+                      device: Any) -> tuple[bool, str]:
+    """Whether a training stage about to start on `device` recomputes activations, and why (the stage logs it):
+    the recipe's true or false, or under "auto" the plan's verdict for this model, world size and GPU."""
+    from types import SimpleNamespace
+
+    if recipe.model.gradient_checkpointing != "auto":
+        return bool(recipe.model.gradient_checkpointing), "model.gradient_checkpointing"
+    if device.type != "cuda":
+        return auto_checkpointing(0, 0, cpu=True)
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    step = SimpleNamespace(name=stage, train=SimpleNamespace(section=section, stage=stage))
+    return _checkpointing(recipe, step, shape_of(config), Hardware(1, world, total), None, micro)
 
 
 def generate_plan(recipe: Recipe, step, s: Shape, hw: Hardware) -> StepPlan:
@@ -251,30 +363,32 @@ def smallest_fix(recipe: Recipe, step, s: Shape, hw: Hardware) -> Optional[str]:
     checkpointing, ZeRO-3, optimizer offload, parameter offload, then more nodes. Only what differs from the recipe
     is suggested."""
     t = recipe.stage_train(step.train.section)
-    z = zero_of(t.ds_config)
     sec = step.train.section
     ckpt = recipe.model.gradient_checkpointing
+    ckpt = None if ckpt == "auto" else ckpt  # None: each candidate's plan decides as "auto" would
 
     def change(micro: int, checkpointing: bool, cfg: Optional[str] = None) -> str:
         sets = [f"{sec}.train.micro_batch_size={micro}"] if micro != t.micro_batch_size else []
-        sets += ["model.gradient_checkpointing=true"] if checkpointing and not ckpt else []
+        sets += ["model.gradient_checkpointing=true"] if checkpointing and ckpt is False else []
         sets += [f"{sec}.train.ds_config={cfg}"] if cfg and cfg != t.ds_config else []
         return " ".join(f"--set {x}" for x in sets)
 
     micro = t.micro_batch_size
     while micro > 1:
         micro //= 2
-        if train_plan(recipe, step, s, hw, z, micro, ckpt).peak <= hw.gpu_bytes:
-            return change(micro, ckpt)
-    if not ckpt and train_plan(recipe, step, s, hw, z, 1, True).peak <= hw.gpu_bytes:
+        if train_plan(recipe, step, s, hw, None, micro, ckpt).peak <= hw.gpu_bytes:
+            return change(micro, bool(ckpt))
+    if ckpt is False and train_plan(recipe, step, s, hw, None, 1, True).peak <= hw.gpu_bytes:
         return change(1, True)
-    for cfg, zz in (("ds_configs/zero3.json", Zero(3)), ("ds_configs/zero3_offload.json", Zero(3, True, True))):
+    z = zero_of(t.ds_config)
+    for cfg in ("ds_configs/zero3.json", "ds_configs/zero3_offload.json"):
+        zz = zero_of(cfg)
         same = (zz.stage, zz.offload_optimizer, zz.offload_params) == (z.stage, z.offload_optimizer, z.offload_params)
-        if not same and train_plan(recipe, step, s, hw, zz, 1, True).peak <= hw.gpu_bytes:
+        if not same and train_plan(recipe, step, s, hw, cfg, 1, True).peak <= hw.gpu_bytes:
             return change(1, True, cfg)
     for nodes in range(hw.nodes + 1, 64 * hw.nodes + 1):
         more = Hardware(nodes, hw.gpus_per_node, hw.gpu_bytes, cpu=hw.cpu)
-        if train_plan(recipe, step, s, more, Zero(3), 1, True).peak <= hw.gpu_bytes:
+        if train_plan(recipe, step, s, more, "ds_configs/zero3.json", 1, True).peak <= hw.gpu_bytes:
             return f"{nodes} nodes × {hw.gpus_per_node} GPUs with ZeRO-3, micro batch 1 and gradient checkpointing"
     return None
 
@@ -465,8 +579,11 @@ def render(steps: list[StepPlan], hw: Hardware) -> str:
         mark = "ok " if p.fits else "NO "
         lines.append(f"{mark}{p.step:13s} peak {p.peak / GiB:8.2f} GiB  {p.tokens / 1e6:10.2f} M tokens  "
                      f"{gpu_hours(p, hw):8.2f} GPU-h   ({p.tokens_source})")
+        if p.engine:
+            lines.append(f"      engine: {p.engine}")
         for k, v in p.terms.items():
-            lines.append(f"      {k:38s} {v / GiB:8.2f} GiB")
+            when = f"  ({', '.join(p.phases[k])})" if k in p.phases and len(p.phases[k]) < len(PHASES) else ""
+            lines.append(f"      {k:38s} {v / GiB:8.2f} GiB{when}")
         if p.fix:
             lines.append(f"      smallest change that fits: {p.fix}")
     return "\n".join(lines + ["", verdict(steps, hw)])
@@ -475,7 +592,8 @@ def render(steps: list[StepPlan], hw: Hardware) -> str:
 def as_json(steps: list[StepPlan], hw: Hardware) -> dict:
     return {"hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu_bytes": hw.gpu_bytes,
                          "tflops": hw.tflops, "mfu": hw.mfu, "mfu_source": hw.mfu_source},
-            "steps": [{"step": p.step, "kind": p.kind, "terms": p.terms, "peak": p.peak, "fits": p.fits,
+            "steps": [{"step": p.step, "kind": p.kind, "engine": p.engine, "terms": p.terms,
+                       "phases": {k: list(v) for k, v in p.phases.items()}, "peak": p.peak, "fits": p.fits,
                        "fix": p.fix, "tokens": p.tokens, "tokens_source": p.tokens_source,
                        "gpu_hours": round(gpu_hours(p, hw), 3)} for p in steps],
             "fits": all(p.fits for p in steps), "verdict": verdict(steps, hw)}

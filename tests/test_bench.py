@@ -24,7 +24,7 @@ def test_gpu_check_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tests collected" in (out / "pytest.log").read_text() or "collected" in (out / "pytest.log").read_text()
     res = json.loads((out / "gpu.json").read_text())
-    for run in ("trl", "dpo", "allo_dense", "allo_sparse"):
+    for run in ("trl", "dpo", "dpo_zero3", "allo_dense", "allo_sparse"):
         assert res[run]["tokens_per_s"] > 0 and 0 < res[run]["mfu"] < 1 and res[run]["peak_mem_mb"] > 0, run
     assert res["allo_sparse"]["optim_state_mb"] < res["allo_dense"]["optim_state_mb"]
     assert "| allo_sparse |" in proc.stdout and "| allo dpo tokens/s ÷ TRL DPOTrainer's |" in proc.stdout

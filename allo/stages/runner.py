@@ -54,6 +54,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     from allo.guards import check_stalled
     from allo.metrics import reset_peak_memory
     from allo.model import build_model, load_tokenizer
+    from allo.plan import checkpointing_for
     from allo.train import Stage, Trainer
 
     d = STAGES[stage]
@@ -86,6 +87,12 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     with strategy.model_init_context():
         model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed,
                             train_dtype=strategy.weight_dtype)
+    checkpointing, why = checkpointing_for(recipe, stage, section, model.config, strategy.world,
+                                           train_cfg.micro_batch_size, strategy.device)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    if strategy.is_rank0:
+        log.info("stage %s: gradient checkpointing %s (%s)", stage, "on" if checkpointing else "off", why)
     needs_ref = d.needs_reference and getattr(getattr(recipe, d.section), "loss_type", "") != "simpo"
     spec = Stage(name or (stage if section == d.section else section), examples, d.objective(recipe), d.token_arrays,
                  needs_ref, mask, reference_key=str(init_path))
