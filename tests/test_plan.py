@@ -157,3 +157,31 @@ def test_one_gpu_plan_at_bench_gpu_shapes_is_below_trls_measured_peak(tmp_path) 
     assert allocated["fast"] <= TRL_PEAK_MIB < allocated["as_configured"], allocated
     assert plans["fast"].engine.startswith("ZeRO-0, fp32 weights under bf16 autocast (in place of ds_configs/zero3.json")
     assert plans["as_configured"].engine.startswith("ZeRO-3, bf16 (ds_configs/zero3.json); gradient checkpointing on")
+
+
+def test_auto_checkpointing_follows_the_plan(tmp_path, tiny_model, pairs_file, monkeypatch) -> None:
+    """`gradient_checkpointing: auto` (the default): on a GPU, on exactly when the plan's peak without it is above 90%
+    of the GPU's memory; off on the CPU; an explicit true/false wins. The GPU is a stand-in: only its memory size is
+    read."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from allo.plan import checkpointing_for, model_config, train_plan
+    from allo.steps import REGISTRY
+
+    recipe = load_recipe(str(write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "run")))
+    assert recipe.model.gradient_checkpointing == "auto"
+    config = model_config(recipe)
+    without = train_plan(recipe, REGISTRY["dpo"], shape_of(config), Hardware(1, 1, 10 ** 12),
+                         checkpointing=False).peak
+    cuda = torch.device("cuda", 0)
+    for total, on in ((int(without / 0.85), False), (int(without / 0.95), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, total=total: SimpleNamespace(
+            total_memory=total))
+        got, why = checkpointing_for(recipe, "dpo", "dpo", config, 1, recipe.train.micro_batch_size, cuda)
+        assert got is on and ("above" if on else "within") in why, why
+    assert checkpointing_for(recipe, "dpo", "dpo", config, 1, 2, torch.device("cpu")) == (False,
+                                                                                         "auto: off on the CPU")
+    recipe.model.gradient_checkpointing = True
+    assert checkpointing_for(recipe, "dpo", "dpo", config, 1, 2, cuda)[0] is True

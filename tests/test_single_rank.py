@@ -56,6 +56,7 @@ def test_one_rank_bf16_holds_masks_and_saves_bf16(tmp_path, tiny_model, pairs_fi
                      "--set", "train.max_steps=3"], nproc=1)
     assert "one rank: ZeRO-0 in place of ds_configs/zero3.json" in proc.stderr
     assert "bf16 as fp32 weights under autocast" in proc.stderr
+    assert "stage improve: gradient checkpointing off (auto: off on the CPU)" in proc.stderr
     out = tmp_path / "run" / "improve"
     assert json.loads((out / "manifest.json").read_text())["zero_stage"] == 0
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
