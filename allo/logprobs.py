@@ -18,33 +18,54 @@ from allo.data.tokenize import IGNORE
 LOGP_CHUNK = 1 << 26  # logit elements upcast to float32 at a time (256 MiB)
 
 
-def _logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+class _TokenLogps(torch.autograd.Function):
+    """log p(x_t+1 | x_<=t) for positions 0..T-2 of (N, T, V) logits, a few positions at a time.
+
+    Forward: each piece is upcast to float32 once; only the log-sum-exp (N·T floats) is kept. Backward: the gradient
+    of a log-prob with respect to its logits is onehot − softmax, written piece by piece into one gradient tensor of
+    the logits' dtype: one read and one write of the logits, where autograd over sliced pieces would recompute each
+    piece and zero-fill and add a full logits-sized gradient per piece."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n, t, v = logits.shape[0], targets.shape[1], logits.shape[2]
+        step = max(1, chunk // max(1, n * v))
+        out = torch.empty(n, t, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for i in range(0, t, step):
+            j = min(i + step, t)
+            piece = logits[:, i:j].float()
+            lse[:, i:j] = torch.logsumexp(piece, dim=-1)
+            out[:, i:j] = piece.gather(-1, targets[:, i:j].unsqueeze(-1)).squeeze(-1) - lse[:, i:j]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        t = targets.shape[1]
+        grad[:, t:].zero_()  # the last position predicts nothing
+        minus_one = torch.full((), -1.0, device=logits.device)
+        for i in range(0, t, ctx.step):
+            j = min(i + ctx.step, t)
+            probs = (logits[:, i:j] - lse[:, i:j].unsqueeze(-1)).exp_()  # float32 by promotion: no upcast pass
+            index = targets[:, i:j].unsqueeze(-1)
+            probs.scatter_add_(-1, index, minus_one.expand(index.shape))  # softmax − onehot, at the targets only
+            torch.mul(probs, -grad_out[:, i:j].unsqueeze(-1), out=grad[:, i:j])  # written once, in the logits' dtype
+        return grad, None, None
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk: int = LOGP_CHUNK) -> torch.Tensor:
     """(N, T, V) logits and (N, T) labels -> (N, T) log-probs in float32 (0 outside responses).
 
-    The float32 upcast and log-softmax run over a few positions at a time (at most `chunk` logits), and under
-    autograd each piece is recomputed in backward instead of kept, so the extra memory is one piece, not N·T·V
-    floats (8 k tokens × a 128 k vocabulary would be 4 GiB per sequence)."""
+    The float32 upcast and log-softmax run over a few positions at a time (at most `chunk` logits), so the extra
+    memory is one piece, not N·T·V floats (8 k tokens × a 128 k vocabulary would be 4 GiB per sequence), and the
+    backward writes the logits' gradient once (`_TokenLogps`)."""
     targets = labels[:, 1:]
-    valid = targets != IGNORE
-    logits = logits[:, :-1]
-    n, t, v = logits.shape
-    step = max(1, chunk // max(1, n * v))
-    if step >= t:
-        logp = _logps(logits, targets)
-    else:
-        from torch.utils.checkpoint import checkpoint
-
-        keep = torch.is_grad_enabled() and logits.requires_grad
-        logp = torch.cat([checkpoint(_logps, logits[:, i:i + step], targets[:, i:i + step], use_reentrant=False)
-                          if keep else _logps(logits[:, i:i + step], targets[:, i:i + step])
-                          for i in range(0, t, step)], dim=1)
-    return torch.nn.functional.pad(logp * valid, (1, 0))
+    logp = _TokenLogps.apply(logits, targets.clamp(min=0), chunk)
+    return torch.nn.functional.pad(logp * (targets != IGNORE), (1, 0))
 
 
 def response_mask(labels: torch.Tensor) -> torch.Tensor:

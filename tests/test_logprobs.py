@@ -1,5 +1,6 @@
-"""Per-token log-probs: the chunked computation equals the dense one (values and gradients), and under autograd it
-keeps no float32 copy of the logits for backward (what bounds its memory at long sequences and large vocabularies)."""
+"""Per-token log-probs: equal to autograd over the plain formula (values and gradients) for any piece size, keep no
+float32 copy of the logits for backward (what bounds their memory at long sequences and large vocabularies), and
+touch the logits a fixed number of times in backward, however many pieces."""
 from __future__ import annotations
 
 import torch
@@ -33,28 +34,71 @@ def _saved_bytes(fn, *existing: torch.Tensor) -> tuple[int, torch.Tensor]:
     return sum(kept.values()), out
 
 
-def test_chunked_equals_dense_values_and_gradients():
+def _reference(logits, labels):
+    """The plain formula under autograd: log_softmax of the float32 logits, the label's entry, 0 off responses."""
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.nn.functional.pad(logp * (targets != -100), (1, 0))
+
+
+def test_a_hand_computed_case():
+    """Logits (0, ln 2, ln 3) give softmax (1/6, 2/6, 3/6); the label is token 2: log-prob ln(1/2), gradient
+    onehot − softmax = (−1/6, −1/3, 1/2) at position 0 and nothing at the last position, which predicts nothing."""
+    import math
+
+    logits = torch.tensor([[[0.0, math.log(2), math.log(3)], [5.0, -1.0, 0.5]]], requires_grad=True)
+    out = token_logps(logits, torch.tensor([[-100, 2]]), chunk=3)
+    torch.testing.assert_close(out, torch.tensor([[0.0, -math.log(2)]]))
+    out.sum().backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[[-1 / 6, -1 / 3, 1 / 2], [0.0, 0.0, 0.0]]]))
+
+
+def test_equals_autograd_on_the_plain_formula_for_every_piece_size():
     for dtype in (torch.float32, torch.bfloat16):
         logits, labels = _inputs(dtype)
-        dense = token_logps(logits, labels)
-        (gd,) = torch.autograd.grad(dense.sum(), logits)
-        for chunk in (101, 3 * 101 * 4, 3 * 101 * 7 + 5):  # one position per piece, several, ragged last piece
-            part = token_logps(logits, labels, chunk=chunk)
-            (gp,) = torch.autograd.grad(part.sum(), logits)
-            assert torch.equal(part, dense), (dtype, chunk)
-            assert torch.allclose(gp, gd, rtol=0, atol=0), (dtype, chunk)
-        assert dense[:, :5].abs().sum() == 0 and dense[2, 30:].abs().sum() == 0
+        ref = _reference(logits, labels)
+        (g_ref,) = torch.autograd.grad(ref.sum() + (ref * torch.arange(37.0)).sum(), logits)
+        outs = []
+        for chunk in (101, 3 * 101 * 4, 3 * 101 * 7 + 5, 10 ** 9):  # a position a piece, several, ragged, one piece
+            out = token_logps(logits, labels, chunk=chunk)
+            (g,) = torch.autograd.grad(out.sum() + (out * torch.arange(37.0)).sum(), logits)
+            torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(g.float(), g_ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                       atol=1e-6)
+            assert g.dtype == dtype
+            outs.append((out, g))
+        assert all(torch.equal(o, outs[0][0]) and torch.equal(g, outs[0][1]) for o, g in outs)  # pieces change no bit
+        assert outs[0][0][:, :5].abs().sum() == 0 and outs[0][0][2, 30:].abs().sum() == 0
 
 
-def test_chunked_keeps_no_float32_logits_for_backward():
+def test_keeps_no_float32_logits_for_backward():
     logits, labels = _inputs(torch.bfloat16)
-    fp32_logits = logits.numel() * 4
-    dense_bytes, _ = _saved_bytes(lambda: token_logps(logits, labels), logits, labels)
-    chunked_bytes, out = _saved_bytes(lambda: token_logps(logits, labels, chunk=3 * 101 * 4), logits, labels)
-    assert dense_bytes >= fp32_logits  # the upcast logits (and the softmax) are kept
-    assert chunked_bytes < fp32_logits / 20, (chunked_bytes, fp32_logits)  # the valid mask and such
+    fp32_logits = logits[:, :-1].numel() * 4  # the last position predicts nothing
+    plain_bytes, _ = _saved_bytes(lambda: _reference(logits, labels), logits, labels)
+    ours_bytes, out = _saved_bytes(lambda: token_logps(logits, labels, chunk=3 * 101 * 4), logits, labels)
+    assert plain_bytes >= fp32_logits  # the upcast logits (and the softmax) are kept
+    assert ours_bytes < fp32_logits / 20, (ours_bytes, fp32_logits)  # the log-sum-exp, targets, the valid mask
     out.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_backward_touches_the_logits_a_fixed_number_of_times():
+    """Bytes the backward reads and writes per logit element (counted op by op, as tests/test_optim.py counts the
+    optimizer's): the same whether the logits come in 1 piece or 36, and at most 27 for bf16 logits: the subtraction
+    of the log-sum-exp reads 2 and writes 4 (float32 by promotion, no separate upcast), exp in place 4 + 4, the
+    product written into the gradient 4 + 2 + 2 (its out= tensor counted read and written), the gradient's
+    accumulation into .grad 2 + 2, and the per-position vectors (log-sum-exp, targets, upstream gradient)."""
+    from test_optim import Traffic
+
+    per_element = {}
+    for chunk in (10 ** 9, 3 * 101):  # one piece; a position a piece
+        logits, labels = _inputs(torch.bfloat16)
+        out = token_logps(logits, labels, chunk=chunk)
+        with Traffic() as t:
+            out.sum().backward()
+        per_element[chunk] = t.bytes / logits.numel()
+    assert per_element[3 * 101] <= 1.05 * per_element[10 ** 9], per_element
+    assert max(per_element.values()) <= 27, per_element
 
 
 def test_reference_cache_round_trip_across_shards(tmp_path):

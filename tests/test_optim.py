@@ -101,12 +101,13 @@ def test_frozen_elements_never_move_and_dense_and_sparse_agree(sparse, decay):
 
 class Traffic(TorchDispatchMode):
     """Bytes each aten op reads and writes: every tensor argument's bytes, and an op that mutates its arguments
-    writes them again; a gather or scatter (index_select, index_copy_) touches only its indexed elements of the
+    writes them again; a gather or scatter (index_select, index_copy_, scatter_add_) touches only its indexed elements of the
     big tensor; views and factories of empty tensors cost nothing."""
     FREE = {torch.ops.aten.view.default, torch.ops.aten.slice.Tensor, torch.ops.aten.as_strided.default,
             torch.ops.aten._unsafe_view.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
             torch.ops.aten.lift_fresh.default}
-    INDEXED = {torch.ops.aten.index_select.default, torch.ops.aten.index_copy_.default}
+    INDEXED = {torch.ops.aten.index_select.default, torch.ops.aten.index_copy_.default,
+               torch.ops.aten.scatter_add_.default}
 
     def __init__(self):
         super().__init__()
@@ -124,8 +125,10 @@ class Traffic(TorchDispatchMode):
             return out
         self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         if func._schema.is_mutable:
-            mutated = [t for i, a in enumerate(func._schema.arguments) if a.alias_info and a.alias_info.is_write
-                       for t in (args[i] if isinstance(args[i], (list, tuple)) else [args[i]])]
+            given = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(func._schema.arguments)
+                     if a.alias_info and a.alias_info.is_write]  # positional, or a keyword such as out=
+            mutated = [t for g in given for t in (g if isinstance(g, (list, tuple)) else [g])
+                       if isinstance(t, torch.Tensor)]
             self.bytes += sum(t.numel() * t.element_size() for t in mutated)
         elif isinstance(out, torch.Tensor):
             self.bytes += out.numel() * out.element_size()
