@@ -93,6 +93,9 @@ class TrainConfig:
     adam_eps: float = knob(1e-8, "AdamW ε.", gt=0)
     grad_clip: float = knob(1.0, "Clip the global gradient norm (after masking); 0 disables.", ge=0)
     sparse_optimizer_state: bool = knob(False, "Keep Adam moments only for masked-in elements (needs a mask).")
+    packing: bool = knob(False, "Feed a micro batch's rows (chosen and rejected) to the model as one padding-free "
+                                "sequence, position ids restarting per row so that attention stays within each row: "
+                                "no compute or logits for padding on ragged data.")
     save_every: int = knob(0, "Checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGUSR1).",
                            ge=0)
     save_every_minutes: float = knob(0.0, "Also checkpoint when this many minutes have passed since the last one "

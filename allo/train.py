@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from allo.config import TrainConfig
-from allo.data.tokenize import collate
+from allo.data.tokenize import collate, pack
 from allo.engine import Strategy, lr_lambda
 from allo.io import atomic_write_text
 from allo.logprobs import token_logps
@@ -174,7 +174,7 @@ class Trainer:
         bs = self.cfg.micro_batch_size
         for i in range(0, per_rank, bs):
             chunk = padded[i:i + bs]
-            logps = self._logps(collate(chunk, self.tokenizer.pad_token_id))
+            logps = self._logps(self._collate(chunk))
             for j, ex in enumerate(chunk):
                 if i + j >= len(mine):  # a padding repeat
                     continue
@@ -184,8 +184,19 @@ class Trainer:
         self.engine.module.train()
         writer.close()
 
+    def _collate(self, examples: list[dict], arrays: tuple[str, ...] = ()) -> dict:
+        batch = collate(examples, self.tokenizer.pad_token_id, arrays)
+        return pack(batch) if self.cfg.packing else batch
+
     def _logps(self, batch: dict) -> torch.Tensor:
+        """(rows, width) token log-probs of a collated batch, from its padded rows or, packed, its one row."""
         dev = self.strategy.device
+        if "packed_ids" in batch:
+            logits = self.engine(input_ids=batch["packed_ids"].to(dev), position_ids=batch["packed_positions"].to(dev),
+                                 use_cache=False).logits
+            flat = token_logps(logits, batch["packed_labels"].to(dev))[0]
+            shape = batch["labels"].shape
+            return flat.new_zeros(shape.numel()).index_copy(0, batch["packed_index"].to(dev), flat).view(shape)
         logits = self.engine(input_ids=batch["input_ids"].to(dev),
                              attention_mask=batch["attention_mask"].to(dev), use_cache=False).logits
         return token_logps(logits, batch["labels"].to(dev))
@@ -217,7 +228,7 @@ class Trainer:
                 chosen = [self.stage.examples[i] for i in self._batch_indices(self.pos.step, micro)]
                 if self.stage.needs_reference:
                     chosen = [{**ex, "ref_logps": self.reference.rows(ex["index"])} for ex in chosen]
-                batch = collate(chosen, self.tokenizer.pad_token_id, arrays)
+                batch = self._collate(chosen, arrays)
                 tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
                 batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
                 loss, metrics = self.stage.objective(self._logps(batch), batch)

@@ -1,7 +1,8 @@
 """The training loop waits for the device only at logging steps. Run on the meta device, where every tensor has a
 shape and no data: any `.item()`, `.tolist()`, `float(t)` or `if t` on a computed tensor raises there, as it would
-stall the host on a GPU. The loop (batches, log-probs, the DPO / improve / forget objectives, metric means) runs
-8 steps with log_every 4 and reaches the host exactly twice, through `reduce_steps`, which the test stands in for.
+stall the host on a GPU. The loop (batches, padded or packed, log-probs, the DPO / improve / forget objectives,
+metric means) runs 8 steps with log_every 4 and reaches the host exactly twice, through `reduce_steps`, which the
+test stands in for.
 DeepSpeed and the model are stand-ins (a tiny embedding model): this checks allo's own code."""
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class Model(torch.nn.Module):
         self.embed = torch.nn.Embedding(vocab, 16)
         self.head = torch.nn.Linear(16, vocab)
 
-    def forward(self, input_ids, attention_mask, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
         return SimpleNamespace(logits=self.head(self.embed(input_ids)))
 
 
@@ -72,11 +73,13 @@ def _examples(n: int, slots: int, arrays: tuple[str, ...]) -> list[dict]:
     ("forget", objectives.forget(ForgetConfig()), 1, ("ref_logps", "keep_probs")),
 ])
 @pytest.mark.parametrize("norm_device", ["meta", "cpu"])
-def test_no_host_sync_outside_logging(tmp_path, monkeypatch, name, objective, slots, arrays, norm_device):
+@pytest.mark.parametrize("packing", [False, True])
+def test_no_host_sync_outside_logging(tmp_path, monkeypatch, name, objective, slots, arrays, norm_device, packing):
     model = Model().to(META)
     strategy = Strategy(model, torch.device(norm_device))
     stage = Stage(name, _examples(16, slots, arrays), objective, token_arrays=arrays)
-    cfg = TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=8, log_every=4, report_to=[])
+    cfg = TrainConfig(global_batch_size=4, micro_batch_size=2, max_steps=8, log_every=4, report_to=[],
+                      packing=packing)
     trainer = Trainer(strategy, model, SimpleNamespace(pad_token_id=0), stage, cfg, tmp_path, group="g")
     trainer.engine = _Engine(model)
     trainer.optimizer = SimpleNamespace(state_bytes=lambda: 0)

@@ -116,3 +116,19 @@ def collate(examples: Sequence[dict], pad_id: int, token_arrays: Sequence[str] =
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
              "index": torch.tensor([ex["index"] for ex in examples]), **arrays}
     return batch
+
+
+def pack(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch plus its rows as one padding-free row: every row's tokens end to end ("packed_ids",
+    "packed_labels"), position ids restarting at 0 for each row (from which transformers keeps attention within a
+    row: a block-diagonal causal mask for sdpa/eager, varlen kernels for flash attention) and, for each packed
+    token, its place in the flattened (rows × width) layout ("packed_index"), where the log-probs go back. Built on
+    the host, so that nothing on the device has to wait for a count. The row's first token (BOS, a prompt token) is
+    never a label, so no row's first label is predicted from the row before it."""
+    keep = batch["attention_mask"].bool()
+    index = keep.flatten().nonzero().squeeze(1)
+    lengths = keep.sum(1)
+    starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return {**batch, "packed_ids": batch["input_ids"].flatten()[index].unsqueeze(0),
+            "packed_labels": batch["labels"].flatten()[index].unsqueeze(0),
+            "packed_positions": (torch.arange(index.numel()) - starts).unsqueeze(0), "packed_index": index}
