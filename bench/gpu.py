@@ -12,6 +12,7 @@ bench/RESULTS.md with the date and GPU model). A child that fails prints its std
 other runs still go, and the script exits 1.
 Usage: python bench/gpu.py [--steps 12] [--micro 4] [--seq 1024]   (on a GPU machine; `make gpu-check`)
        python bench/gpu.py --smoke                                (a tiny model on the CPU: checks the script)
+       python bench/gpu.py --plan [--gpu-memory 141GiB]           (no GPU needed: `allo plan` of the allo runs)
 """
 from __future__ import annotations
 
@@ -160,6 +161,33 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def print_plan(args) -> None:
+    """`allo plan` of the dpo and improve runs as this script would start them on one GPU of --gpu-memory: the one-rank
+    engine and ZeRO-3 as configured, each with the bytes torch.cuda.max_memory_allocated counts (the plan's peak
+    without its runtime reserve), which is what the table's peak memory column measures."""
+    from transformers import LlamaConfig
+
+    from allo.config import load_recipe
+    from allo.plan import GiB, Hardware, model_config, parse_bytes, shape_of, train_plan
+    from allo.steps import REGISTRY
+
+    hw = Hardware(1, 1, parse_bytes(args.gpu_memory))
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        LlamaConfig(**LLAMA_1B).save_pretrained(str(tmp / "model"))
+        text = allo_recipe(tmp, args.micro, args.steps, args.seq)
+        for name, step, mode in (("dpo", "dpo", "fast"), ("dpo_zero3", "dpo", "as_configured"),
+                                 ("allo_dense", "improve", "fast")):
+            (tmp / "r.yaml").write_text(text.replace("ds_config:", f"single_rank: {mode}, ds_config:"))
+            recipe = load_recipe(str(tmp / "r.yaml"))
+            p = train_plan(recipe, REGISTRY[step], shape_of(model_config(recipe)), hw)
+            allocated = p.peak - p.terms.get("runtime reserve", 0)
+            print(f"{name}: {allocated / 2 ** 20:,.0f} MiB allocated at the peak ({p.peak / GiB:.2f} GiB with the "
+                  f"runtime reserve); {p.engine}")
+            print("\n".join(f"    {k:38s} {v / 2 ** 20:9,.0f} MiB  {', '.join(p.phases.get(k, ('always',)))}"
+                            for k, v in p.terms.items()))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
@@ -167,7 +195,12 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script end to end")
     p.add_argument("--out", help="default: bench/results/gpu.json (gpu_smoke.json with --smoke); logs beside it")
+    p.add_argument("--plan", action="store_true", help="print allo plan's memory for the allo runs; run nothing")
+    p.add_argument("--gpu-memory", default="141GiB", help="the GPU's memory for --plan (default: an H200's)")
     args = p.parse_args()
+    if args.plan:
+        print_plan(args)
+        return 0
     out = Path(args.out or ROOT / "bench" / "results" / ("gpu_smoke.json" if args.smoke else "gpu.json"))
     logs = out.parent / f"{out.stem}_logs"
     if not args.smoke and not torch.cuda.is_available():
