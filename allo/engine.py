@@ -256,6 +256,12 @@ class Strategy:
         self.config, self.single_rank_note = single_rank_config(configured, self.world, train.single_rank)
         self.zero_stage = int(self.config["zero_optimization"].get("stage", 0))
         self.autocast = bool(self.config.get("torch_autocast", {}).get("enabled"))
+        # ZeRO-0 without a mixed-precision wrapper: DeepSpeed would clip with a norm per parameter, a pass that
+        # scales every gradient and host-to-device copies that wait for the device; the optimizer clips instead
+        # (MaskedAdamW's max_grad_norm, inside its fused step)
+        self.optimizer_clips = self.zero_stage == 0 and not self.config["bf16"]["enabled"]
+        if self.optimizer_clips:
+            self.config = {**self.config, "gradient_clipping": 0.0}
         # the dtype the weights train in: bf16 under DeepSpeed's bf16 optimizers, fp32 under autocast or fp32
         self.weight_dtype = torch.bfloat16 if precision == "bf16" and not self.autocast else torch.float32
         if self.single_rank_note and self.rank == 0:
@@ -315,8 +321,14 @@ class Strategy:
         self.engine.step()
 
     def grad_norm_tensor(self) -> Any:
-        """DeepSpeed's global gradient norm of the last step as it keeps it (a device tensor, a float, or None where
-        it computes none), so reading it does not wait for the device."""
+        """The global gradient norm of the last step as its computer keeps it (a device tensor, a float, or None where
+        none is computed), so reading it does not wait for the device: the optimizer's where it clips, else
+        DeepSpeed's."""
+        if self.optimizer_clips:
+            from allo.masks.apply import find_optimizer
+            from allo.optim import MaskedAdamW
+
+            return find_optimizer(self.engine, MaskedAdamW).grad_norm
         return self.engine.get_global_grad_norm()
 
     # --- collectives (every rank must call these; see allo.comm for which group carries what) -------------

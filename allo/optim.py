@@ -10,10 +10,16 @@ selected elements are gathered, stepped by the same kernel and scattered back, s
 
 Before masks are attached (and for tensors with no mask) it is plain AdamW, torch's fused AdamW, which is what the
 unmasked stages use.
+
+With ``max_grad_norm`` it also clips, where DeepSpeed's own clipping would cost more (ZeRO-0 without a
+mixed-precision wrapper: a norm kernel per parameter, a second pass that scales every gradient, and host-to-device
+copies that wait for the device): the global norm of the (masked) gradients is taken on the device and the
+clipping factor goes into the fused kernel's gradient scale, so clipping adds one read of the gradients and no
+write. ``grad_norm`` holds the last step's norm, a device tensor.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -41,18 +47,22 @@ STEP_CHUNK = 1 << 24
 
 
 def _fused_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
-                 step: torch.Tensor, lr: float, betas: tuple[float, float], eps: float, decay: float) -> None:
+                 step: torch.Tensor, lr: float, betas: tuple[float, float], eps: float, decay: float,
+                 grad_scale: Optional[torch.Tensor] = None) -> None:
     """torch's fused AdamW kernel: one pass that reads p, g, m, v and writes p, m, v (28 bytes an fp32 element);
-    `step` (on the parameters' device) already counts this step, so nothing waits for the device."""
+    `step` (on the parameters' device) already counts this step, so nothing waits for the device. The kernel divides
+    the gradients by `grad_scale` as it reads them."""
     torch._fused_adamw_(params, grads, m, v, [], [step] * len(params), lr=lr, beta1=betas[0], beta2=betas[1],
-                        weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
+                        weight_decay=decay, eps=eps, amsgrad=False, maximize=False, grad_scale=grad_scale)
 
 
 class MaskedAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, sparse_state: bool = False):
+                 eps: float = 1e-8, weight_decay: float = 0.0, sparse_state: bool = False, max_grad_norm: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.sparse_state = sparse_state
+        self.max_grad_norm = max_grad_norm
+        self.grad_norm: Optional[torch.Tensor] = None
         self._masks: dict[int, torch.Tensor] = {}
         self._index: dict[int, torch.Tensor] = {}
 
@@ -83,17 +93,38 @@ class MaskedAdamW(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for s in self.state.values() for k, t in s.items()
                    if k in ("exp_avg", "exp_avg_sq"))
 
+    def _clip_scale(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """What the fused kernel divides the gradients by: max(1, ‖g‖ / max_grad_norm) over the masked gradients
+        (masked-out elements zeroed here, or for sparse moments only the selected ones read), as
+        torch.nn.utils.clip_grad_norm_ scales them; on the device, nothing waits for it."""
+        dense, pieces = [], []
+        for p in params:
+            keep, index, g = self._masks.get(id(p)), self._index.get(id(p)), p.grad.view(-1)
+            if index is not None:
+                pieces += [g.index_select(0, index[at:at + STEP_CHUNK].long()).norm()
+                           for at in range(0, index.numel(), STEP_CHUNK)]
+                continue
+            if keep is not None:
+                keep_only(g, keep)
+            dense.append(g)
+        norms = list(torch._foreach_norm(dense)) + pieces if dense else pieces
+        self.grad_norm = torch.linalg.vector_norm(torch.stack(norms))
+        return ((self.grad_norm + 1e-6) / self.max_grad_norm).clamp_(min=1.0)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.dtype != torch.float32 or p.grad.dtype != torch.float32:
+                raise TypeError(f"MaskedAdamW steps fp32 tensors (DeepSpeed's master weights), got {p.dtype} "
+                                f"with {p.grad.dtype} gradients")
+        scale = self._clip_scale(params) if self.max_grad_norm and params else None
         for group in self.param_groups:
             lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.dtype != torch.float32 or p.grad.dtype != torch.float32:
-                    raise TypeError(f"MaskedAdamW steps fp32 tensors (DeepSpeed's master weights), got {p.dtype} "
-                                    f"with {p.grad.dtype} gradients")
                 keep, index = self._masks.get(id(p)), self._index.get(id(p))
                 flat_p, flat_g = p.view(-1), p.grad.view(-1)
                 state = self.state[p]
@@ -111,18 +142,19 @@ class MaskedAdamW(torch.optim.Optimizer):
                         idx = index[at:at + STEP_CHUNK].long()
                         values, grad = flat_p.index_select(0, idx), flat_g.index_select(0, idx)
                         _fused_adamw([values], [grad], [m[at:at + STEP_CHUNK]], [v[at:at + STEP_CHUNK]],
-                                     state["step"], lr, betas, eps, wd)
+                                     state["step"], lr, betas, eps, wd, scale)
                         flat_p.index_copy_(0, idx, values)
                     continue
                 if keep is None:
-                    _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, wd)
+                    _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, wd, scale)
                     continue
                 # A masked-out element gets a zero gradient on moments that are zero, so the fused step moves it by
                 # exactly 0; only the selected elements decay.
-                keep_only(flat_g, keep)
+                if scale is None:  # else _clip_scale has masked it
+                    keep_only(flat_g, keep)
                 if wd:
                     for at in range(0, flat_p.numel(), STEP_CHUNK):
                         sl = slice(at, at + STEP_CHUNK)
                         flat_p[sl].sub_(keep_only(flat_p[sl] * (lr * wd), keep[sl]))
-                _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, 0.0)
+                _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, 0.0, scale)
         return loss

@@ -96,7 +96,8 @@ class Trainer:
         params = [p for _, p in named if p.requires_grad]
         optimizer = MaskedAdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                 weight_decay=cfg.weight_decay,
-                                sparse_state=cfg.sparse_optimizer_state and bool(self.stage.mask_file))
+                                sparse_state=cfg.sparse_optimizer_state and bool(self.stage.mask_file),
+                                max_grad_norm=cfg.grad_clip if s.optimizer_clips else 0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.total_steps, cfg.warmup_ratio, cfg.scheduler))
         self.optimizer = optimizer

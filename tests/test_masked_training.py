@@ -104,8 +104,9 @@ def test_mask_that_does_not_fit_is_refused(tmp_path, tiny_model, pairs_file, mas
 
 
 def test_clipping_sees_the_masked_gradient_under_every_zero_stage(tmp_path, tiny_model, pairs_file, mask_file):
-    """The gradient norm DeepSpeed clips with is the masked gradient's: equal under every ZeRO stage (each masks in
-    its own place: parameter hooks, reduced partitions, offloaded partitions and their norms, local partitions) and
+    """The gradient norm clipped with is the masked gradient's: equal under every ZeRO stage (each masks in its own
+    place: parameter hooks, reduced partitions, offloaded partitions and their norms, local partitions; under fp32
+    ZeRO-0 MaskedAdamW clips, inside its step) and
     unlike the unmasked norm. Rank 0 holds mask elements for its own partition only, shared by the optimizer and
     the gradient masker (a second copy only where ZeRO-3's offloaded optimizer and the GPU's gradients differ in
     device: tests/test_device.py)."""
@@ -127,11 +128,12 @@ def test_clipping_sees_the_masked_gradient_under_every_zero_stage(tmp_path, tiny
         norm = json.loads((tmp_path / name / "improve" / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
         return norm, int(held.group(1)), int(held.group(3))
 
-    _, held, extra = first_step("zero0", "ds_configs/zero0.json", path)  # (DeepSpeed reports no norm at stage 0)
+    zero0, held, extra = first_step("zero0", "ds_configs/zero0.json", path)  # fp32 ZeRO-0: the optimizer clips
     assert (held, extra) == (trainable, 0)
     reference, _, _ = first_step("zero3", "ds_configs/zero3.json", path)
     unmasked, _, _ = first_step("ones", "ds_configs/zero3.json", ones)
     assert abs(unmasked - reference) > 0.05 * reference, "the mask changes the clipped norm"
+    assert zero0 == pytest.approx(reference, rel=1e-4)
     for config in ("zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"):
         norm, held, extra = first_step(f"{config}_", f"ds_configs/{config}.json", path)
         assert norm == pytest.approx(reference, rel=1e-4), config

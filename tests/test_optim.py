@@ -162,3 +162,31 @@ def test_optimizer_traffic_is_near_torchs_fused_adamw():
     assert dense <= 1.5 * fused, (dense, fused)
     for r, b in sparse.items():  # a fixed number of bytes per selected element: proportional to the mask
         assert b / r == pytest.approx(sparse[0.1] / 0.1, rel=0.05) and b < dense, sparse
+
+
+@pytest.mark.parametrize("masked,sparse", [(False, False), (True, False), (True, True)])
+def test_clipping_inside_the_step_is_torchs_clip_then_adamw(masked, sparse):
+    """max_grad_norm: the norm of the masked gradient (only the selected elements count), the gradients scaled as
+    torch.nn.utils.clip_grad_norm_ scales them, then AdamW; on both sides of the threshold."""
+    for max_norm in (0.05, 1e3):
+        torch.manual_seed(0)
+        a = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(33))]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        keep = [torch.rand(p.numel()) < 0.3 for p in a] if masked else None
+        ours = MaskedAdamW(a, lr=1e-2, sparse_state=sparse, max_grad_norm=max_norm)
+        if masked:
+            ours.attach_masks({id(p): k for p, k in zip(a, keep)})
+        ref = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.0)
+        for _ in range(3):
+            grads = [torch.randn_like(p) for p in a]
+            for p, q, gr, k in zip(a, b, grads, keep or [None] * 2):
+                p.grad = gr.clone()
+                q.grad = gr.clone() if k is None else keep_only(gr.clone().view(-1), k).view(gr.shape)
+            ours.step()
+            norm = torch.nn.utils.clip_grad_norm_(b, max_norm)
+            ref.step()
+            torch.testing.assert_close(ours.grad_norm, norm, rtol=1e-5, atol=1e-6)
+        for p, q, k in zip(a, b, keep or [None] * 2):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            if k is not None:
+                assert torch.equal(p.detach().view(-1)[~k], q.detach().view(-1)[~k])  # frozen, bit for bit
