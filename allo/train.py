@@ -116,7 +116,8 @@ class Trainer:
             log.info("stage %s: %d examples, global batch %d = micro %d × accumulation %d × world %d, "
                      "%d steps/epoch, %d steps, ZeRO-%d, %s, trainable fraction %.4f", self.stage.name,
                      len(self.stage.examples), cfg.global_batch_size, cfg.micro_batch_size, s.grad_accum, s.world,
-                     self.steps_per_epoch, self.total_steps, s.zero_stage, "bf16 autocast" if s.autocast else s.precision, self.trainable_fraction)
+                     self.steps_per_epoch, self.total_steps, s.zero_stage,
+                     "bf16 autocast" if s.autocast else s.precision, self.trainable_fraction)
         if s.is_rank0:  # a marker from an earlier, preempted attempt is stale once this attempt runs
             (self.out_dir / "preempted.json").unlink(missing_ok=True)
         resumed = self._resume()

@@ -114,7 +114,8 @@ def test_forget_on_nothing_stops(tmp_path, tiny_model, pairs_file) -> None:
     proc = torchrun(["forget", str(recipe), "--mask", str(mask)], nproc=1, check=False, timeout=180)
     assert proc.returncode != 0
     assert re.search(r"allo forget: error: forget: the (gradient norm was 0|loss was 0, unchanged to the last bit over "
-                     r"different batches,) at all 3 steps, so the weights did not move", proc.stderr), proc.stderr[-3000:]
+                     r"different batches,) at all 3 steps, so the weights did not move", proc.stderr), \
+        proc.stderr[-3000:]
     assert not (tmp_path / "out" / "forget" / "model").exists()
 
 

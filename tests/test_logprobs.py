@@ -43,7 +43,7 @@ def _reference(logits, labels):
 
 def test_a_hand_computed_case():
     """Logits (0, ln 2, ln 3) give softmax (1/6, 2/6, 3/6); the label is token 2: log-prob ln(1/2), gradient
-    onehot − softmax = (−1/6, −1/3, 1/2) at position 0 and nothing at the last position, which predicts nothing."""
+    onehot − softmax = (−1/6, −1/3, 1/2) at position 0 and nothing at the last position (it predicts nothing)."""
     import math
 
     logits = torch.tensor([[[0.0, math.log(2), math.log(3)], [5.0, -1.0, 0.5]]], requires_grad=True)
