@@ -106,12 +106,13 @@ class Trainer:
             pieces = optimizer_layout(self.engine, named)
             target_masks = build_masks(self.stage.mask_file, pieces)
             find_optimizer(self.engine, MaskedAdamW).attach_masks(target_masks)
-            self.masker = GradMasker(self.engine, pieces, target_masks, s.device)
+            if not s.optimizer_clips:  # where the optimizer clips, it masks the gradients before their norm itself
+                self.masker = GradMasker(self.engine, pieces, target_masks, s.device)
             if s.is_rank0:
                 log.info("masks on rank 0: %d elements for the optimizer (%s), %d more for the gradients",
                          sum(m.numel() for m in target_masks.values()),
                          ", ".join(sorted({str(m.device) for m in target_masks.values()})),
-                         self.masker.mask_elements())
+                         self.masker.mask_elements() if self.masker else 0)
         if s.is_rank0:
             log.info("stage %s: %d examples, global batch %d = micro %d × accumulation %d × world %d, "
                      "%d steps/epoch, %d steps, ZeRO-%d, %s, trainable fraction %.4f", self.stage.name,

@@ -129,7 +129,8 @@ class GradMasker:
       the accelerator (`device`) whether or not the optimizer is offloaded;
     - ZeRO-1/2: the reduced gradient partition (`averaged_gradients`, or the offloaded fp32 `.grad` together with
       the per-parameter norms DeepSpeed's offload path computed before it) at the accumulation boundary;
-    - ZeRO-0: a tensor hook on each parameter (each rank holds every element there anyway).
+    - ZeRO-0 with bf16: a tensor hook on each parameter (each rank holds every element there anyway). Under fp32
+      ZeRO-0 no masker is needed: MaskedAdamW clips there and masks the gradients before it takes their norm.
     """
 
     def __init__(self, engine: Any, pieces: list[Piece], target_masks: dict[int, torch.Tensor],
