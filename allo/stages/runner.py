@@ -89,8 +89,8 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
                             train_dtype=strategy.weight_dtype)
     checkpointing, why = checkpointing_for(recipe, stage, section, model.config, strategy.world,
                                            train_cfg.micro_batch_size, strategy.device)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing:  # the name transformers >= 5.21 gives it; the older one on the GPU install's 5.20
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if strategy.is_rank0:
         log.info("stage %s: gradient checkpointing %s (%s)", stage, "on" if checkpointing else "off", why)
     needs_ref = d.needs_reference and getattr(getattr(recipe, d.section), "loss_type", "") != "simpo"
