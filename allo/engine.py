@@ -206,6 +206,11 @@ def single_rank_config(cfg: dict, world: int, mode: str) -> tuple[dict, Optional
     return out, "; ".join(why)
 
 
+def autocast_of(cfg: dict) -> bool:
+    """Whether a DeepSpeed config trains under torch autocast (fp32 weights, bf16 compute)."""
+    return bool(cfg.get("torch_autocast", {}).get("enabled"))
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
     """Linear warm-up to the peak, then cosine/linear decay to 0 or constant (as HF's schedulers)."""
     warmup = math.ceil(total_steps * warmup_ratio)
@@ -255,7 +260,7 @@ class Strategy:
         configured = resolve_ds_config(ds_config, train, self.world, precision)
         self.config, self.single_rank_note = single_rank_config(configured, self.world, train.single_rank)
         self.zero_stage = int(self.config["zero_optimization"].get("stage", 0))
-        self.autocast = bool(self.config.get("torch_autocast", {}).get("enabled"))
+        self.autocast = autocast_of(self.config)
         # ZeRO-0 without a mixed-precision wrapper: DeepSpeed would clip with a norm per parameter, a pass that
         # scales every gradient and host-to-device copies that wait for the device; the optimizer clips instead
         # (MaskedAdamW's max_grad_norm, inside its fused step)
@@ -268,6 +273,7 @@ class Strategy:
             log.info("one rank: ZeRO-0 in place of %s (%s; train.single_rank=as_configured keeps it)", ds_config,
                      self.single_rank_note)
         self.engine = None
+        self._clipper = None  # the optimizer that clips, where it does (grad_norm_tensor reads its norm)
         self._hf_ds = None
 
     @property
@@ -299,6 +305,11 @@ class Strategy:
             # even on one rank, where averaging over one rank changes nothing: a gradient-sized copy and three
             # passes over the gradients a step, skipped.
             self.engine.enable_backward_allreduce = False
+        if self.optimizer_clips:
+            from allo.masks.apply import find_optimizer
+            from allo.optim import MaskedAdamW
+
+            self._clipper = find_optimizer(self.engine, MaskedAdamW)
         return self.engine
 
     def release(self) -> None:
@@ -324,12 +335,7 @@ class Strategy:
         """The global gradient norm of the last step as its computer keeps it (a device tensor, a float, or None where
         none is computed), so reading it does not wait for the device: the optimizer's where it clips, else
         DeepSpeed's."""
-        if self.optimizer_clips:
-            from allo.masks.apply import find_optimizer
-            from allo.optim import MaskedAdamW
-
-            return find_optimizer(self.engine, MaskedAdamW).grad_norm
-        return self.engine.get_global_grad_norm()
+        return self._clipper.grad_norm if self._clipper is not None else self.engine.get_global_grad_norm()
 
     # --- collectives (every rank must call these; see allo.comm for which group carries what) -------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
@@ -365,10 +371,9 @@ class Strategy:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective all-gather
         else:
             state = module.state_dict() if self.is_rank0 else None
-        if self.autocast and state is not None:  # a bf16 recipe's models are bf16 on disk, whatever trained them
-            state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
         if self.is_rank0:
             from allo.model import save_pretrained
 
-            save_pretrained(module, state, tokenizer, out_dir)
+            # a bf16 recipe's models are bf16 on disk, whatever trained them
+            save_pretrained(module, state, tokenizer, out_dir, dtype=torch.bfloat16 if self.autocast else None)
         self.barrier()

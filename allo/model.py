@@ -73,8 +73,11 @@ def build_model(cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, se
     return model
 
 
-def save_pretrained(module: torch.nn.Module, state: dict, tokenizer: Any, out_dir: str | Path) -> None:
-    """Write a HF model directory atomically (temp dir + rename); checks the state covers every parameter."""
+def save_pretrained(module: torch.nn.Module, state: dict, tokenizer: Any, out_dir: str | Path,
+                    dtype: Optional[torch.dtype] = None) -> None:
+    """Write a HF model directory atomically (temp dir + rename); checks the state covers every parameter. `dtype`:
+    the floating dtype to write in place of the weights' own (a tensor at a time, so no second copy of the model
+    exists on the device), named in config.json too."""
     out_dir = Path(out_dir)
     names = {n for n, _ in module.named_parameters()}
     missing = sorted(names - set(state))
@@ -82,12 +85,12 @@ def save_pretrained(module: torch.nn.Module, state: dict, tokenizer: Any, out_di
         raise RuntimeError(f"export: gathered weights miss {len(missing)} parameters, e.g. {missing[:3]}")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(str(tmp), state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()},
-                           safe_serialization=True)
-    floats = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(floats) == 1 and next(iter(floats)) != module.dtype:  # fp32 weights trained under autocast, saved bf16
+    on_host = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state.items()}
+    module.save_pretrained(str(tmp), state_dict=on_host, safe_serialization=True)
+    if dtype is not None:  # transformers writes the module's own dtype there
         config = json.loads((tmp / "config.json").read_text())
-        config["dtype"] = str(next(iter(floats))).removeprefix("torch.")
+        config["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))

@@ -32,7 +32,7 @@ import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from allo.config import Recipe
 from allo.optim import STEP_CHUNK
@@ -175,13 +175,13 @@ def zero_of(ds_config: str | dict) -> Zero:
 def engine_of(ds_config: str, precision: str, world: int, single_rank: str) -> tuple[Zero, bool, str]:
     """(ZeRO settings, bf16 under autocast, a line naming them) of the engine a stage gets on `world` ranks: the
     config's own, or what `train.single_rank` puts in its place on one rank (`allo.engine.single_rank_config`)."""
-    from allo.engine import ds_config_path, single_rank_config
+    from allo.engine import autocast_of, ds_config_path, single_rank_config
 
     cfg = json.loads(ds_config_path(ds_config).read_text())
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bf16"}
     cfg, why = single_rank_config(cfg, world, single_rank)
     z = zero_of(cfg)
-    autocast = bool(cfg.get("torch_autocast", {}).get("enabled"))
+    autocast = autocast_of(cfg)
     offload = " with optimizer offload" if z.offload_optimizer else ""
     name = f"ZeRO-{z.stage}{offload}, " + ("fp32 weights under bf16 autocast" if autocast else precision)
     return z, autocast, f"{name} ({'in place of ' + ds_config + ': ' + why if why else ds_config})"
@@ -267,8 +267,9 @@ def train_plan(recipe: Recipe, step, s: Shape, hw: Hardware, ds_config: Optional
     d = STAGES[step.train.stage]
     z, autocast, engine = engine_of(ds_config or t.ds_config, recipe.model.dtype, hw.world, t.single_rank)
     micro = micro or t.micro_batch_size
-    ckpt, why = (checkpointing, "") if checkpointing is not None else _checkpointing(recipe, step, s, hw, ds_config,
-                                                                                      micro)
+    ckpt, why = (checkpointing, "") if checkpointing is not None else decide_checkpointing(
+        recipe.model.gradient_checkpointing, hw.cpu, hw.gpu_bytes,
+        lambda: train_plan(recipe, step, s, hw, ds_config, micro, checkpointing=False).peak)
     engine += f"; gradient checkpointing {'on' if ckpt else 'off'}" + (f" ({why})" if why else "")
     mixed = recipe.model.dtype == "bf16" and not autocast
     width = 2 if recipe.model.dtype == "bf16" else 4  # of the activations and logits
@@ -311,40 +312,34 @@ def train_plan(recipe: Recipe, step, s: Shape, hw: Hardware, ds_config: Optional
 AUTO_CHECKPOINT_FRACTION = 0.9  # of the GPU's memory, above which `gradient_checkpointing: auto` turns it on
 
 
-def auto_checkpointing(peak_without: int, gpu_bytes: int, cpu: bool) -> tuple[bool, str]:
-    """`gradient_checkpointing: auto`: on when the peak without it leaves less than a tenth of the GPU free (the plan
-    comes within 4-7% of measured GPU peaks), else off, as recomputing costs about a third more compute."""
-    if cpu:
-        return False, "auto: off on the CPU"
-    on = peak_without > AUTO_CHECKPOINT_FRACTION * gpu_bytes
-    return on, (f"auto: the plan's peak without it, {peak_without / GiB:.1f} GiB, is "
-                f"{'above' if on else 'within'} {AUTO_CHECKPOINT_FRACTION:.0%} of {gpu_bytes / GiB:.0f} GiB")
-
-
-def _checkpointing(recipe: Recipe, step, s: Shape, hw: Hardware, ds_config: Optional[str],
-                   micro: int) -> tuple[bool, str]:
-    setting = recipe.model.gradient_checkpointing
+def decide_checkpointing(setting: bool | str, cpu: bool, gpu_bytes: int,
+                         peak_without: Callable[[], int]) -> tuple[bool, str]:
+    """Whether a step recomputes activations, and why: the recipe's true or false, or under "auto" on when the plan's
+    peak without it (asked for only then) leaves less than a tenth of the GPU free (the plan comes within 4-7% of
+    measured GPU peaks), else off, as recomputing costs about a third more compute; off on the CPU."""
     if setting != "auto":
         return bool(setting), "model.gradient_checkpointing"
-    without = train_plan(recipe, step, s, hw, ds_config, micro, checkpointing=False).peak
-    return auto_checkpointing(without, hw.gpu_bytes, hw.cpu)
+    if cpu:
+        return False, "auto: off on the CPU"
+    without = peak_without()
+    on = without > AUTO_CHECKPOINT_FRACTION * gpu_bytes
+    return on, (f"auto: the plan's peak without it, {without / GiB:.1f} GiB, is "
+                f"{'above' if on else 'within'} {AUTO_CHECKPOINT_FRACTION:.0%} of {gpu_bytes / GiB:.0f} GiB")
 
 
 def checkpointing_for(recipe: Recipe, stage: str, section: str, config: Any, world: int, micro: int,
                       device: Any) -> tuple[bool, str]:
-    """Whether a training stage about to start on `device` recomputes activations, and why (the stage logs it):
-    the recipe's true or false, or under "auto" the plan's verdict for this model, world size and GPU."""
+    """`decide_checkpointing` for a training stage about to start on `device` (the stage logs it), with the plan of
+    this model, world size and GPU."""
     from types import SimpleNamespace
 
-    if recipe.model.gradient_checkpointing != "auto":
-        return bool(recipe.model.gradient_checkpointing), "model.gradient_checkpointing"
-    if device.type != "cuda":
-        return auto_checkpointing(0, 0, cpu=True)
     import torch
 
-    total = torch.cuda.get_device_properties(device).total_memory
+    cuda = device.type == "cuda"
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
     step = SimpleNamespace(name=stage, train=SimpleNamespace(section=section, stage=stage))
-    return _checkpointing(recipe, step, shape_of(config), Hardware(1, world, total), None, micro)
+    return decide_checkpointing(recipe.model.gradient_checkpointing, not cuda, total, lambda: train_plan(
+        recipe, step, shape_of(config), Hardware(1, world, total), None, micro, checkpointing=False).peak)
 
 
 def generate_plan(recipe: Recipe, step, s: Shape, hw: Hardware) -> StepPlan:

@@ -36,10 +36,11 @@ def _mask_file(tmp_path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0
     return path, masks
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_masked_step_on_cuda_partitions(tmp_path, sparse):
+def test_masked_step_on_cuda_partitions(tmp_path, sparse, clip):
     """A flat ZeRO-style fp32 partition on the GPU holding two parameters: the masks land on its device and the
-    masked step moves exactly the selected elements."""
+    masked step moves exactly the selected elements; clipping inside the step keeps its norm and scale there."""
     shapes = {"a.weight": (5, 7), "b.weight": (11,)}
     path, masks = _mask_file(tmp_path, shapes)
     start = torch.randn(46, generator=torch.Generator().manual_seed(1))
@@ -52,11 +53,12 @@ def test_masked_step_on_cuda_partitions(tmp_path, sparse):
                   Piece("b.weight", params["b.weight"], flat, 35, 0, 11)]
         target_masks = build_masks(str(path), pieces)
         assert all(isinstance(m, FakeCuda) for m in target_masks.values())
-        opt = MaskedAdamW([flat], lr=0.1, weight_decay=0.1, sparse_state=sparse)
+        opt = MaskedAdamW([flat], lr=0.1, weight_decay=0.1, sparse_state=sparse, max_grad_norm=clip)
         opt.attach_masks(target_masks)
         for _ in range(2):
             opt.step()
         assert all(isinstance(t, FakeCuda) for t in opt.state[flat].values() if t.dim())
+        assert isinstance(opt.grad_norm, FakeCuda) if clip else opt.grad_norm is None
     keep = torch.cat([masks["a.weight"].flatten(), masks["b.weight"]])
     moved = real(flat) != start
     assert not (moved & ~keep).any() and moved[keep].all()

@@ -25,9 +25,9 @@ def reward_model_recipe(recipe: Recipe) -> Recipe:
 
 
 def reward_items(wrong: list[dict]) -> list[dict]:
-    """Every distinct wrong response once (the records of pairs/wrong.jsonl) with its reference: the problem's reference solution,
-    a right sample, or for instruction following the chosen response (what the teacher edits towards,
-    docs/method.md §2)."""
+    """Every distinct wrong response once (the records of pairs/wrong.jsonl) with its reference: the problem's
+    reference solution, a right sample, or for instruction following the chosen response (what the teacher edits
+    towards, docs/method.md §2)."""
     return [{"prompt": _text(p["prompt"], "user"), "wrong": _text(p["rejected"]), "reference": _text(p["reference"]),
              "answer": p.get("answer", "")} for p in wrong]
 
