@@ -86,10 +86,10 @@ def link_reused(parent: Path, child: Path, recipe: Recipe) -> None:
     follows the run when a later run switches one on). Refused when one is not complete, or
     when the variant's settings would change it (an override that reaches it: the pipeline would then rerun it
     and write into the run's own directory)."""
-    from allo.pipeline import Pipeline
+    from allo.manifests import Fingerprints
     from allo.steps import REGISTRY
 
-    pipe = Pipeline(recipe)
+    fingerprints = Fingerprints(recipe, parent)  # the variant's settings against the run's own manifests
     off = _downstream_of_redone()  # switched off in the variant: its own skip record, never the run's
     reused = [n for n in REGISTRY if n not in REDONE and n not in off]
     for name in reused:
@@ -98,7 +98,7 @@ def link_reused(parent: Path, child: Path, recipe: Recipe) -> None:
         done = json.loads(manifest.read_text()) if manifest.exists() else {}
         if not done.get("complete"):
             raise RuntimeError(f"{src}: step {name} of the run is not complete; run `allo run` on the recipe first")
-        if done.get("fingerprint") != pipe.fingerprint(name):
+        if done.get("fingerprint") != fingerprints.of(name):
             raise RuntimeError(f"the ablation's settings change step {name}, which it reuses from the run ({src}): "
                                f"drop the --set that reaches it (only locate, forget, improve and eval settings may "
                                f"differ), or rerun the run with it first")

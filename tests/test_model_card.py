@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from allo.pipeline import write_manifest
+from allo.manifests import write_manifest
 
 
 def test_card_from_manifest_and_metrics(tmp_path, monkeypatch) -> None:

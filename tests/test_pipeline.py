@@ -13,7 +13,7 @@ def test_failure_names_step_and_resume_command(tmp_path):
     recipe = load_recipe(None, [f"output_dir={tmp_path}", "model.path=some/sft"])
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "manifest.json").write_text(json.dumps({"complete": True}))
-    with pytest.raises(StepFailed, match=r"step sample failed: task.problems is not set.*--from sample`"):
+    with pytest.raises(StepFailed, match=r"step sample failed: task.problems is not set.*resume with `allo run r.yaml`"):
         Pipeline(recipe, "r.yaml").run()
     with pytest.raises(StepFailed, match="unknown step 'sampel'"):
         Pipeline(recipe, "r.yaml").run(start="sampel")
@@ -74,11 +74,21 @@ def _downstream(names: set[str]) -> set[str]:
     return out
 
 
+def _complete_all(recipe) -> None:
+    """Manifests for every step, as a finished run leaves them (in order: each takes its upstream's output ids)."""
+    from allo.manifests import Fingerprints, write_manifest
+    from allo.steps import STEPS
+
+    fp = Fingerprints(recipe)
+    for name in STEPS:
+        write_manifest(fp.out / name, name, {}, fp.of(name))
+
+
 def test_only_what_changes_a_steps_output_reruns_it(tmp_path):
     """Bookkeeping (trackers, checkpoint cadence and retention, logging interval, timeouts, the preemption marker)
     and another spelling of the same input files change no step's fingerprint, so nothing reruns; a learning
     rate, a mask ratio or a data file reruns exactly that step and what is downstream of it."""
-    from allo.steps import STEPS
+    from allo.manifests import Fingerprints
 
     data = tmp_path / "data"
     data.mkdir()
@@ -88,41 +98,64 @@ def test_only_what_changes_a_steps_output_reruns_it(tmp_path):
     base = [f"output_dir={tmp_path / 'run'}", f"task.sft_data={data / 'sft.jsonl'}",
             f"task.problems={data / 'problems.jsonl'}"]
 
-    def fingerprints(*sets: str) -> dict[str, str]:
-        recipe = load_recipe("recipes/tiny/recipe.yaml", [*base, *sets])
-        pipe = Pipeline(recipe, "r.yaml")
-        return {s: pipe.fingerprint(s) for s in STEPS}
+    def to_run(*sets: str) -> set[str]:
+        return set(Fingerprints(load_recipe("recipes/tiny/recipe.yaml", [*base, *sets])).to_run())
 
-    done = fingerprints()
+    _complete_all(load_recipe("recipes/tiny/recipe.yaml", base))
+    assert to_run() == set()
     for knob in ("train.report_to=[]", "train.report_to=[tensorboard,wandb]", "train.save_every=7",
                  "train.save_every_minutes=30", "train.keep_last=5", "train.log_every=10", "train.tracker_project=x",
                  "train.preempt_marker=/tmp/marker", "improve.train.keep_last=9", "warmup.train.log_every=3",
                  "distributed.timeout_minutes=99", f"task.sft_data={tmp_path / 'link' / 'sft.jsonl'}",
                  f"task.problems={tmp_path / 'link' / '.' / 'problems.jsonl'}"):
-        assert fingerprints(knob) == done, f"{knob} would rerun a finished step"
+        assert to_run(knob) == set(), f"{knob} would rerun a finished step"
     for knob, changed in (("train.lr=3.0e-4", {"sft", "warmup", "reward-train", "forget", "improve", "dpo", "npo",
                                                 "simpo", "locate"}),
                           ("improve.train.lr=1.0e-3", {"improve"}),
                           ("locate.improve_ratio=20", {"locate"}),
                           ("forget.beta=0.2", {"forget"})):
-        now = fingerprints(knob)
-        assert {s for s in STEPS if now[s] != done[s]} == _downstream(changed), knob
+        assert to_run(knob) == _downstream(changed), knob
     (data / "problems.jsonl").write_text('{"prompt": "a", "answer": "2"}\n')
-    now = fingerprints()
-    assert {s for s in STEPS if now[s] != done[s]} == _downstream({"sample"})
+    assert to_run() == _downstream({"sample"})
+
+
+def test_a_rerun_steps_new_outputs_make_its_downstream_stale(tmp_path):
+    """`--only sft` writes a new SFT model with the same settings: every step that read the old one is stale, and
+    a plain run reruns exactly those."""
+    from allo.manifests import Fingerprints, read_manifest, write_manifest
+
+    recipe = load_recipe("recipes/tiny/recipe.yaml", [f"output_dir={tmp_path}"])
+    _complete_all(recipe)
+    fp = Fingerprints(recipe)
+    before = read_manifest(tmp_path / "pairs")["output_id"]
+    write_manifest(tmp_path / "pairs", "pairs", {}, fp.of("pairs"))  # what `allo run --only pairs` leaves
+    assert read_manifest(tmp_path / "pairs")["output_id"] != before
+    assert set(fp.stale()) == {s for s in _downstream({"pairs"}) if s != "pairs" and "pairs" in
+                               fp.upstream(s)}  # the direct readers; the rest follow them
+    assert set(fp.to_run()) == _downstream({"pairs"}) - {"pairs"}
+    assert fp.to_run(chosen={"pairs"}) == []
+    assert fp.to_run(forced={"pairs"}, chosen={"pairs"}) == ["pairs"]
 
 
 def test_resume_hint_is_the_command_that_ran(monkeypatch):
-    """The failed step's resume command keeps the user's --set values and launcher; --from/--only are replaced."""
+    """The failed step's resume command keeps the user's --set values and launcher: the same run with its
+    completed steps skipped, a run limited by --only from the failed step on, the same `allo STEP`; under Slurm
+    the submit command with the allo arguments after its `--`."""
     from allo.pipeline import resume_command
 
-    argv = ["run", "r.yaml", "--set", "train.lr=1e-5", "--only", "sample,pairs", "--set", "seed=3"]
-    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+    argv = ["run", "r.yaml", "--set", "train.lr=1e-5", "--only", "sample,pairs,eval", "--set", "seed=3"]
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE", "LOCAL_WORLD_SIZE", "ALLO_RESUBMIT"):
         monkeypatch.delenv(var, raising=False)
-    assert resume_command(argv, "pairs") == "`allo run r.yaml --set train.lr=1e-5 --set seed=3 --from pairs`"
+    assert resume_command(argv, "pairs") == \
+        "`allo run r.yaml --set train.lr=1e-5 --set seed=3 --only pairs,eval`"
+    assert resume_command(["run", "r.yaml", "--from", "pairs"], "forget") == "`allo run r.yaml`"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resume_command(["sample", "r.yaml", "--set", "a b=c"], "sample") == \
-        "`python -m allo.torchrun --nproc_per_node 4 -m allo run r.yaml --set 'a b=c' --from sample`"
+        "`python -m allo.torchrun --nproc_per_node 4 -m allo sample r.yaml --set 'a b=c'`"
     monkeypatch.setenv("SLURM_JOB_ID", "12")
-    assert "slurm/submit.sh" in resume_command(argv, "pairs") and "-- --from pairs" in resume_command(argv, "pairs")
+    monkeypatch.setenv("ALLO_RESUBMIT", "slurm/submit.sh r.yaml --nodes 2 --gpus-per-node 8")
+    assert resume_command(argv, "pairs") == ("`slurm/submit.sh r.yaml --nodes 2 --gpus-per-node 8 -- --set "
+                                             "train.lr=1e-5 --set seed=3 --only pairs,eval`")
+    assert resume_command(["run", "r.yaml", "--from", "sft"], "pairs") == \
+        "`slurm/submit.sh r.yaml --nodes 2 --gpus-per-node 8`"

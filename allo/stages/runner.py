@@ -183,7 +183,7 @@ def _take_outputs(ctx: Context, source: str, name: str) -> dict:
     done = json.loads((src / "manifest.json").read_text())
     log.info("%s: the recipe gives it exactly %s's data, weights and settings; taking %s's model instead of training "
              "it again", name, source, source)
-    return {**{k: v for k, v in done.items() if k not in ("step", "fingerprint", "attempt", "complete", "wall_s")},
+    return {**{k: v for k, v in done.items() if k not in ("step", "fingerprint", "attempt", "complete", "wall_s", "output_id")},
             "stage": name, "model": str(dst / "model"), "same_as": source}
 
 
@@ -198,7 +198,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def run_standalone(recipe: Recipe, step: Step, args) -> None:
     """`allo STAGE RECIPE [--data --init --out --mask]`: one training stage with explicit inputs."""
-    from allo.pipeline import write_manifest
+    from allo.manifests import write_manifest
 
     out = args.out or str(Path(recipe.output_dir) / step.name)
     t = step.train
