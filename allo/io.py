@@ -1,7 +1,9 @@
 """Small file helpers every stage shares: atomic writes of text, JSON and JSONL, and the one JSONL reader.
 
 Atomic writes go to a temporary file in the same directory and are renamed into place, so a crash never
-leaves a half-written file under the final name.
+leaves a half-written file under the final name. Every file and directory allo writes gets the modes the process's
+umask gives (mkstemp and safetensors create files as 0600, which teammates and eval jobs under other accounts
+cannot read).
 """
 from __future__ import annotations
 
@@ -12,11 +14,35 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc says it; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a directory and everything under it) the modes a plain open()/mkdir() would:
+    0666 / 0777 less the umask."""
+    mask = _umask()
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

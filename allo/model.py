@@ -16,6 +16,7 @@ import torch._dynamo  # noqa: F401  imported before deepspeed.zero.Init patches 
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from allo.config import ModelConfig
+from allo.io import honour_umask
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -94,6 +95,7 @@ def save_pretrained(module: torch.nn.Module, state: dict, tokenizer: Any, out_di
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+    honour_umask(tmp)  # safetensors writes 0600
     old = out_dir.with_name(f".{out_dir.name}.old")
     if out_dir.exists():
         out_dir.rename(old)
