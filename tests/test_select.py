@@ -122,3 +122,15 @@ def test_bf16_ties_warn_and_name_the_remedy(tmp_path, caplog):
         res = locate(tmp_path / "b32", tmp_path / "t32", 1e-6, {"n1": 10}, tmp_path / "m32")
     assert "tie at the threshold" not in caplog.text
     assert res.summary["threshold_ties"]["n1"] < 0.05 * res.summary["elements"] * 0.10
+
+
+def test_fp32_partition_ties_advise_a_longer_warmup_not_from_partitions(tmp_path, caplog):
+    """Ties in the fp32 master weights (the run already has locate.from_partitions: true): the warning advises
+    more warm-up, never the setting the run already has."""
+    base, tuned = make_pair(tmp_path, ties=True)
+    shapes = {n: tuple(w.shape) for n, w in tuned.items()}
+    with caplog.at_level(logging.WARNING, logger="allo.masks.select"):
+        run_ranks(1, lambda comm, rank: locate_partitioned(zero3_slices(tuned, 1, 0), shapes, tmp_path / "base",
+                                                           1e-3, {"n1": 10}, tmp_path / "m", comm))
+    assert "tie at the threshold" in caplog.text and "warmup.train.lr" in caplog.text
+    assert "from_partitions" not in caplog.text

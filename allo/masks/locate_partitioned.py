@@ -26,6 +26,7 @@ from allo.masks.select import Chunk, LocateError, check_ratios, select_masks, wr
 
 class PartitionSource:
     """This rank's slices [(name, flat start, θ' values)] in chunks, with the same ranges of θ from the checkpoint."""
+    fp32 = True  # θ' is the optimizer's fp32 master copy
 
     def __init__(self, local: Sequence[tuple[str, int, torch.Tensor]], shapes: dict[str, tuple[int, ...]],
                  base: Reader):

@@ -54,6 +54,7 @@ Chunk = tuple[int, str, int, torch.Tensor, torch.Tensor]  # tensor order, name, 
 class Source(Protocol):
     names: list[str]                     # every tensor of the model, sorted
     shapes: dict[str, tuple[int, ...]]
+    # optional `fp32: bool`: the tuned weights are fp32 masters (the tie warning then advises a longer warm-up)
 
     def chunks(self, stage: str, names: Sequence[str]) -> Iterator[Chunk]: ...
 
@@ -476,12 +477,14 @@ def select_masks(source: Source, sink: Sink, ratios: dict[str, float], comm: Any
         for label, r in ratios.items():
             k = sum(hi.k for hi, _ in cuts[label].values())
             if ties[label] > TIE_WARNING * k:
-                log.warning(
-                    "locate %s (%g%%): %d elements tie at the threshold score (%.2f× the %d to select), so which of "
-                    "them are selected is decided by tensor name and index, not by training. Two bf16 (or fp16) "
-                    "checkpoints diffed at a small learning rate do this: most weights move by less than one bf16 "
-                    "step. Rank the fp32 drift instead: `locate.from_partitions: true` (the warm-up run scores its "
-                    "fp32 master weights), or diff fp32 exports.", label, r, ties[label], ties[label] / k, k)
+                why = ("These are the warm-up's fp32 master weights: it moved these elements by the same amount; "
+                       "more warm-up steps or a larger warmup.train.lr separate them." if getattr(source, "fp32", False)
+                       else "Two bf16 (or fp16) checkpoints diffed at a small learning rate do this: most weights move "
+                       "by less than one bf16 step. Rank the fp32 drift instead: `locate.from_partitions: true` (the "
+                       "warm-up run scores its fp32 master weights), or diff fp32 exports.")
+                log.warning("locate %s (%g%%): %d elements tie at the threshold score (%.2f× the %d to select), so "
+                            "which of them are selected is decided by tensor name and index, not by training. %s",
+                            label, r, ties[label], ties[label] / k, k, why)
     return Selection({k: v for k, v in counts.items() if v is not None}, total, ties)
 
 
