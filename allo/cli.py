@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
         phrased = isinstance(e, (ConfigError, ValueError, OSError, RuntimeError))
         where = _record_traceback(log_file) if log_file is not None else None
-        if rank == 0 or not isinstance(e, (ConfigError, InputError)):  # every rank checks the same inputs
+        shown = getattr(e, "shown", rank == 0 or not isinstance(e, (ConfigError, InputError)))  # every rank
+        if shown:  # checks the same inputs; a step failure is shown by the rank that recorded it first
             print(f"allo {args.stage}: error: {e if phrased else f'{type(e).__name__}: {e}'}"
                   + (f" (traceback in {where})" if where else ""), file=sys.stderr)
         return 2 if phrased else 1
@@ -216,24 +217,13 @@ def _record_traceback(path: Path) -> Path:
 
 
 def _preflight(args: argparse.Namespace, recipe) -> None:
-    """The command's inputs, checked on every rank before any process group or engine starts (`allo.preflight`)."""
-    from allo import preflight
-    from allo.pipeline import external_files
-    from allo.stages import STAGES
+    """Everything the command will need, checked on every rank before any process group or engine starts, every
+    problem at once (`allo.preflight.check_command`; the launchers run the same checks before a job is queued)."""
+    from allo.preflight import check_command
 
-    preflight.check_trackers(recipe)
-    step = REGISTRY.get(args.stage)
-    if step is not None and step.standalone:
-        preflight.check_training(recipe, data=args.data or recipe.data.train, init=args.init, mask=args.mask,
-                                 out=Path(args.out or Path(recipe.output_dir) / step.name),
-                                 keep_last=recipe.stage_train(STAGES[step.name].section).keep_last)
-        return
-    only = args.stage if step is not None else getattr(args, "only", None)
-    if getattr(args, "start", None):
-        only = None
-    preflight.check_run(recipe, external_files(recipe, only=only))
-    if only is None or "eval" in only.split(","):  # before the first step trains, not after the last
-        preflight.check_eval(recipe)
+    check_command(recipe, args.stage, int(os.environ.get("WORLD_SIZE", 1)), data=getattr(args, "data", None),
+                  init=getattr(args, "init", None), mask=getattr(args, "mask", None), out=getattr(args, "out", None),
+                  start=getattr(args, "start", None), only=getattr(args, "only", None))
 
 
 def _distributed(args: argparse.Namespace, recipe) -> None:

@@ -382,6 +382,14 @@ class Recipe:
         spec = {k: v for k, v in section.SPEC_TRAIN.items() if k not in self.train_keys}
         return dataclasses.replace(self.train, **{**spec, **section.train})
 
+    def train_key(self, stage: str, knob: str) -> str:
+        """The recipe key that sets a stage's training value, the one a fix must change: `STAGE.train.KNOB` when that
+        section sets it or the stage's own default applies, else `train.KNOB`."""
+        section = getattr(self, stage)
+        if knob in section.train or (knob in section.SPEC_TRAIN and knob not in self.train_keys):
+            return f"{stage}.train.{knob}"
+        return f"train.{knob}"
+
 
 # --------------------------------------------------------------------------------------------- loading
 class _Loader(yaml.SafeLoader):

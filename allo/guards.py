@@ -23,10 +23,11 @@ def check_pairs(stats: dict, g: GuardsConfig) -> None:
     """After `pairs`: enough (correct, wrong) pairs to train on."""
     pairs, problems = stats.get("pairs", 0), stats.get("problems")
     if pairs < g.min_pairs:
+        found = "no problem" if pairs == 0 else "too few problems"
         raise GuardStop(f"pairs: {pairs} preference pairs{f' from {problems} problems' if problems else ''}, fewer "
-                        f"than guards.min_pairs {g.min_pairs}: sampling found no problem with both a right and a "
+                        f"than guards.min_pairs {g.min_pairs}: sampling found {found} with both a right and a "
                         "wrong response (raise sample.n or sample.temperature, check task.family's answer checker, "
-                        "or set guards.min_pairs: 0 to go on)")
+                        "or lower guards.min_pairs to go on)")
     if problems:
         without = stats.get("problems_without_pair", {})  # make_pairs' counts: all_correct, all_wrong
         share = 1 - sum(without.values()) / problems

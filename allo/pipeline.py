@@ -16,18 +16,23 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from allo.config import Recipe, to_dict
+from allo.config import Recipe
 from allo.manifests import Fingerprints, recorded, write_manifest
 from allo.sharding import StepAborted, Sync, new_attempt
 from allo.signals import EXIT_REQUEUE, write_preempted
-from allo.steps import REGISTRY, STEPS, Context, Step, lookup, resolve
+from allo.steps import REGISTRY, STEPS, Context, Step, resolve
 
 log = logging.getLogger(__name__)
 __all__ = ["Pipeline", "STEPS", "StepFailed", "run_pipeline"]
 
 
 class StepFailed(RuntimeError):
-    """A pipeline step failed; the message names the step and the command that resumes from it."""
+    """A pipeline step failed; the message names the step and the command that resumes from it. `shown`: this rank
+    is the one whose failure the terminal shows (one rank per failure, not every rank)."""
+
+    def __init__(self, message: str, shown: bool = True):
+        super().__init__(message)
+        self.shown = shown
 
 
 class Pipeline:
@@ -81,10 +86,9 @@ class Pipeline:
                     self._preempted(name)
                 raise
             except Exception as e:  # name the step and the resume command; completed steps stay as they are
-                if not isinstance(e, StepAborted):
-                    sync.fail(name, _phrase(e))
+                shown = not isinstance(e, StepAborted) and sync.fail(name, _phrase(e))
                 raise StepFailed(f"step {name} failed: {_phrase(e)}. Completed steps are kept; fix the cause and "
-                                 f"resume with {resume_command(self.argv, name)}") from e
+                                 f"resume with {resume_command(self.argv, name)}", shown) from e
         stale = [n for n in self.fingerprints.stale() if chosen and n not in chosen]
         if stale and self.ctx.sync.rank == 0:
             log.warning("%d completed step(s) read outputs or settings that changed and are now stale: %s; "
@@ -149,19 +153,6 @@ def _free_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
-
-
-def external_files(recipe: Recipe, only: Optional[str] = None) -> list[tuple[str, str]]:
-    """(recipe key, path) of every input file from outside the run that the steps (or the steps `only`, comma-
-    separated) read."""
-    values, out = to_dict(recipe), []
-    for step in REGISTRY.values():
-        if (only and step.name not in only.split(",")) or (step.skip and step.skip(recipe)):
-            continue
-        out += [(k, lookup(values, k)) for k in step.files if lookup(values, k)]
-        if step.name == "eval":
-            out += [("task.benchmarks", b.split("=", 1)[1]) for b in recipe.task.benchmarks if "=" in str(b)]
-    return list(dict.fromkeys(out))
 
 
 def _split(argv: list[str]) -> tuple[list[str], Optional[str]]:

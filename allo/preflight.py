@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from allo.io import hub_offline, safetensors_header
 
@@ -27,6 +27,31 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 class InputError(ValueError):
     """An input that cannot work, phrased as `PATH[:LINE]: what is wrong (what to do)`."""
+
+
+class Problems(InputError):
+    """Every problem a pre-flight found, each with its fix: one run through a queue shows them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(problems[0] if len(problems) == 1 else f"{len(problems)} problems, each with its fix:\n"
+                         + "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1)))
+
+
+def collect(checks: Iterable[Callable[[], None]]) -> list[str]:
+    """Run every check, the failing ones too, and return what each that failed said (in order, each once)."""
+    from allo.config import ConfigError
+    from allo.engine import LaunchError
+
+    out: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except Problems as e:
+            out += e.problems
+        except (InputError, ConfigError, LaunchError, ValueError) as e:
+            out.append(str(e))
+    return list(dict.fromkeys(out))
 
 
 def model_dir(path: str, *, tokenizer: bool = True) -> Optional[Path]:
@@ -273,12 +298,15 @@ def check_eval(recipe) -> None:
     from allo.eval.benchmarks import BenchmarkError, check_available
     from allo.openai_client import is_local
 
+    problems = []
     for spec in recipe.task.benchmarks:
         name, _, data = str(spec).partition("=")
         try:
             check_available(name, data or None)
         except BenchmarkError as e:
-            raise InputError(f"task.benchmarks: {e}") from None
+            problems.append(f"task.benchmarks: {e}")
+    if problems:
+        raise Problems(problems)
     if recipe.task.alpaca_eval or recipe.task.arena_hard:
         judge = recipe.task.judge
         if not (judge.base_url and judge.model):
@@ -303,14 +331,178 @@ def check_trackers(recipe) -> None:
 
 def check_run(recipe, files: Iterable[tuple[str, str]]) -> None:
     """`allo run`'s inputs from outside the run: the starting model, every data file the steps name (`files`:
-    (recipe key, path)), and the output directory."""
-    model = model_dir(recipe.model.path, tokenizer=recipe.model.tokenizer is None) if recipe.model.path else None
-    if recipe.model.tokenizer:
-        check_tokenizer(recipe.model.tokenizer)
-    for key, path in files:
-        if key != "model.path":
+    (recipe key, path)), and the output directory; every problem at once (`Problems`)."""
+    model: list = [None]
+
+    def starting_model() -> None:
+        if recipe.model.path:
+            model[0] = model_dir(recipe.model.path, tokenizer=recipe.model.tokenizer is None)
+
+    def data(key: str, path: str) -> Callable[[], None]:
+        def check() -> None:
             try:
                 check_data(path, recipe.data.on_bad_record == "skip")
             except InputError as e:
                 raise InputError(f"{e} (recipe key {key})") from None
-    check_output(Path(recipe.output_dir), checkpoint_bytes(model, recipe.model.dtype, recipe.train.keep_last))
+        return check
+
+    checks = [starting_model] + ([lambda: check_tokenizer(recipe.model.tokenizer)] if recipe.model.tokenizer else [])
+    checks += [data(key, path) for key, path in files if key != "model.path"]
+    checks.append(lambda: check_output(Path(recipe.output_dir),
+                                       checkpoint_bytes(model[0], recipe.model.dtype, recipe.train.keep_last)))
+    problems = collect(checks)
+    if problems:
+        raise Problems(problems)
+
+
+# ------------------------------------------------------------------------------------------ the whole command
+def check_teacher(recipe) -> None:
+    """The rewrite teacher can be reached: an endpoint's key is in the environment (a hosted API), a python:
+    teacher imports."""
+    from allo.openai_client import is_local
+
+    teacher = recipe.reward.teacher
+    if teacher == "openai":
+        ep = recipe.reward.teacher_endpoint
+        if ep.api_key_env and not os.environ.get(ep.api_key_env) and not is_local(ep.base_url or ""):
+            raise InputError(f"reward.teacher_endpoint: the API key variable {ep.api_key_env} is not set for "
+                             f"{ep.base_url}; export it, or set reward.teacher_endpoint.api_key_env: null for a "
+                             "keyless server")
+    elif teacher.startswith("python:"):
+        from allo.reward.teacher import python_rewrites
+
+        python_rewrites(teacher)
+
+
+def check_chat_template(recipe) -> None:
+    """`data.template: chat` needs a tokenizer with a chat template (model.tokenizer, else model.path's); a hub id
+    that is not cached is downloaded later and checked then."""
+    source = recipe.model.tokenizer or recipe.model.path
+    if not source:
+        return
+    d = Path(source).expanduser()
+    if not d.is_dir():
+        d = _hub_snapshot(source, "tokenizer_config.json")
+        if d is None:
+            return
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return
+    try:
+        config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if not (isinstance(config, dict) and config.get("chat_template")):
+        key = "model.tokenizer" if recipe.model.tokenizer else "model.path"
+        raise InputError(f"{d}: data.template is 'chat' but this tokenizer ({key}) has no chat template (no "
+                         "chat_template in tokenizer_config.json, no chat_template.jinja); use a chat model's "
+                         "tokenizer, or set data.template: alpaca, alpaca_cot or raw")
+
+
+def check_batch(recipe, step: str, section: str, world: int) -> None:
+    """A training step's global batch splits over `world` ranks (the micro batch shrinks to fit; the global batch
+    must be a multiple of the world size), named by the recipe key that set it."""
+    t = recipe.stage_train(section)
+    g = t.global_batch_size
+    if g % world:
+        key = recipe.train_key(section, "global_batch_size")
+        lower, upper = (g // world) * world, (g // world + 1) * world
+        raise InputError(f"step {step}: {key} = {g} is not a multiple of the world size {world} (each rank takes "
+                         f"equal micro batches); set --set {key}={upper}" + (f" or {lower}" if lower else "")
+                         + ", or use a world size that divides it")
+
+
+def training_sections(recipe, steps: Iterable[str]) -> list[tuple[str, str, object]]:
+    """(step, section, recipe as the step trains with it) of the training steps among `steps` that train (not
+    skipped, not switched off, not taking another step's outputs)."""
+    from allo.steps import REGISTRY, repeats, resolve
+
+    out = []
+    for name in steps:
+        step = REGISTRY[name]
+        t = step.train
+        if t is None or (step.skip and step.skip(recipe)) or repeats(step, recipe):
+            continue
+        adapted = resolve(t.recipe)(recipe) if t.recipe else recipe
+        if getattr(getattr(adapted, t.section), "enabled", True):
+            out.append((name, t.section, adapted))
+    return out
+
+
+def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = None, init: Optional[str] = None,
+                     mask: Optional[str] = None, out: Optional[str] = None, start: Optional[str] = None,
+                     only: Optional[str] = None) -> list[str]:
+    """Everything `allo STAGE` will need, at `world` ranks, checked at once: every problem with its fix. For the
+    pipeline, only the steps that will run (`allo.manifests.Fingerprints.to_run`) count, and a step whose upstream
+    will neither run nor has completed is one problem."""
+    from allo.steps import REGISTRY, STEPS
+
+    step = REGISTRY.get(stage)
+    checks: list[Callable[[], None]] = [lambda: check_trackers(recipe)]
+    if step is not None and step.standalone:
+        from allo.stages import STAGES
+
+        section = STAGES[step.name].section
+        where = Path(out or Path(recipe.output_dir) / step.name)
+        checks += [lambda: check_training(recipe, data=data or recipe.data.train, init=init, mask=mask, out=where,
+                                          keep_last=recipe.stage_train(section).keep_last),
+                   lambda: check_batch(recipe, step.name, section, world)]
+        if recipe.data.template == "chat" and init is None:
+            checks.append(lambda: check_chat_template(recipe))
+        return collect(checks)
+    if stage == "ablate":
+        return collect(checks + [lambda: check_run(recipe, _external_files(recipe, STEPS))])
+    from allo.manifests import Fingerprints
+
+    chosen = set(only.split(",")) if only else ({stage} if step is not None else set())
+    unknown = sorted(n for n in chosen | ({start} if start else set()) if n not in REGISTRY)
+    if unknown:
+        return [f"unknown step {unknown[0]!r}; steps: {', '.join(STEPS)}"]
+    forced = chosen or (set(STEPS[STEPS.index(start):]) if start else set())
+    fp = Fingerprints(recipe)
+    steps = fp.to_run(forced, chosen)
+    if not steps:
+        return collect(checks)
+    live = [n for n in steps if not (REGISTRY[n].skip and REGISTRY[n].skip(recipe))]
+    checks.append(lambda: check_run(recipe, _external_files(recipe, live)))
+    for name in live:
+        for u in fp.upstream(name):
+            if u != name and u not in steps and fp.output_id(u) is None:
+                checks.append(_missing_upstream(recipe, name, u))
+    if "eval" in live:
+        checks.append(lambda: check_eval(recipe))
+    if "reward-data" in live:
+        checks.append(lambda: check_teacher(recipe))
+    if recipe.data.template == "chat" and set(live) - {"pairs", "locate", "reward-data", "reward-train"}:
+        checks.append(lambda: check_chat_template(recipe))
+    for name, section, adapted in training_sections(recipe, live):
+        checks.append(lambda n=name, s=section, a=adapted: check_batch(a, n, s, world))
+    return collect(checks)
+
+
+def check_command(recipe, stage: str, world: int, **kw) -> None:
+    """`command_problems`, raised together as one `Problems`."""
+    problems = command_problems(recipe, stage, world, **kw)
+    if problems:
+        raise Problems(problems)
+
+
+def _missing_upstream(recipe, name: str, upstream: str) -> Callable[[], None]:
+    def check() -> None:
+        raise InputError(f"step {name} reads the outputs of step {upstream}, which has not completed in "
+                         f"{Path(recipe.output_dir) / upstream}; run it first (`allo run` without --only runs every "
+                         "step that is missing)")
+    return check
+
+
+def _external_files(recipe, steps: Iterable[str]) -> list[tuple[str, str]]:
+    """(recipe key, path) of every input file from outside the run that `steps` read."""
+    from allo.config import to_dict
+    from allo.steps import REGISTRY, lookup
+
+    values, out = to_dict(recipe), []
+    for name in steps:
+        step = REGISTRY[name]
+        out += [(k, lookup(values, k)) for k in step.files if lookup(values, k)]
+        if name == "eval":
+            out += [("task.benchmarks", b.split("=", 1)[1]) for b in recipe.task.benchmarks if "=" in str(b)]
+    return list(dict.fromkeys(out))

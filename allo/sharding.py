@@ -54,8 +54,22 @@ class Sync:
     def mark(self, name: str, text: str = "") -> None:
         atomic_write_text(self.dir / name, text)
 
-    def fail(self, step: str, message: str) -> None:
-        self.mark(f"{step}.failed", f"rank {self.rank}: {message}")
+    def fail(self, step: str, message: str) -> bool:
+        """Record this rank's failure of `step` unless another rank's is recorded already (the first one stays:
+        the marker is linked into place, which fails when it exists). True when this rank's is the one recorded,
+        the failure the terminal shows."""
+        import os
+
+        final = self.dir / f"{step}.failed"
+        tmp = self.dir / f".{step}.failed.rank{self.rank}"
+        atomic_write_text(tmp, f"rank {self.rank}: {message}")
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def stop(self, step: str) -> None:
         self.mark(f"{step}.stopped", f"rank {self.rank}")

@@ -79,8 +79,8 @@ class Trainer:
         self.trainable_fraction = 1.0
         n, g = len(stage.examples), train.global_batch_size
         if n < g:
-            raise ValueError(f"stage {stage.name}: {n} examples cannot fill one global batch of {g}; lower "
-                             f"train.global_batch_size or add data")
+            raise ValueError(f"stage {stage.name}: {n} examples cannot fill one global batch of {g}; lower the "
+                             "stage's global_batch_size or add data")
         self.steps_per_epoch = n // g
         self.total_steps = train.max_steps or max(1, math.ceil(train.epochs * self.steps_per_epoch))
         if strategy.is_rank0 and n % g:

@@ -61,6 +61,9 @@ def test_pairs_guard(caplog) -> None:
         check_pairs(stats, G)
     assert "only 2.5% of 40 problems yield a pair" in caplog.text
     check_pairs({"pairs": 0}, GuardsConfig(min_pairs=0))
+    with pytest.raises(GuardStop, match="31 preference pairs, fewer than guards.min_pairs 64: sampling found too few "
+                                        "problems with both"):
+        check_pairs({"pairs": 31}, GuardsConfig(min_pairs=64))
 
 
 def test_rewrite_guard() -> None:

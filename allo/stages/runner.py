@@ -59,6 +59,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
 
     d = STAGES[stage]
     section = section or d.section
+    label = name or (stage if section == d.section else section)  # what the logs call it: the step (reward-train)
     train_cfg = recipe.stage_train(section)
     data = data or recipe.data.train
     if data is None:
@@ -73,7 +74,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     world = int(os.environ.get("WORLD_SIZE", 1))
     micro = fit_micro_batch(train_cfg.global_batch_size, train_cfg.micro_batch_size, world)
     if micro != train_cfg.micro_batch_size:
-        log.info("stage %s: micro batch %d -> %d so that global batch %d splits over %d ranks", stage,
+        log.info("stage %s: micro batch %d -> %d so that global batch %d splits over %d ranks", label,
                  train_cfg.micro_batch_size, micro, train_cfg.global_batch_size, world)
         train_cfg = replace(train_cfg, micro_batch_size=micro)
     strategy = Strategy(train_cfg.ds_config, train_cfg, recipe.model.dtype)
@@ -83,6 +84,10 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     tokenizer = load_tokenizer(recipe.model if init is None else
                                type(recipe.model)(**{**vars(recipe.model), "tokenizer": init}))
     examples = load_examples(recipe, stage, data, tokenizer)
+    if len(examples) < train_cfg.global_batch_size:
+        raise ValueError(f"stage {label}: {len(examples)} examples cannot fill one global batch of "
+                         f"{train_cfg.global_batch_size}; lower {recipe.train_key(section, 'global_batch_size')} "
+                         "or add data")
     torch.manual_seed(recipe.seed)
     with strategy.model_init_context():
         model = build_model(recipe.model, tokenizer, path=init_path, seed=recipe.seed,
@@ -92,9 +97,9 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     if checkpointing:  # the name transformers >= 5.21 gives it; the older one on the GPU install's 5.20
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if strategy.is_rank0:
-        log.info("stage %s: gradient checkpointing %s (%s)", stage, "on" if checkpointing else "off", why)
+        log.info("stage %s: gradient checkpointing %s (%s)", label, "on" if checkpointing else "off", why)
     needs_ref = d.needs_reference and getattr(getattr(recipe, d.section), "loss_type", "") != "simpo"
-    spec = Stage(name or (stage if section == d.section else section), examples, d.objective(recipe), d.token_arrays,
+    spec = Stage(label, examples, d.objective(recipe), d.token_arrays,
                  needs_ref, mask, reference_key=str(init_path))
     if strategy.is_rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +108,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
                       config=to_dict(recipe))
     trainer.setup()
     trainer.train()
-    check_stalled(stage if section == d.section else section, trainer.trace, recipe.guards)
+    check_stalled(label, trainer.trace, recipe.guards)
     if after:
         resolve(after)(recipe, strategy, trainer.engine, list(model.named_parameters()), str(init_path), out)
     exported = trainer.export()
