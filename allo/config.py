@@ -257,6 +257,8 @@ class EndpointConfig:
 class TaskConfig:
     sft_data: Optional[str] = knob(None, "SFT records {prompt, response}; None: model.path is already the SFT model.")
     problems: Optional[str] = knob(None, "Training problems {prompt, answer, reference?} to sample on.")
+    max_problems: Optional[int] = knob(None, "Sample on only the first N of task.problems (data.limit, when smaller, "
+                                             "caps them too): what the teacher and every later step see.", ge=1)
     pairs: Optional[str] = knob(None, "Preference pairs {prompt, chosen, rejected} to train on instead of sampled "
                                       "ones (instruction following: no checkable answers to sample against).")
     eval: Optional[str] = knob(None, "Held-out problems {prompt, answer} for `allo run`'s eval step.")

@@ -398,17 +398,23 @@ def check_chat_template(recipe) -> None:
                          "tokenizer, or set data.template: alpaca, alpaca_cot or raw")
 
 
-def check_batch(recipe, step: str, section: str, world: int) -> None:
-    """A training step's global batch splits over `world` ranks (the micro batch shrinks to fit; the global batch
-    must be a multiple of the world size), named by the recipe key that set it."""
-    t = recipe.stage_train(section)
-    g = t.global_batch_size
-    if g % world:
-        key = recipe.train_key(section, "global_batch_size")
+def check_batch(recipe, steps: Iterable[tuple[str, str]], world: int) -> None:
+    """Each training step's global batch (`steps`: (step, section)) splits over `world` ranks (the micro batch
+    shrinks to fit; the global batch must be a multiple of the world size): one problem per recipe key that set a
+    value that does not, naming the steps it reaches."""
+    bad: dict[tuple[str, int], list[str]] = {}
+    for step, section in steps:
+        g = recipe.stage_train(section).global_batch_size
+        if g % world:
+            bad.setdefault((recipe.train_key(section, "global_batch_size"), g), []).append(step)
+    problems = []
+    for (key, g), names in bad.items():
         lower, upper = (g // world) * world, (g // world + 1) * world
-        raise InputError(f"step {step}: {key} = {g} is not a multiple of the world size {world} (each rank takes "
-                         f"equal micro batches); set --set {key}={upper}" + (f" or {lower}" if lower else "")
-                         + ", or use a world size that divides it")
+        problems.append(f"step{'s' if len(names) > 1 else ''} {', '.join(names)}: {key} = {g} is not a multiple of "
+                        f"the world size {world} (each rank takes equal micro batches); set --set {key}={upper}"
+                        + (f" or {lower}" if lower else "") + ", or use a world size that divides it")
+    if problems:
+        raise Problems(problems)
 
 
 def training_sections(recipe, steps: Iterable[str]) -> list[tuple[str, str, object]]:
@@ -445,7 +451,7 @@ def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = No
         where = Path(out or Path(recipe.output_dir) / step.name)
         checks += [lambda: check_training(recipe, data=data or recipe.data.train, init=init, mask=mask, out=where,
                                           keep_last=recipe.stage_train(section).keep_last),
-                   lambda: check_batch(recipe, step.name, section, world)]
+                   lambda: check_batch(recipe, [(step.name, section)], world)]
         if recipe.data.template == "chat" and init is None:
             checks.append(lambda: check_chat_template(recipe))
         return collect(checks)
@@ -464,18 +470,23 @@ def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = No
         return collect(checks)
     live = [n for n in steps if not (REGISTRY[n].skip and REGISTRY[n].skip(recipe))]
     checks.append(lambda: check_run(recipe, _external_files(recipe, live)))
+    from allo.steps import Context
+
+    ctx = Context(recipe)
     for name in live:
-        for u in fp.upstream(name):
-            if u != name and u not in steps and fp.output_id(u) is None:
-                checks.append(_missing_upstream(recipe, name, u))
+        for ref in REGISTRY[name].inputs:
+            u = ref.split("/", 1)[0]
+            if u != name and u not in steps and not _exists(ctx, ref):
+                checks.append(_missing_input(name, u, ref, ctx))
     if "eval" in live:
         checks.append(lambda: check_eval(recipe))
     if "reward-data" in live:
         checks.append(lambda: check_teacher(recipe))
     if recipe.data.template == "chat" and set(live) - {"pairs", "locate", "reward-data", "reward-train"}:
         checks.append(lambda: check_chat_template(recipe))
-    for name, section, adapted in training_sections(recipe, live):
-        checks.append(lambda n=name, s=section, a=adapted: check_batch(a, n, s, world))
+    trained = training_sections(recipe, live)
+    checks.append(lambda: check_batch(recipe, [(n, s) for n, s, a in trained if a is recipe], world))
+    checks += [lambda n=n, s=s, a=a: check_batch(a, [(n, s)], world) for n, s, a in trained if a is not recipe]
     return collect(checks)
 
 
@@ -486,11 +497,17 @@ def check_command(recipe, stage: str, world: int, **kw) -> None:
         raise Problems(problems)
 
 
-def _missing_upstream(recipe, name: str, upstream: str) -> Callable[[], None]:
+def _exists(ctx, ref: str) -> bool:
+    try:
+        return Path(ctx.path(ref)).exists()
+    except ValueError:  # no SFT model at all: the sft step's own checks say why
+        return True
+
+
+def _missing_input(name: str, upstream: str, ref: str, ctx) -> Callable[[], None]:
     def check() -> None:
-        raise InputError(f"step {name} reads the outputs of step {upstream}, which has not completed in "
-                         f"{Path(recipe.output_dir) / upstream}; run it first (`allo run` without --only runs every "
-                         "step that is missing)")
+        raise InputError(f"{ctx.path(ref)}: step {name} reads it and step {upstream}, which writes it, has not "
+                         "run there; run it first (`allo run` without --only runs every step that is missing)")
     return check
 
 

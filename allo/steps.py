@@ -84,13 +84,15 @@ def _declare() -> list[Step]:
         Step("sample", "Sample n responses per training problem from the SFT model (vLLM when present with a GPU, "
                        "else batched Hugging Face generation) and label each by its final answer.",
              inputs=(SFT_MODEL,), outputs=("samples.jsonl",),
-             config=("sample", "task.problems", "task.family", "data.template", "seed"), files=("task.problems",),
+             config=("sample", "task.problems", "task.max_problems", "task.family", "data.template", "data.limit",
+                     "seed"), files=("task.problems",),
              run="allo.stages.sampling:sample_step", every_rank=True,
              skip=lambda r: "task.pairs is set: the pairs step reads them" if r.task.pairs else None),
         Step("pairs", "Build (correct, wrong) preference pairs per problem from the samples (distinct responses, at "
                       "most sample.max_pairs_per_problem, seeded), and the list of every distinct wrong response.",
              inputs=("sample/samples.jsonl",), outputs=("pairs.jsonl", "wrong.jsonl"),
-             config=("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.columns"),
+             config=("sample.max_pairs_per_problem", "seed", "task.pairs", "data.split", "data.subset",
+                     "data.columns", "data.on_bad_record", "data.limit"),
              files=("task.pairs",), run="allo.stages.sampling:pairs_step"),
         Step("warmup", "Plain full-parameter DPO from the SFT model for one epoch (docs/method.md §1): the reference "
                        "run whose weight changes |θ'−θ|/α rank the neurons.",

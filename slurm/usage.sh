@@ -10,3 +10,10 @@ usage_if_asked() {
     fi
   done
 }
+
+# `quoted WORD...`: the words as one shell-quoted line (printf %q), to print a command that runs as shown.
+quoted() {
+  local out
+  printf -v out '%q ' "$@"
+  printf '%s' "${out% }"
+}

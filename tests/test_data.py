@@ -187,11 +187,15 @@ def test_skipped_records_are_counted_always_and_named_on_rank_0_only(tmp_path, c
 
     monkeypatch.setenv("RANK", rank)
     path = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"p{i}", "chosen": "" if i % 2 else "a", "rejected": "b"} for i in range(2 * SKIPS_NAMED + 10)]
+    rows = [{"prompt": f"p{i}", "chosen": 3 if i % 2 else "a", "rejected": "b"} for i in range(2 * SKIPS_NAMED + 10)]
+    rows += [{"prompt": "e", "chosen": " ", "rejected": "b"}] * 7  # data, not damage: counted, never named
     path.write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
     with caplog.at_level(logging.INFO, logger="allo.data.records"):
-        records, stats = read_records(str(path))
-    assert stats.skipped["empty response"] == SKIPS_NAMED + 5 and len(records) == SKIPS_NAMED + 5
+        records, stats = read_records(str(path), on_bad_record="skip")
+    assert stats.skipped["malformed"] == SKIPS_NAMED + 5 and len(records) == SKIPS_NAMED + 5
+    assert stats.skipped["empty response"] == 7
     named = [r for r in caplog.records if "skipping" in r.getMessage()]
     assert len(named) == (SKIPS_NAMED if rank == "0" else 0)
-    assert any(f"skipped {SKIPS_NAMED + 5}" in r.getMessage() for r in caplog.records) == (rank == "0")
+    assert all("must be a string" in r.getMessage() for r in named)
+    assert any(f"skipped {SKIPS_NAMED + 12} (7 empty response, {SKIPS_NAMED + 5} malformed)" in r.getMessage()
+               for r in caplog.records) == (rank == "0")

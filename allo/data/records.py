@@ -122,9 +122,10 @@ def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = 
     responses = [f for f in fields if f != "prompt"]
 
     def skip(source: str, why: str, kind: str = "") -> None:
-        """Counted always (the summary line); named on rank 0 only, the first SKIPS_NAMED of them."""
+        """Counted always (the summary line); a malformed record is also named, on rank 0 only, the first
+        SKIPS_NAMED of them (an empty response or a pair with chosen == rejected is data, not damage)."""
         stats.skipped[kind or why] += 1
-        if sum(stats.skipped.values()) <= SKIPS_NAMED and int(os.environ.get("RANK", 0)) == 0:
+        if kind == "malformed" and stats.skipped[kind] <= SKIPS_NAMED and int(os.environ.get("RANK", 0)) == 0:
             log.warning("skipping %s: %s", source, why)
 
     def bad(source: str, msg: str) -> None:
@@ -169,5 +170,5 @@ def read_records(path: str, fields: Sequence[str] = PREFERENCE, *, split: str = 
         out.append(kept)
         stats.kept += 1
     if int(os.environ.get("RANK", 0)) == 0:
-        log.info(stats.summary(path))
+        (log.warning if stats.skipped else log.info)(stats.summary(path))
     return out, stats

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -30,6 +31,8 @@ from typing import Callable, Optional, Sequence
 
 from allo.io import hub_offline
 from allo.openai_client import ChatClient, content
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------- AlpacaEval
 ALPACA_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
@@ -83,7 +86,10 @@ def alpaca_pairs(client: ChatClient, instructions: Sequence[str], baseline: Sequ
     params = dict(max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
     orders = []  # per request: (item index, whether the model is shown first)
     requests = []
+    decided = _empty_decided(baseline, model, "alpaca judge")
     for i, (ins, b, m) in enumerate(zip(instructions, baseline, model)):
+        if i in decided:
+            continue
         shown = [_swapped(ins, seed)] if protocol == "official" else [False, True] if protocol == "swap" else None
         if shown is None:
             raise ValueError(f"unknown protocol {protocol!r} (official, swap)")
@@ -99,7 +105,7 @@ def alpaca_pairs(client: ChatClient, instructions: Sequence[str], baseline: Sequ
             per_item.setdefault(i, []).append(1 - p if model_first else p)
     out = []
     for i, (ins, b, m) in enumerate(zip(instructions, baseline, model)):
-        ps = per_item.get(i)
+        ps = [decided[i]] if i in decided else per_item.get(i)
         out.append({"instruction": ins, "output_1": b, "output_2": m, "generator_1": generator_baseline,
                     "generator_2": generator_model, "annotator": f"allo:{ALPACA_ANNOTATOR}:{client.ep.model}",
                     "preference": 1 + sum(ps) / len(ps) if ps else None, "protocol": protocol})
@@ -227,6 +233,17 @@ def parse_verdict(text: str) -> Optional[str]:
     return found.pop() if len(found) == 1 else None
 
 
+def _empty_decided(baseline: Sequence[str], model: Sequence[str], what: str) -> dict[int, float]:
+    """Items where an answer is empty, decided without asking the judge: P(model better) is 0 when only the model's
+    is empty, 1 when only the baseline's, 0.5 when both are (an empty answer answers nothing)."""
+    decided = {i: 0.5 if not b.strip() and not m.strip() else float(not b.strip())
+               for i, (b, m) in enumerate(zip(baseline, model)) if not b.strip() or not m.strip()}
+    if decided:
+        log.info("%s: %d of %d items have an empty answer; decided without a judge call (an empty answer loses, two "
+                 "tie)", what, len(decided), len(model))
+    return decided
+
+
 def arena_games(client: ChatClient, questions: Sequence[dict], baseline: dict[str, str], model: dict[str, str],
                 system_prompt: str | Callable[[dict], str] = official_system_prompt, attempts: int = 2,
                 max_tokens: int = 4096, verdict: Callable[[str], Optional[str]] = official_verdict) -> list[dict]:
@@ -243,7 +260,13 @@ def arena_games(client: ChatClient, questions: Sequence[dict], baseline: dict[st
         games.append((uid, 1, baseline[uid], model[uid], q["prompt"], prompt_of(q)))
         games.append((uid, 2, model[uid], baseline[uid], q["prompt"], prompt_of(q)))
     rows = [{"uid": uid, "game": g, "verdict": None, "judgment": ""} for uid, g, *_ in games]
-    pending = list(range(len(games)))
+    uids = [q["uid"] for q in questions]
+    decided = _empty_decided([baseline[u] for u in uids], [model[u] for u in uids], "arena judge")
+    for i, (uid, g, a, b, *_) in enumerate(games):
+        if uids.index(uid) in decided:  # A is the baseline in game 1; an empty answer loses, strongly
+            rows[i]["verdict"] = "A=B" if not a.strip() and not b.strip() else "B>>A" if not a.strip() else "A>>B"
+            rows[i]["judgment"] = "(not judged: an empty answer)"
+    pending = [i for i, row in enumerate(rows) if row["verdict"] is None]
     for attempt in range(attempts):
         if not pending:
             break

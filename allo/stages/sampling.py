@@ -36,12 +36,20 @@ def sample(model_dir: str, problems: Sequence[dict], template: str, sampling: Sa
     return out
 
 
+def is_empty(sample: dict) -> bool:
+    """A response with no text: nothing to prefer, forget or send to a teacher."""
+    return not str(sample["response"]).strip()
+
+
 def make_pairs(samples: Sequence[dict], max_per_problem: int = 5, seed: int = 0) -> tuple[list[dict], dict]:
-    """Every (correct, wrong) combination per problem, at most `max_per_problem`, chosen with a seeded RNG."""
+    """Every (correct, wrong) combination per problem, at most `max_per_problem`, chosen with a seeded RNG. Empty
+    responses are left out (counted: `empty_responses`)."""
     rng = random.Random(seed)
     by_problem: dict[str, dict[str, list]] = defaultdict(lambda: {"ok": [], "bad": []})
     for s in samples:
-        by_problem[s["prompt"]]["ok" if s["correct"] else "bad"].append(s)
+        group = by_problem[s["prompt"]]
+        if not is_empty(s):
+            group["ok" if s["correct"] else "bad"].append(s)
     pairs, no_pair = [], {"all_correct": 0, "all_wrong": 0}
     for prompt, group in by_problem.items():
         if not group["ok"] or not group["bad"]:
@@ -52,7 +60,8 @@ def make_pairs(samples: Sequence[dict], max_per_problem: int = 5, seed: int = 0)
         for c, w in rng.sample(combos, min(max_per_problem, len(combos))):
             pairs.append({"prompt": prompt, "chosen": c["response"], "rejected": w["response"],
                           "answer": c["answer"]})
-    stats = {"problems": len(by_problem), "pairs": len(pairs), "problems_without_pair": no_pair}
+    stats = {"problems": len(by_problem), "pairs": len(pairs), "problems_without_pair": no_pair,
+             "empty_responses": sum(map(is_empty, samples))}
     log.info("pairs: %d from %d problems; no pair for %d all-correct and %d all-wrong problems", len(pairs),
              len(by_problem), no_pair["all_correct"], no_pair["all_wrong"])
     return pairs, stats
@@ -66,13 +75,14 @@ def accuracy(model_dir: str, problems: Sequence[dict], template: str, family: st
     return sum(s["correct"] for s in samples) / max(1, len(samples))
 
 
-def load_problems(path: Optional[str], key: str) -> list[dict]:
-    """Problems {prompt, answer, reference?} from a records file; the answer may be a number in the file."""
+def load_problems(path: Optional[str], key: str, limit: Optional[int] = None) -> list[dict]:
+    """Problems {prompt, answer, reference?} from a records file (the first `limit`); the answer may be a number in
+    the file."""
     from allo.data.records import DataError, read_records
 
     if not path:
         raise ValueError(f"{key} is not set in the recipe")
-    records, _ = read_records(path, ("prompt",), optional=("answer", "reference", "response"))
+    records, _ = read_records(path, ("prompt",), optional=("answer", "reference", "response"), limit=limit)
     out = []
     for rec in records:
         if rec.get("answer") is None:
@@ -89,7 +99,8 @@ def sample_step(ctx: Context) -> Optional[dict]:
     """n labelled samples per training problem from the SFT model -> sample/samples.jsonl, sharded over the ranks
     (`allo.sharding`): unit k's seed comes from the recipe's seed and k alone, so any world size samples the same."""
     r, s = ctx.recipe, ctx.recipe.sample
-    problems = load_problems(r.task.problems, "task.problems")
+    limits = [n for n in (r.data.limit, r.task.max_problems) if n is not None]
+    problems = load_problems(r.task.problems, "task.problems", min(limits) if limits else None)
     loaded: list = []
 
     def work(k: int, idx: range) -> list[list[dict]]:
@@ -123,7 +134,8 @@ def _unique(samples: Sequence[dict]) -> list[dict]:
 
 def unique_wrong(samples: Sequence[dict]) -> tuple[list[dict], dict]:
     """Every distinct wrong response of every problem, each once (the reference code's forget data), problems where
-    every sample was wrong included: {prompt, rejected, reference, answer}. The reference the teacher edits towards
+    every sample was wrong included, empty responses left out: {prompt, rejected, reference, answer}. The reference
+    the teacher edits towards
     is the problem's reference solution, else its first right sample, else the bare gold answer."""
     by_problem: dict[str, list[dict]] = defaultdict(list)
     for s in samples:
@@ -131,14 +143,14 @@ def unique_wrong(samples: Sequence[dict]) -> tuple[list[dict], dict]:
     rows, all_wrong, unpaired = [], 0, 0
     for prompt, group in by_problem.items():
         right = [s for s in group if s["correct"]]
-        wrong = _unique([s for s in group if not s["correct"]])
+        wrong = _unique([s for s in group if not s["correct"] and not is_empty(s)])
         if wrong and not right:
             all_wrong, unpaired = all_wrong + 1, unpaired + len(wrong)
         reference = next((s["reference"] for s in group if s.get("reference")), None) or (
             right[0]["response"] if right else f" The answer is {group[0]['answer']}.")
         rows += [{"prompt": prompt, "rejected": w["response"], "reference": reference, "answer": w["answer"]}
                  for w in wrong]
-    stats = {"wrong_samples": sum(not s["correct"] for s in samples), "unique_wrong": len(rows),
+    stats = {"wrong_samples": sum(not s["correct"] and not is_empty(s) for s in samples), "unique_wrong": len(rows),
              "unique_wrong_all_wrong_problems": unpaired, "all_wrong_problems": all_wrong}
     return rows, stats
 
@@ -168,6 +180,9 @@ def pairs_step(ctx: Context) -> dict:
     samples = read_jsonl(ctx.path("sample/samples.jsonl"))
     reference = {x["prompt"]: x["reference"] for x in samples if "reference" in x}
     pairs, stats = make_pairs(samples, r.sample.max_pairs_per_problem, r.seed)
+    if stats["empty_responses"]:
+        log.info("pairs: %d of %d sampled responses are empty; left out of the pairs and of what the teacher and "
+                 "forget see", stats["empty_responses"], len(samples))
     for p in pairs:
         if p["prompt"] in reference:
             p["reference"] = reference[p["prompt"]]
@@ -187,7 +202,7 @@ def _given_pairs(ctx: Context, out: Path) -> dict:
 
     d, path = ctx.recipe.data, ctx.recipe.task.pairs
     records, stats = read_records(path, split=d.split, subset=d.subset, columns=d.columns,
-                                  on_bad_record=d.on_bad_record, optional=("reference", "answer"))
+                                  on_bad_record=d.on_bad_record, optional=("reference", "answer"), limit=d.limit)
     rows = [{k: v for k, v in r.items() if k != "source"} for r in records]
     write_jsonl(out, rows)
     wrong = wrong_of_pairs(rows)
