@@ -9,9 +9,10 @@
 # prints the command and runs nothing. -h/--help: this text.
 #
 # Python: $ALLO_PYTHON, else .venv-gpu (`make install-gpu`), else .venv (`make install`, CPU torch); it says which.
-# GPUs are counted with that Python's torch (set ALLO_GPUS to override, e.g. to use fewer); on a machine with GPUs, a CPU-only
-# torch is refused. Without a GPU it runs 1 process on the CPU (tiny recipes only). It runs in the current
-# directory: relative paths (the recipe, data, output_dir) resolve there. The paper recipes' run.sh call this.
+# GPUs are counted with that Python's torch (set ALLO_GPUS to override, e.g. to use fewer); on a machine with GPUs,
+# a CPU-only torch is refused. Without a GPU it runs 1 process on the CPU (tiny recipes only). It runs in the
+# current directory: relative paths (the recipe, data, output_dir) resolve there. The paper recipes' run.sh call
+# this.
 #
 # Exit status: allo's, or 75 (EX_TEMPFAIL) when SIGTERM/SIGUSR1 stopped the run after a checkpoint: requeue and run
 # the same command again to resume. (torchrun reports a worker's 75 as a plain failure, 1; allo.torchrun reports the
