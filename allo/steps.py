@@ -110,7 +110,7 @@ def _declare() -> list[Step]:
                             "preference pairs {prompt, chosen: rewrite, rejected: wrong response}.",
              inputs=("pairs/wrong.jsonl",), outputs=("reward.jsonl", "pairs.jsonl"),
              config=("reward.teacher", "reward.teacher_endpoint.base_url", "reward.teacher_endpoint.model",
-                     "task.family"), run="allo.stages.reward:reward_data_step", every_rank=True),
+                     "task.family", "data.limit"), run="allo.stages.reward:reward_data_step", every_rank=True),
         Step("reward-train", "Train the small token reward model (an LM sharing the policy's tokenizer) on the "
                              "rewrites.",
              inputs=(SFT_MODEL, "reward-data/reward.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("reward",),
@@ -119,7 +119,7 @@ def _declare() -> list[Step]:
         Step("reward-score", "Score every token of every wrong response with the reward model's keep-probability "
                              "p_ij.",
              inputs=("reward-train/model", "pairs/wrong.jsonl"), outputs=("forget.jsonl",),
-             config=("data.template",), run="allo.stages.reward:reward_score_step", every_rank=True),
+             config=("data.template", "data.limit"), run="allo.stages.reward:reward_score_step", every_rank=True),
         Step("forget", "ALLO stage 2: token-weighted NPO on wrong responses, updating only the N1 mask "
                        "(docs/method.md §3).",
              inputs=(SFT_MODEL, "reward-score/forget.jsonl", "locate/n1.safetensors"), outputs=("model",),

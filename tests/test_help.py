@@ -54,17 +54,34 @@ def test_scripts_answer_help_anywhere_and_launch_nothing(script, args, trap):
     assert not calls.exists(), f"{script} {args} ran: {calls.read_text()}"
 
 
-@pytest.mark.parametrize("cmd", [["recipes/run_one_node.sh", "recipes/tiny/recipe.yaml", "--from", "improve",
-                                  "--dry-run"],
-                                 ["recipes/math/run.sh", "--from", "improve", "--dry-run"],
-                                 ["slurm/submit.sh", "recipes/tiny/recipe.yaml", "--cpu", "--nodes", "2",
-                                  "--gpus-per-node", "2", "--dry-run"]])
-def test_a_dry_run_runs_nothing_wherever_the_flag_stands(cmd, trap):
+@pytest.mark.parametrize("launcher", ["run_one_node", "submit"])
+def test_a_dry_run_runs_nothing_wherever_the_flag_stands(launcher, trap, tmp_path, tiny_model, pairs_file):
+    from conftest import write_recipe
+
     env, calls = trap
+    recipe = str(write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "out",
+                              f"task: {{sft_data: {pairs_file}, problems: {pairs_file}}}"))
+    cmd = {"run_one_node": ["recipes/run_one_node.sh", recipe, "--dry-run", "--only", "sft"],
+           "submit": ["slurm/submit.sh", recipe, "--cpu", "--nodes", "2", "--dry-run", "--gpus-per-node", "2"]}[launcher]
     proc = subprocess.run(["bash", *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "command:" in proc.stdout
     assert _launched(calls) == [], _launched(calls)
+
+
+@pytest.mark.parametrize("cmd", [["recipes/math/run.sh", "--from", "improve", "--dry-run"],
+                                 ["slurm/submit.sh", "recipes/qa/recipe.yaml", "--dry-run", "--nodes", "2",
+                                  "--gpus-per-node", "8", "--cpu"]])
+def test_a_dry_run_checks_the_whole_job(cmd, trap, monkeypatch):
+    """A paper recipe's dry run without its data, model or key: every problem at once, exit 2, nothing run."""
+    env, calls = trap
+    env = {k: v for k, v in env.items() if k != "OPENAI_API_KEY"}
+    proc = subprocess.run(["bash", *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "problems, each with its fix" in proc.stderr
+    assert "meta-llama/Llama-2-7b-hf: no such directory" in proc.stderr
+    assert "the API key variable OPENAI_API_KEY is not set" in proc.stderr
+    assert "command:" not in proc.stdout and _launched(calls) == []
 
 
 def _subcommands() -> list[list[str]]:

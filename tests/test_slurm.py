@@ -8,10 +8,7 @@ Runs when root (it installs Debian's slurm packages if missing) or when Slurm is
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 
@@ -19,42 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT, write_recipe
+from conftest import ENV, ROOT, job_state, sh, wait_for, write_recipe
 
 pytestmark = pytest.mark.slow
-
-
-def sh(*cmd: str, **kw) -> str:
-    return subprocess.run(list(cmd), check=True, capture_output=True, text=True, **kw).stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the local Slurm cluster needs Linux")
-    if os.geteuid() != 0:
-        pytest.skip("starting slurmctld/slurmd/munge needs root (they are started and stopped by this test)")
-    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        pytest.skip("no Slurm installed and no apt-get to install Debian's slurm-wlm")
-    d = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["bash", str(ROOT / "tests/slurm_local.sh"), "up", str(d), "2"], check=True, timeout=600)
-    yield d
-    subprocess.run(["bash", str(ROOT / "tests/slurm_local.sh"), "down", str(d)], timeout=60)
-
-
-def job_state(job: str) -> dict:
-    out = sh("scontrol", "show", "job", job, "-o")
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-
-def wait_for(job: str, timeout: float = 400) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        st = job_state(job)
-        if st["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return st
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} still {job_state(job)['JobState']} after {timeout} s")
 
 
 def submit(recipe, pairs, model, logs) -> str:

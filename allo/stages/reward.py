@@ -32,6 +32,14 @@ def reward_items(wrong: list[dict]) -> list[dict]:
              "answer": p.get("answer", "")} for p in wrong]
 
 
+def limited(rows: list[dict], limit: Optional[int], what: str) -> list[dict]:
+    """The first `limit` (data.limit) wrong responses: no teacher call or score for one that no step trains on."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    log.info("data.limit %d: %s the first %d of %d wrong responses", limit, what, limit, len(rows))
+    return rows[:limit]
+
+
 def reward_data_step(ctx: Context) -> Optional[dict]:
     """The teacher's minimum-edit rewrites, kept when right, plus "keep" copies -> reward-data/reward.jsonl, and the
     kept rewrites as preference pairs over the wrong responses -> reward-data/pairs.jsonl (the dpo-rewrites
@@ -42,7 +50,7 @@ def reward_data_step(ctx: Context) -> Optional[dict]:
     from allo.tasks import is_correct
 
     r = ctx.recipe
-    wrong = read_jsonl(ctx.path("pairs/wrong.jsonl"))
+    wrong = limited(read_jsonl(ctx.path("pairs/wrong.jsonl")), r.data.limit, "the teacher rewrites")
     items = reward_items(wrong)
     family = r.task.family
     is_right = (lambda text, gold: bool(text.strip())) if family == "instruct" else (
@@ -95,7 +103,7 @@ def reward_score_step(ctx: Context) -> Optional[dict]:
     from allo.reward.model import keep_probs
 
     rm_dir = ctx.path("reward-train/model")
-    items = reward_items(read_jsonl(ctx.path("pairs/wrong.jsonl")))
+    items = reward_items(limited(read_jsonl(ctx.path("pairs/wrong.jsonl")), ctx.recipe.data.limit, "scoring"))
     loaded: list = []
 
     def work(k: int, idx: range) -> list[list[dict]]:
