@@ -476,7 +476,8 @@ def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = No
     for name in live:
         for ref in REGISTRY[name].inputs:
             u = ref.split("/", 1)[0]
-            if u != name and u not in steps and not _exists(ctx, ref):
+            skipped = REGISTRY[u].skip and REGISTRY[u].skip(recipe)  # its outputs are not read (sample with pairs)
+            if u != name and u not in steps and not skipped and not _exists(ctx, ref):
                 checks.append(_missing_input(name, u, ref, ctx))
     if "eval" in live:
         checks.append(lambda: check_eval(recipe))

@@ -126,19 +126,22 @@ def test_the_judge_is_checked_before_the_first_step(tmp_path, tiny_model, pairs_
 
 def test_submit_dry_run_shows_the_plan_or_why_not(tmp_path):
     """Offline without the model's config: the reason (refused, as the submission would be, unless --force); with
-    it: the verdict, GPU-hours unknown until the problem count is known (not 0.0), then a number."""
+    it: the verdict, GPU-hours unknown until the problem count is known (not 0.0), then a number. The recipe's data
+    and key are missing here, so every dry run also lists those problems and exits 2, with the plan beside them."""
     env = dict(ENV, ALLO_PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                ALLO_LOG_DIR=str(tmp_path / "logs"))
+    env.pop("OPENAI_API_KEY", None)
     base = ["bash", "slurm/submit.sh", "recipes/math/recipe.yaml", "--nodes", "2", "--gpus-per-node", "8",
             "--dry-run"]
 
-    def plan_line(*extra, rc=0):
+    def plan_line(*extra, refused=False):
         proc = subprocess.run(base + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == rc, proc.stdout[-1500:] + proc.stderr[-1500:]
-        assert rc == 0 or "--force" in proc.stderr  # a dry run refuses what a submission would, saying so
+        assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+        assert "data/math/sft.jsonl: no such data file" in proc.stderr and "OPENAI_API_KEY" in proc.stderr
+        assert ("--force" in proc.stderr) == refused  # a dry run refuses what a submission would, saying so
         return next(x for x in proc.stdout.splitlines() if x.startswith("memory plan:"))
 
-    offline = plan_line(rc=2)
+    offline = plan_line(refused=True)
     assert "cannot be made" in offline and "hf download meta-llama/Llama-2-7b-hf config.json" in offline
     assert "cannot be made" in plan_line("--force")
     model = _llama7b(tmp_path)

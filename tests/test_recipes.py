@@ -28,16 +28,23 @@ def test_paper_recipe_validates_and_splits_on_common_gpu_counts(name):
 
 
 @pytest.mark.parametrize("name", PAPER)
-def test_run_sh_prints_plan_and_command(name):
-    proc = subprocess.run([str(ROOT / "recipes" / name / "run.sh"), "--dry-run", "--from", "warmup"], cwd=ROOT,
-                          env=dict(ENV, ALLO_GPUS="8"), capture_output=True, text=True, timeout=120)
+def test_run_sh_prints_plan_and_command(name, tmp_path):
+    """With its inputs in place (tests/paper_toy.py: a toy model, data and a loopback endpoint), a paper recipe's
+    dry run passes the pre-flight and prints the arithmetic and the command; on 3 GPUs its batches cannot split."""
+    from conftest import SHARED
+    from paper_toy import overrides
+
+    sets = [x for v in overrides(name, tmp_path, SHARED if SHARED.exists() else None, "http://127.0.0.1:9/v1")
+            + [f"output_dir={tmp_path / 'run'}"] for x in ("--set", v)]
+    proc = subprocess.run([str(ROOT / "recipes" / name / "run.sh"), "--dry-run", "--from", "warmup", *sets],
+                          cwd=ROOT, env=dict(ENV, ALLO_GPUS="8"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "world size: 1 nodes × 8 processes = 8" in proc.stdout
     command = proc.stdout.split("command: ")[1]
     assert "--nproc_per_node 8 -m allo run" in command and f"{name}/recipe.yaml --from warmup" in command
-    bad = subprocess.run([str(ROOT / "recipes" / name / "run.sh"), "--dry-run"], cwd=ROOT,
+    bad = subprocess.run([str(ROOT / "recipes" / name / "run.sh"), "--dry-run", *sets], cwd=ROOT,
                          env=dict(ENV, ALLO_GPUS="3"), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not a multiple" in bad.stderr
+    assert bad.returncode == 2 and "train.global_batch_size = 8 is not a multiple of the world size 3" in bad.stderr
 
 
 def test_prepare_data_from_real_training_files(shared_dir, tmp_path):
