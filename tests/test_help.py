@@ -16,7 +16,7 @@ import pytest
 from conftest import ENV, ROOT
 
 SCRIPTS = ["slurm/submit.sh", "slurm/node.sh", "slurm/allo.sbatch", "recipes/run_one_node.sh", "recipes/qa/run.sh",
-           "recipes/math/run.sh", "recipes/instruct/run.sh", "bench/gpu_check.sh"]
+           "recipes/math/run.sh", "recipes/instruct/run.sh", "bench/gpu_check.sh", "eval/eval.sbatch"]
 
 
 @pytest.fixture

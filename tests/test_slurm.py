@@ -69,14 +69,19 @@ def test_eval_suite_job_one_task_per_model_and_resume(cluster, tmp_path, tiny_mo
     suite.write_text(f"name: math\nbenchmarks: [gsm8k={shared_dir}/benchdata/gsm8k/test.jsonl]\ntemplate: raw\n"
                      "max_new_tokens: 4\nlimit: 2\ngeneration: {batch_size: 2}\n")
     models = ["--model", f"sft={tiny_model}", "--model", f"other={other}"]
-    env = dict(ENV, ALLO_PYTHON=sys.executable)
-    for attempt in (1, 2):
+    for attempt in (1, 2):  # the second from outside the checkout, relative paths, the checkout's own .venv
         log = tmp_path / f"eval-{attempt}.out"
-        job = sh("sbatch", "--parsable", "--ntasks=2", "--gpus-per-task=0", f"--output={log}", "eval/eval.sbatch",
-                 str(suite), "--out", str(tmp_path / "out"), *models, cwd=ROOT, env=env)
+        if attempt == 1:
+            cwd, script, out, env = ROOT, "eval/eval.sbatch", str(tmp_path / "out"), dict(ENV, ALLO_PYTHON=sys.executable)
+        else:
+            cwd, script, out, env = tmp_path, str(ROOT / "eval/eval.sbatch"), "out", dict(ENV)
+            env.pop("ALLO_PYTHON", None)
+        job = sh("sbatch", "--parsable", "--ntasks=2", "--gpus-per-task=0", f"--output={log}", script,
+                 str(suite), "--out", out, *models, cwd=cwd, env=env)
         st = wait_for(job)
         text = log.read_text()
         assert st["JobState"] == "COMPLETED", f"{st}\n{text[-4000:]}"
+        assert f"python {ROOT / '.venv/bin/python'} (.venv" in text or attempt == 1
         block = r'^\{\n  "suite": "math".*?^\}'
         tasks = [json.loads(re.search(block, "\n".join(line.split(": ", 1)[1] for line in text.splitlines()
                                                         if line.startswith(f"{t}: ")), re.M | re.S).group())
