@@ -80,6 +80,24 @@ def test_bad_benchmark_input_names_file_line_and_field(tmp_path):
         benchmarks.load("gsm9k", str(f))
 
 
+def test_a_bad_benchmark_file_stops_before_the_model_loads(tmp_path, capsys, monkeypatch, tiny_model):
+    """`allo eval bench` reads every benchmark file whole before it loads the model (whose loading is recorded
+    load), and the pipeline's pre-flight does the same before its first step."""
+    from allo.cli import main
+    from allo.config import load_recipe
+    from allo.preflight import InputError, check_eval
+
+    f = tmp_path / "gsm.jsonl"
+    f.write_text(json.dumps({"question": "q", "answer": "x #### 3"}) + "\n" + json.dumps({"question": "q"}) + "\n")
+    loaded = []
+    monkeypatch.setattr("allo.eval.cli._load", lambda model: loaded.append(model))
+    assert main(["eval", "bench", "--model", str(tiny_model), "--benchmark", f"gsm8k={f}",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "gsm.jsonl:2: field answer" in capsys.readouterr().err and loaded == []
+    with pytest.raises(InputError, match=r"task.benchmarks: .*gsm.jsonl:2: field answer"):
+        check_eval(load_recipe(None, [f"task.benchmarks=[gsm8k={f}]"]))
+
+
 def test_hub_multiple_choice_format():
     rec = {"question_stem": "What melts ice?", "choices": {"text": ["salt", "sand"], "label": ["A", "B"]},
            "answerKey": "A"}

@@ -177,11 +177,15 @@ def unreachable(name: str, spec: tuple, why: str) -> BenchmarkError:
 
 
 def check_available(name: str, data: Optional[str] = None, split: Optional[str] = None) -> None:
-    """Before any work: a local file is there, and a hub dataset is in the local cache when HF_HUB_OFFLINE or
-    HF_DATASETS_OFFLINE is set (online, the hub is trusted to answer)."""
+    """Before any work: a local file is there and every record of it reads as this benchmark (the error names the
+    file, line and field), and a hub dataset is in the local cache when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is
+    set (online, the hub is trusted to answer)."""
     from allo.io import hub_dataset_unavailable
 
     spec = source_of(name, data, split)
+    if isinstance(spec, Path):
+        load(name, data, split=split)
+        return
     why = None if isinstance(spec, Path) else hub_dataset_unavailable(spec[0], spec[1])
     if why is not None:
         raise unreachable(name, spec, "HF_HUB_OFFLINE is set and it is not in the local cache") from why
