@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import defaultdict
@@ -20,6 +21,8 @@ from allo.eval.suite import slug
 from allo.io import read_jsonl
 from allo.steps import TRAINING as STAGE_ORDER  # the training steps, in run order
 from allo.steps import table_rows
+
+log = logging.getLogger(__name__)
 
 
 def _plt():
@@ -120,6 +123,12 @@ def report(run_dir: str | Path) -> list[Path]:
     if text:
         (out / "tables.md").write_text(text + "\n")
         made.append(out / "tables.md")
+    elif not made:
+        raise FileNotFoundError(f"{run}: nothing to report yet: no eval results ({run / 'eval'}) and no training "
+                                "metrics, masks or token rewards; run the steps first (`allo run RECIPE`)")
+    else:
+        log.warning("%s: no tables: the eval step has not written results there yet (`allo run RECIPE --only eval` "
+                    "scores the models); the plots are made", run)
     return made
 
 

@@ -160,3 +160,16 @@ def test_an_uncached_hub_dataset_is_refused_offline(tmp_path, tiny_model, monkey
                  "--set", f"output_dir={tmp_path}"])
     assert code == 2
     assert "someorg/some-pairs: a hub dataset that is not in the local cache" in capsys.readouterr().err
+
+
+def test_report_on_a_run_without_eval_says_so(tmp_path, capsys, caplog):
+    """A run whose steps have not reached eval: the plots it can make, and a sentence that the tables need the eval
+    step; a run with nothing yet: an error (exit 2), not silence."""
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "manifest.json").write_text('{"complete": true}')
+    assert main(["report", str(tmp_path)]) == 2
+    assert "nothing to report yet" in capsys.readouterr().err
+    (tmp_path / "sft" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    assert main(["report", str(tmp_path)]) == 0
+    assert "curves.png" in capsys.readouterr().out
+    assert "no tables: the eval step has not written results" in caplog.text
