@@ -159,3 +159,17 @@ def test_resume_hint_is_the_command_that_ran(monkeypatch):
                                              "train.lr=1e-5 --set seed=3 --only pairs,eval`")
     assert resume_command(["run", "r.yaml", "--from", "sft"], "pairs") == \
         "`slurm/submit.sh r.yaml --nodes 2 --gpus-per-node 8`"
+
+
+@pytest.mark.slow
+def test_a_step_failing_on_every_rank_is_shown_once(tmp_path, tiny_model, pairs_file):
+    """Both ranks fail the same way (more batch than data): the terminal shows the failure once, from the rank
+    that recorded it first; each rank's log file has its own."""
+    from conftest import torchrun, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "run",
+                          f"task: {{pairs: {pairs_file}}}\nwarmup: {{train: {{global_batch_size: 64}}}}")
+    proc = torchrun(["run", str(recipe), "--only", "pairs,warmup"], check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("step warmup failed") == 1, proc.stderr[-4000:]
+    assert "lower warmup.train.global_batch_size" in proc.stderr
