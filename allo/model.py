@@ -7,6 +7,7 @@ byte-level BPE tokenizer from local text in well under a second, so nothing ever
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from allo.config import ModelConfig
 from allo.io import honour_umask
 
+log = logging.getLogger(__name__)
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
@@ -57,8 +59,7 @@ def build_model(cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, se
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     path = path or cfg.path
     if path is not None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                                                     attn_implementation=cfg.attn_implementation)
+        model = _from_pretrained(path, cfg, dtype)
     else:
         if cfg.init is None:
             raise ValueError("model.path is empty and model.init is not set: nothing to build")
@@ -72,6 +73,30 @@ def build_model(cfg: ModelConfig, tokenizer: Any, path: Optional[str] = None, se
         model.to(train_dtype)
     model.config.use_cache = False
     return model
+
+
+def _from_pretrained(path: str, cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """The checkpoint with model.attn_implementation; where that is the default (sdpa) and the architecture does
+    not support it in the installed transformers (Gemma2), with eager attention instead, said in the log. Any other
+    refused choice stops with the key that set it."""
+    def load(attn: str) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                    attn_implementation=attn)
+
+    try:
+        return load(cfg.attn_implementation)
+    except (ValueError, ImportError) as e:
+        if "attention" not in str(e).lower() and "attn" not in str(e).lower():
+            raise
+        why = str(e).split(". ")[0]
+        if cfg.attn_implementation != "sdpa":
+            raise ValueError(f"model.attn_implementation: {cfg.attn_implementation} cannot load {path} ({why}); "
+                             "set model.attn_implementation to sdpa or eager") from None
+        import transformers
+
+        log.warning("model.attn_implementation: sdpa is not available for %s with transformers %s (%s); using eager "
+                    "(set model.attn_implementation to choose another)", path, transformers.__version__, why)
+        return load("eager")
 
 
 def save_pretrained(module: torch.nn.Module, state: dict, tokenizer: Any, out_dir: str | Path,

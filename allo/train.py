@@ -74,6 +74,7 @@ class Trainer:
         self.pos = Position()
         self.stop_requested = False
         self.masker: Optional[GradMasker] = None
+        self.mask_names: dict[str, str] = {}  # parameter name -> its name in the mask file
         self.reference = None  # the reference log-probs on disk (allo.logprobs.ReferenceCache), when needed
         self.last_save, self.last_write_s = time.monotonic(), None  # for save_every_minutes and the metrics
         self.trainable_fraction = 1.0
@@ -104,7 +105,7 @@ class Trainer:
         self.engine = s.prepare(self.model, optimizer, scheduler)
         if self.stage.mask_file:
             pieces = optimizer_layout(self.engine, named)
-            target_masks = build_masks(self.stage.mask_file, pieces)
+            target_masks = build_masks(self.stage.mask_file, pieces, self.mask_names)
             find_optimizer(self.engine, MaskedAdamW).attach_masks(target_masks)
             if not s.optimizer_clips:  # where the optimizer clips, it masks the gradients before their norm itself
                 self.masker = GradMasker(self.engine, pieces, target_masks, s.device)
@@ -131,14 +132,14 @@ class Trainer:
     def _freeze_unmasked(self, named: list) -> float:
         """Check the mask fits the model and freeze tensors with no selected element (before initialize)."""
         shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in named}
-        check_against_model(self.stage.mask_file, shapes, aliases=_tied_aliases(self.model))
+        self.mask_names = check_against_model(self.stage.mask_file, shapes, aliases=_tied_aliases(self.model))
         counts = mask_counts(self.stage.mask_file)
         total = selected = 0
         for n, p in named:
             numel = int(getattr(p, "ds_numel", p.numel()))
             total += numel
-            selected += counts[n]
-            if counts[n] == 0:
+            selected += counts[self.mask_names[n]]
+            if counts[self.mask_names[n]] == 0:
                 p.requires_grad_(False)
         return selected / total
 

@@ -17,7 +17,7 @@ Two things use the layout:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -101,9 +101,11 @@ def find_optimizer(engine: Any, cls: type) -> Any:
     raise RuntimeError(f"no {cls.__name__} found inside {type(engine.optimizer).__name__}")
 
 
-def build_masks(mask_file: str, pieces: list[Piece]) -> dict[int, torch.Tensor]:
+def build_masks(mask_file: str, pieces: list[Piece], names: Optional[dict[str, str]] = None) -> dict[int, torch.Tensor]:
     """This rank's mask ranges, one flat bool mask per optimizer tensor id, on that tensor's device (the GPU, or the
-    CPU under optimizer offload). The optimizer and `GradMasker` both read these: one mask per element owned."""
+    CPU under optimizer offload). The optimizer and `GradMasker` both read these: one mask per element owned.
+    `names`: parameter name -> its name in the file (`allo.masks.io.check_against_model`; default the same)."""
+    names = names or {}
     target_masks: dict[int, torch.Tensor] = {}
     with MaskFile(mask_file) as f:
         for piece in pieces:
@@ -111,8 +113,8 @@ def build_masks(mask_file: str, pieces: list[Piece]) -> dict[int, torch.Tensor]:
             if flat is None:
                 flat = target_masks[id(piece.target)] = torch.zeros(piece.target.numel(), dtype=torch.bool,
                                                                     device=piece.target.device)
-            flat[piece.target_offset: piece.target_offset + piece.numel] = f.range(piece.name, piece.start,
-                                                                                  piece.numel)
+            flat[piece.target_offset: piece.target_offset + piece.numel] = f.range(
+                names.get(piece.name, piece.name), piece.start, piece.numel)
     return target_masks
 
 

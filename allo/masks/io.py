@@ -176,29 +176,54 @@ def flat_range(handle, name: str, start: int, numel: int) -> torch.Tensor:
     return sl[r0:r1].reshape(-1)[start - r0 * row: end - r0 * row]
 
 
-def check_against_model(path: str | Path, params: Mapping[str, tuple[int, ...]],
-                        aliases: Mapping[str, str] = {}) -> None:
-    """Raise MaskError listing every name or shape that differs between a mask file and the model.
+def match_names(mask: Mapping[str, tuple[int, ...]], params: Mapping[str, tuple[int, ...]],
+                aliases: Mapping[str, str] = {}) -> tuple[dict[str, str], list[str]]:
+    """(parameter name -> its name in the mask, the mask's names that name no parameter). A parameter is found
+    under its own name; under another name of the same tensor (`aliases`: tied weights, e.g. lm_head.weight ->
+    model.embed_tokens.weight); or under the name its checkpoint file gives it where transformers renames tensors
+    on load and save (GPT-NeoX's embed_out.weight is the module's lm_head.weight): the one name left on each side
+    with the same shape and the same last part (weight, bias). A mask written from checkpoint files and one
+    written from the module's parameters then both fit."""
+    found = {p: p for p in params if p in mask}
+    for alias, owner in aliases.items():
+        if owner in params and owner not in found and alias in mask:
+            found[owner] = alias
+    used = set(found.values()) | {a for a, o in aliases.items() if a in mask and o in found}  # an alias beside
+    left_mask = [m for m in mask if m not in used]                                            # its owner
 
-    `aliases` maps tied-weight names (e.g. lm_head.weight) to the parameter that owns them; a mask may carry
-    an alias only if it equals its owner's mask shape.
-    """
+    def kind(name: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple:
+        return tuple(shapes[name]), name.rsplit(".", 1)[-1]
+
+    left_params = [p for p in params if p not in found]
+    for p in left_params:
+        same = [m for m in left_mask if kind(m, mask) == kind(p, params)]
+        if len(same) == 1 and sum(kind(q, params) == kind(p, params) for q in left_params) == 1:
+            found[p] = same[0]
+            left_mask.remove(same[0])
+    return found, left_mask
+
+
+def check_against_model(path: str | Path, params: Mapping[str, tuple[int, ...]],
+                        aliases: Mapping[str, str] = {}) -> dict[str, str]:
+    """Parameter name -> its name in the mask file (`match_names`), or MaskError listing every name or shape that
+    differs between the file and the model."""
     shapes = mask_shapes(path)
-    missing = sorted(set(params) - set(shapes))
-    extra = sorted(n for n in set(shapes) - set(params) if n not in aliases)
-    wrong = sorted(f"{n}: mask {shapes[n]} vs model {params[n]}" for n in set(shapes) & set(params)
-                   if tuple(shapes[n]) != tuple(params[n]))
+    found, extra = match_names(shapes, params, aliases)
+    missing = sorted(set(params) - set(found))
+    wrong = sorted(f"{n}: mask {shapes[m]} vs model {params[n]}" for n, m in found.items()
+                   if tuple(shapes[m]) != tuple(params[n]))
     problems = []
     if missing:
         problems.append(f"{len(missing)} model parameters have no mask: {', '.join(missing[:10])}"
                         + (" ..." if len(missing) > 10 else ""))
     if extra:
-        problems.append(f"{len(extra)} masks name no model parameter: {', '.join(extra[:10])}"
+        problems.append(f"{len(extra)} masks name no model parameter: {', '.join(sorted(extra)[:10])}"
                         + (" ..." if len(extra) > 10 else ""))
     if wrong:
         problems.append("shape mismatch: " + "; ".join(wrong[:10]) + (" ..." if len(wrong) > 10 else ""))
     if problems:
         raise MaskError(f"{path} does not fit the model: " + " | ".join(problems))
+    return found
 
 
 def mask_counts(path: str | Path) -> dict[str, int]:
