@@ -23,8 +23,10 @@ the Hugging Face cache) on the meta device, which gives exact parameter counts f
   weights and a KV cache for its batch.
 
 Tokens per step come from the data files when they exist (a tokenizer on disk counts a sample of records, else 4
-characters a token), else from the recipe's counts. GPU-hours = 6·N·tokens (training) + 2·N·tokens (reference
-log-probs, generation) over MFU × peak FLOP/s.
+characters a token), else from the recipe's counts. Wall time per step (training at MFU × peak FLOP/s, generation
+decode-bound, locate, reward scoring, the teacher's and the judge's requests) is `allo.budget`'s; GPU-hours are
+that wall time × the job's GPUs, which a job holds throughout. The plan ends with the --time to ask for and the
+teacher's and judge's requests and tokens.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from allo.budget import Api
 from allo.config import Recipe
 from allo.optim import STEP_CHUNK
 
@@ -74,6 +77,7 @@ class Hardware:
     mfu: float = ASSUMED_MFU
     mfu_source: str = f"assumed {ASSUMED_MFU} (bench/gpu.py's DPO goal; no GPU measurement on record)"
     cpu: bool = False  # CPU processes: no runtime reserve (what tests measure)
+    bandwidth: float = 3.35e12  # GPU memory bytes/s (H100 SXM), what decoding is bound by
 
     @property
     def world(self) -> int:
@@ -100,6 +104,8 @@ class StepPlan:
     fix: Optional[str] = None
     phases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a transient term -> the phases it lives in
     engine: str = ""                                                 # what trains it, and why when not as configured
+    wall_s: float = 0.0                                              # on the job's GPUs, which it holds throughout
+    api: Optional[Api] = None                                        # requests to the teacher or the judge
 
     def at(self, phase: str) -> int:
         """Bytes live in `phase`: every term without a phase of its own, and those of `phase`."""
@@ -424,6 +430,8 @@ def data_tokens(recipe: Recipe, path: Optional[str], fields: tuple[str, ...], fa
     """(tokens one epoch processes: every row of every record, each capped at data.max_length; records; source)."""
     cap = recipe.data.max_length
     records = _records(path)
+    if records is not None and recipe.data.limit:  # what the stage reads
+        records = records[:recipe.data.limit]
     if records is None:
         return (fallback_records * len(fields) * cap // 2, fallback_records,
                 f"{fallback_note}; assumed half of data.max_length a row")
@@ -442,13 +450,17 @@ def data_tokens(recipe: Recipe, path: Optional[str], fields: tuple[str, ...], fa
 
 
 def problem_count(recipe: Recipe, given: Optional[int]) -> tuple[int, str]:
-    """Training problems: task.problems' records, else `given` (--problems), else 0 with a note saying so."""
+    """Training problems: task.problems' records, else `given` (--problems), else 0 with a note saying so; at most
+    data.limit and task.max_problems, as the sample step reads them."""
     problems = _records(recipe.task.problems)
-    if problems is not None:
-        return len(problems), f"{len(problems)} problems in {recipe.task.problems}"
-    if given:
-        return given, f"{given} problems (--problems)"
-    return 0, NO_PROBLEMS
+    n, where = ((len(problems), f"{len(problems)} problems in {recipe.task.problems}") if problems is not None else
+                (given, f"{given} problems (--problems)") if given else (0, NO_PROBLEMS))
+    caps = [(v, k) for k, v in (("data.limit", recipe.data.limit), ("task.max_problems", recipe.task.max_problems))
+            if v is not None and n and v < n]
+    if caps:
+        v, k = min(caps)
+        return v, f"{v} problems ({k}; of {where})"
+    return n, where
 
 
 NO_PROBLEMS = "no task.problems file yet: pass --problems N"
@@ -463,6 +475,10 @@ def step_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tuple[i
     n, where = problem_count(recipe, problems)
     pairs_guess = n * recipe.sample.max_pairs_per_problem
     note = f"at most sample.max_pairs_per_problem {recipe.sample.max_pairs_per_problem} pairs × {where}"
+    given = _records(recipe.task.pairs)
+    if given is not None:  # the given pairs, and at most one wrong response each
+        pairs_guess = min(len(given), recipe.data.limit or len(given))
+        note = f"{pairs_guess} pairs in {recipe.task.pairs}"
     fields = STAGES[step.train.stage].responses
     data = step.train.data
     if data.startswith("recipe:"):
@@ -489,17 +505,138 @@ def train_flops(recipe: Recipe, step, s: Shape, tokens: int, records: int) -> fl
 
 
 def generate_tokens(recipe: Recipe, step, problems: Optional[int] = None) -> tuple[int, str]:
+    """Tokens a generation step writes (upper bounds: every response runs to its token budget)."""
     if step.name == "sample":
         n, where = problem_count(recipe, problems)
         return n * recipe.sample.n * recipe.sample.max_new_tokens, (
             f"sample.n {recipe.sample.n} × sample.max_new_tokens × {where} (upper bound)")
-    held = _records(recipe.task.eval)
-    m = len(held) if held else 0
+    items, notes = eval_items(recipe)
+    models = eval_models(recipe)
+    return models * items * recipe.task.eval_max_new_tokens, (
+        f"{models} models × {items} problems ({', '.join(notes) or 'none'}) × task.eval_max_new_tokens (upper bound)")
+
+
+def eval_models(recipe: Recipe) -> int:
+    """Models the eval step scores: SFT and every table row the recipe trains (or task.eval_models)."""
     from allo.steps import REGISTRY
 
-    models = 1 + sum(1 for st in REGISTRY.values() if st.label and not (st.skip and st.skip(recipe)))
-    return m * models * recipe.task.eval_max_new_tokens, (
-        f"{m} held-out problems × {models} models × task.eval_max_new_tokens (upper bound; benchmarks not counted)")
+    if recipe.task.eval_models is not None:
+        return len(recipe.task.eval_models)
+    return 1 + sum(1 for st in REGISTRY.values() if st.label and not (st.skip and st.skip(recipe)))
+
+
+def eval_items(recipe: Recipe) -> tuple[int, list[str]]:
+    """(problems each model answers, what they are): held-out problems, each benchmark's (first task.eval_limit),
+    AlpacaEval's and Arena-Hard's prompts. A hub benchmark is counted from its local copy only."""
+    from allo.eval import benchmarks
+    from allo.eval.suite import instruction_suites
+
+    t, n, notes = recipe.task, 0, []
+    held = _records(t.eval)
+    if held:
+        n += len(held)
+        notes.append(f"{len(held)} held-out")
+    for spec in t.benchmarks:
+        name, _, data = str(spec).partition("=")
+        try:
+            source = benchmarks.source_of(name, data or None)
+            count = len(_benchmark(name, str(source), Path(source).stat().st_mtime_ns)) if isinstance(
+                source, Path) else None
+        except (ValueError, OSError):
+            notes.append(f"{name} not counted ({data or name} cannot be read here)")
+            continue
+        if count is None:
+            notes.append(f"{name} not counted (from the hub; give {name}=FILE to count it)")
+            continue
+        count = min(count, t.eval_limit) if t.eval_limit else count
+        n += count
+        notes.append(f"{name} {count}")
+    try:
+        suites = instruction_suites(t)
+    except (OSError, ValueError):
+        suites = {}
+        notes.append("AlpacaEval/Arena-Hard files not readable here (not counted)")
+    for suite, prompts in suites.items():
+        n += len(prompts)
+        notes.append(f"{suite} {len(prompts)}")
+    return n, notes
+
+
+@functools.lru_cache(maxsize=32)
+def _benchmark(name: str, path: str, mtime_ns: int) -> list[dict]:
+    from allo.eval import benchmarks
+
+    return benchmarks.load(name, path)[0]
+
+
+def _tokens_of(text_chars: float) -> int:
+    return int(text_chars / 4) + 1  # 4 characters a token (the plan's rule without a tokenizer)
+
+
+def wrong_responses(recipe: Recipe, problems: Optional[int]) -> tuple[int, int, int, str]:
+    """(count, mean prompt tokens, mean response tokens, what they are) of the wrong responses reward-data and
+    reward-score read: the run's pairs/wrong.jsonl once it exists, else the given pairs, else at most sample.n per
+    problem; the first data.limit of them."""
+    run = Path(recipe.output_dir)
+    wrong = _records(str(run / "pairs" / "wrong.jsonl")) or _records(recipe.task.pairs)
+    if wrong is not None:
+        rows = wrong[:recipe.data.limit] if recipe.data.limit else wrong
+        prompt = sum(len(str(r.get("prompt", ""))) for r in rows) / max(1, len(rows))
+        reply = sum(len(str(r.get("rejected", ""))) for r in rows) / max(1, len(rows))
+        return len(rows), _tokens_of(prompt), _tokens_of(reply), f"{len(rows)} wrong responses"
+    n, where = problem_count(recipe, problems)
+    count = n * recipe.sample.n
+    limited = recipe.data.limit is not None and recipe.data.limit < count
+    return (min(count, recipe.data.limit) if limited else count, recipe.data.max_prompt_length // 2,
+            recipe.sample.max_new_tokens, f"at most sample.n × {where}" + (", data.limit" if limited else ""))
+
+
+def teacher_requests(recipe: Recipe, problems: Optional[int]) -> Api:
+    """The rewrites reward-data asks an LLM teacher for: one per wrong response, the problem, a reference and the
+    wrong response in, the rewrite out."""
+    from allo.budget import TEACHER_TEMPLATE_TOKENS, api_of
+
+    api = api_of(recipe.reward.teacher_endpoint, "teacher")
+    if recipe.reward.teacher == "openai":
+        count, prompt, reply, note = wrong_responses(recipe, problems)
+        api.add(count, TEACHER_TEMPLATE_TOKENS + prompt + 2 * reply, reply, note)
+    return api
+
+
+def judge_requests(recipe: Recipe) -> Api:
+    """Table 3's judging: every model against the first, AlpacaEval in both orders (one token each), Arena-Hard two
+    games a question (a judgment each)."""
+    from allo.budget import ALPACA_TEMPLATE_TOKENS, ARENA_JUDGMENT_TOKENS, ARENA_TEMPLATE_TOKENS, api_of
+    from allo.eval.suite import instruction_suites
+
+    t = recipe.task
+    api = api_of(t.judge, "judge")
+    try:
+        suites = instruction_suites(t)
+    except (OSError, ValueError):
+        return api
+    others = eval_models(recipe) - 1
+    for suite, prompts in suites.items():
+        mean = _tokens_of(sum(map(len, prompts)) / max(1, len(prompts))) + 2 * t.eval_max_new_tokens
+        if suite == "alpaca_eval":
+            api.add(others * len(prompts) * 2, ALPACA_TEMPLATE_TOKENS + mean, 1,
+                    f"AlpacaEval {len(prompts)} × 2 orders × {others} models")
+        else:
+            api.add(others * len(prompts) * 2, ARENA_TEMPLATE_TOKENS + mean, ARENA_JUDGMENT_TOKENS,
+                    f"Arena-Hard {len(prompts)} × 2 games × {others} models")
+    return api
+
+
+def generation_wall(recipe: Recipe, s: Shape, hw: Hardware, tokens: int) -> tuple[float, str]:
+    """Seconds to decode `tokens` over the job's GPUs, and how fast (`allo.budget.decode_tokens_per_s`)."""
+    from allo.budget import decode_tokens_per_s
+
+    g = recipe.generation
+    vllm = g.backend == "vllm" or (g.backend == "auto" and not hw.cpu)
+    seq = (recipe.data.max_prompt_length + max(recipe.sample.max_new_tokens, recipe.task.eval_max_new_tokens)) // 2
+    rate, seqs = decode_tokens_per_s(s.params, s.kv, s.layers, seq, g.batch_size, hw.gpu_bytes, hw.bandwidth,
+                                     hw.mfu * hw.tflops * 1e12, vllm, g.gpu_memory_utilization)
+    return tokens / (rate * hw.world), f"{rate:,.0f} tokens/s a GPU, {seqs} sequences in flight"
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -536,12 +673,20 @@ def plan(recipe: Recipe, hw: Hardware, only: Optional[list[str]] = None,
             p = train_plan(r, step, sh, hw)
             p.tokens, records, p.tokens_source = step_tokens(r, step, problems)
             p.flops = train_flops(r, step, sh, p.tokens, records)
+            p.wall_s = p.flops / (hw.mfu * hw.tflops * 1e12 * hw.world)
         elif step.name in ("sample", "eval"):
             p = generate_plan(recipe, step, s, hw)
             p.tokens, p.tokens_source = generate_tokens(recipe, step, problems)
             p.flops = 2 * s.params * p.tokens
+            p.wall_s, rate = generation_wall(recipe, s, hw, p.tokens)
+            p.tokens_source += f"; decode-bound at {rate}"
+            if step.name == "eval" and (recipe.task.alpaca_eval or recipe.task.arena_hard):
+                p.api = judge_requests(recipe)
+                p.wall_s += p.api.wall_s
         else:
-            continue
+            p = other_step(recipe, step, s, hw, problems)
+            if p is None:
+                continue
         p.fits = p.peak <= hw.gpu_bytes
         if not p.fits and p.kind == "train":
             p.fix = smallest_fix(r, step, sh, hw)
@@ -549,8 +694,40 @@ def plan(recipe: Recipe, hw: Hardware, only: Optional[list[str]] = None,
     return out
 
 
+def other_step(recipe: Recipe, step, s: Shape, hw: Hardware, problems: Optional[int]) -> Optional[StepPlan]:
+    """locate, reward-data (the teacher) and reward-score: their wall time on the job, which holds every GPU."""
+    from allo.budget import DISK_BYTES_PER_S, LOCATE_PASSES
+
+    if step.name == "locate":
+        width = 2 if recipe.model.dtype == "bf16" else 4
+        if recipe.locate.from_partitions:
+            return StepPlan(step.name, "locate", tokens_source="from the warm-up run's fp32 partitions: no pass of "
+                                                               "its own")
+        read = LOCATE_PASSES * 2 * width * s.params
+        return StepPlan(step.name, "locate", wall_s=read / DISK_BYTES_PER_S, tokens_source=(
+            f"{LOCATE_PASSES} passes over both checkpoints, {read / 1e9:.1f} GB read on one node"))
+    if step.name == "reward-data":
+        api = teacher_requests(recipe, problems)
+        return StepPlan(step.name, "api", api=api, wall_s=api.wall_s, tokens_source=(
+            f"{api.requests:,} teacher requests, {api.concurrency} in flight" if api.requests else
+            f"reward.teacher {recipe.reward.teacher}: no requests"))
+    if step.name == "reward-score":
+        count, prompt, reply, note = wrong_responses(recipe, problems)
+        tokens = count * (prompt + reply)
+        p = StepPlan(step.name, "score", tokens=tokens, flops=2 * s.params * tokens,
+                     tokens_source=f"a forward pass over each of {note}")
+        p.wall_s = p.flops / (hw.mfu * hw.tflops * 1e12 * hw.world)
+        return p
+    return None
+
+
 def gpu_hours(p: StepPlan, hw: Hardware) -> float:
-    return p.flops / (hw.mfu * hw.tflops * 1e12) / 3600
+    """The step's wall time × the job's GPUs: a job holds them all, whatever the step uses."""
+    return p.wall_s * hw.world / 3600
+
+
+def job_wall(steps: list[StepPlan]) -> float:
+    return sum(p.wall_s for p in steps)
 
 
 def verdict(steps: list[StepPlan], hw: Hardware) -> str:
@@ -564,7 +741,11 @@ def verdict(steps: list[StepPlan], hw: Hardware) -> str:
             f"({bad[0].step}: {bad[0].peak / GiB:.1f} GiB; fix: {bad[0].fix or 'none found'})")
     if any(NO_PROBLEMS in p.tokens_source for p in steps):  # not 0 GPU-hours: unknown
         return f"{head}; GPU-hours unknown ({NO_PROBLEMS})"
-    return f"{head}; about {hours:.1f} GPU-hours ({hours / hw.world:.2f} h wall on {hw.world} GPUs) at MFU {hw.mfu:.2f}"
+    from allo.budget import suggested_time
+
+    calls = [f"{p.api.who} {p.api.requests:,} requests" for p in steps if p.api and p.api.requests]
+    return (f"{head}; about {hours:.1f} GPU-hours ({hours / hw.world:.2f} h wall on {hw.world} GPUs) at MFU "
+            f"{hw.mfu:.2f}; --time {suggested_time(job_wall(steps))}" + (f"; {', '.join(calls)}" if calls else ""))
 
 
 def render(steps: list[StepPlan], hw: Hardware) -> str:
@@ -581,6 +762,11 @@ def render(steps: list[StepPlan], hw: Hardware) -> str:
             lines.append(f"      {k:38s} {v / GiB:8.2f} GiB{when}")
         if p.fix:
             lines.append(f"      smallest change that fits: {p.fix}")
+    from allo.budget import ASSUMPTIONS, TIME_MARGIN
+
+    lines += [""] + [p.api.line() for p in steps if p.api and p.api.requests]
+    lines.append(f"wall time {job_wall(steps) / 3600:.2f} h; --time adds {100 * (TIME_MARGIN - 1):.0f}% for model "
+                 f"loads, checkpoints and start-up (assumed: {ASSUMPTIONS})")
     return "\n".join(lines + ["", verdict(steps, hw)])
 
 
@@ -590,7 +776,10 @@ def as_json(steps: list[StepPlan], hw: Hardware) -> dict:
             "steps": [{"step": p.step, "kind": p.kind, "engine": p.engine, "terms": p.terms,
                        "phases": {k: list(v) for k, v in p.phases.items()}, "peak": p.peak, "fits": p.fits,
                        "fix": p.fix, "tokens": p.tokens, "tokens_source": p.tokens_source,
-                       "gpu_hours": round(gpu_hours(p, hw), 3)} for p in steps],
+                       "wall_s": round(p.wall_s, 1), "gpu_hours": round(gpu_hours(p, hw), 3),
+                       **({"api": {"who": p.api.who, "requests": p.api.requests,
+                                   "prompt_tokens": p.api.prompt_tokens, "completion_tokens": p.api.completion_tokens,
+                                   "usd": round(p.api.usd, 2)}} if p.api else {})} for p in steps],
             "fits": all(p.fits for p in steps), "verdict": verdict(steps, hw)}
 
 
