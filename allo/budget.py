@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_BANDWIDTH = 3.35e12     # H100 SXM HBM3, bytes/s; --gpu-bandwidth for other GPUs
 DECODE_EFFICIENCY = 0.5         # share of the memory bandwidth decoding reaches (assumed)

@@ -52,7 +52,7 @@ def test_the_plan_counts_eval_locate_scoring_teacher_and_judge(tmp_path, tiny_mo
         f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model}", f"task.problems={problems}",
         f"task.benchmarks=[gsm8k={gsm}]", f"task.alpaca_eval={alpaca}", "task.eval_max_new_tokens=10",
         "task.max_problems=20", "data.limit=25", "sample.n=4", "sample.max_new_tokens=8",
-        f"reward.teacher=openai", f"reward.teacher_endpoint={endpoint}", f"task.judge={endpoint}",
+        "reward.teacher=openai", f"reward.teacher_endpoint={endpoint}", f"task.judge={endpoint}",
         "locate.from_partitions=false", "model.dtype=bf16"])
     hw = Hardware(1, 2, 80 * 2 ** 30, tflops=100.0, mfu=0.5, cpu=True)
     steps = {p.step: p for p in plan(recipe, hw)}
