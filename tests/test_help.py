@@ -146,3 +146,19 @@ def test_no_pointer_to_a_document_that_does_not_ship():
         assert not re.search(r"(?i)\bspec §|ALLO_SPEC|huggingface-cli", text), path
         for doc in re.findall(r"\bdocs/[\w./-]+\.md", text):
             assert (ROOT / doc).exists(), f"{path} points to {doc}"
+
+
+def test_user_documents_speak_to_users():
+    """The README, docs/, eval/README.md and the recipes' comments: no commit hashes, no development history, no
+    pointer into the project's own shared folder (measurement history lives in bench/RESULTS.md, dated)."""
+    docs = [ROOT / "README.md", ROOT / "eval" / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+            *sorted((ROOT / "recipes").rglob("*.yaml")), *sorted((ROOT / "recipes").rglob("*.sh"))]
+    for path in docs:
+        text = path.read_text()
+        for pattern in (r"\bcommit [0-9a-f]{7,40}\b", r"\bat [0-9a-f]{7}\b", r"before a change to how",
+                        r"seed write-up", r"spec defaults", r"\.\./shared", r"\bsession\b"):
+            found = re.search(pattern, text)
+            assert not found, f"{path.relative_to(ROOT)}: {found.group()!r}"
+        hashes = [w for w in re.findall(r"\b[0-9a-f]{7,12}\b", text) if re.search(r"[a-f]", w) and
+                  re.search(r"[0-9]", w)]
+        assert not hashes, f"{path.relative_to(ROOT)}: commit-like {hashes[:3]}"
