@@ -173,3 +173,15 @@ def test_a_step_failing_on_every_rank_is_shown_once(tmp_path, tiny_model, pairs_
     assert proc.returncode != 0
     assert proc.stderr.count("step warmup failed") == 1, proc.stderr[-4000:]
     assert "lower warmup.train.global_batch_size" in proc.stderr
+
+
+def test_only_a_step_whose_inputs_were_never_made_says_which_step_makes_them(tmp_path, capsys):
+    """`--only reward-data` on a new directory: one sentence naming the missing file and the step that writes it,
+    exit 2, before any process group starts; nothing claims earlier steps are intact."""
+    from allo.cli import main
+
+    assert main(["run", "recipes/tiny/recipe.yaml", "--only", "reward-data", "--set", f"output_dir={tmp_path}",
+                 "--set", "model.tokenizer=null", "--set", "model.init=null", "--set", "task.sft_data=null"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'pairs' / 'wrong.jsonl'}: step reward-data reads it and step pairs" in err, err
+    assert "Errno" not in err and "intact" not in err
