@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import torchrun, write_recipe
+from conftest import assert_adamw_close, torchrun, write_recipe
 from allo.masks.io import save_masks
 
 pytestmark = pytest.mark.slow
@@ -85,8 +85,9 @@ def test_sparse_state_follows_dense(tmp_path, tiny_model, pairs_file, mask_file)
     dense = run_improve(tmp_path / "dense", tiny_model, pairs_file, path, "ds_configs/zero3.json")
     sparse = run_improve(tmp_path / "sparse", tiny_model, pairs_file, path, "ds_configs/zero3.json",
                          extra_set=("--set", "train.sparse_optimizer_state=true"))
-    for name in dense:
-        torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-6)
+    # the same arithmetic on the masked elements, stored two ways; an element's update may round differently by an
+    # ulp, and the next forward then sees weights that differ by that much (conftest.assert_adamw_close)
+    assert_adamw_close(sparse, dense, lr=0.01, steps=3)
 
 
 def test_mask_that_does_not_fit_is_refused(tmp_path, tiny_model, pairs_file, mask_file):

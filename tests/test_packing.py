@@ -50,11 +50,15 @@ def test_packed_logps_equal_padded_and_dpo_starts_at_ln2(tiny_model, attn):
         flat = token_logps(model(input_ids=batch["packed_ids"], position_ids=batch["packed_positions"],
                                  use_cache=False).logits, batch["packed_labels"])[0]
     packed = flat.new_zeros(padded.numel()).index_copy(0, batch["packed_index"], flat).view_as(padded)
+    # attention over a packed row and over padded rows sums the same terms in another order: a few float32 ulp of
+    # logits of magnitude ~10 (ulp 9.5e-7), through the log-softmax
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     assert padded.abs().sum() > 1  # real log-probs, not zeros on both sides
     mask = batch["labels"] != -100
     sums = [masked_sum(x[r], mask[r]) for x in (packed, padded) for r in (slice(0, 2), slice(2, 4))]
     loss = dpo_loss(*sums, beta=0.1).losses  # policy packed, reference padded: the same weights
+    # the two sums differ by the log-probs' rounding (above, < 1e-5 over a row), scaled by β 0.1 and logsigmoid's
+    # slope 1/2: < 5e-7
     torch.testing.assert_close(loss, torch.full_like(loss, math.log(2)), rtol=0, atol=1e-6)
 
 
