@@ -133,3 +133,16 @@ def test_reward_data_refuses_an_unknown_task(tmp_path, tiny_model) -> None:
     proc = torchrun(["run", str(recipe), "--only", "reward-data"], nproc=1, check=False)
     assert proc.returncode != 0
     assert "programmatic only understands" in proc.stderr and "7 of 7 problems" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_empty_responses_make_no_pair_and_reach_no_teacher() -> None:
+    """Empty sampled responses are counted, never paired and never among the wrong responses the teacher rewrites
+    and forget trains on: the pairs the guard counts are the pairs training gets."""
+    from allo.stages.sampling import unique_wrong
+
+    samples = [{"prompt": "p", "response": r, "answer": "3", "correct": c}
+               for r, c in ((" 3", True), ("", False), ("  ", False), (" 4", False))]
+    pairs, stats = make_pairs(samples, max_per_problem=10)
+    assert stats["empty_responses"] == 2 and [(p["chosen"], p["rejected"]) for p in pairs] == [(" 3", " 4")]
+    wrong, counts = unique_wrong(samples)
+    assert [w["rejected"] for w in wrong] == [" 4"] and counts["wrong_samples"] == 1

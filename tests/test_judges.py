@@ -201,3 +201,19 @@ def test_arena_official_prompts_parsing_and_setup(judge, tmp_path, capsys):
         assert res["system_prompt"] == f"arena-hard-auto official ({version})"
         assert res["leaderboard_comparable"] is (version == "v0.1")  # v2.0's creative baseline is another model
     assert judges.official_verdict("my verdict: [a>>b]") == "A>>B" and judges.official_verdict("none") is None
+
+
+@pytest.mark.parametrize("judge", [alpaca_judge], indirect=True)
+def test_an_empty_answer_is_never_sent_to_the_judge(judge, tmp_path, caplog):
+    """An empty (or blank) answer loses without a judge call, two tie; the log counts them."""
+    import logging
+
+    c = client(judge, tmp_path)
+    with caplog.at_level(logging.INFO, logger="allo.eval.judges"):
+        ann = judges.alpaca_pairs(c, ["a", "b", "c", "d"], ["plain", " ", "", "plain"], ["", "GOOD", "  ", "GOOD"],
+                                  "base", "ours", "swap")
+    assert [a["preference"] for a in ann[:3]] == [1.0, 2.0, 1.5] and ann[3]["preference"] == pytest.approx(1.9)
+    assert len(judge.bodies) == 2 and all("GOOD" in b["messages"][-1]["content"] for b in judge.bodies)
+    assert "3 of 4 items have an empty answer" in caplog.text
+    games = judges.arena_games(c, [{"uid": "u", "prompt": "q"}], {"u": "an answer"}, {"u": " "})
+    assert [g["verdict"] for g in games] == ["A>>B", "B>>A"] and len(judge.bodies) == 2  # the baseline wins both
