@@ -474,7 +474,7 @@ def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = No
 
     ctx = Context(recipe)
     for name in live:
-        for ref in REGISTRY[name].inputs:
+        for ref in (r for r in REGISTRY[name].inputs if r not in REGISTRY[name].optional):
             u = ref.split("/", 1)[0]
             skipped = REGISTRY[u].skip and REGISTRY[u].skip(recipe)  # its outputs are not read (sample with pairs)
             if u != name and u not in steps and not skipped and not _exists(ctx, ref):

@@ -50,6 +50,7 @@ class Step:
     help: str
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()    # inputs read only where they exist (the eval step scores the models there are)
     config: tuple[str, ...] = ()      # recipe keys (dotted) that change the step's output
     files: tuple[str, ...] = ()       # recipe keys naming input files; their size and mtime join the fingerprint
     train: Optional[Training] = None
@@ -148,7 +149,8 @@ def _declare() -> list[Step]:
         Step("eval", "Greedy accuracy of the run's SFT model and every model with a table row (DPO, NPO, ALLO, ...) "
                      "on task.eval (the pipeline's eval step). The benchmark suite has subcommands: "
                      "`allo eval bench|score|answer|alpaca|alpaca-score|arena --help`.",
-             inputs=(SFT_MODEL,) + evaluated, outputs=("results.json",), config=("task", "data.template"),
+             inputs=(SFT_MODEL,) + evaluated, optional=evaluated, outputs=("results.json",),
+             config=("task", "data.template"),
              files=("task.eval", "task.alpaca_eval", "task.arena_hard"), run="allo.stages.evaluate:eval_step",
              every_rank=True))
     return steps
