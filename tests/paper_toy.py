@@ -156,3 +156,37 @@ def overrides(name: str, d: Path, shared: Optional[Path], url: str) -> list[str]
                  # SFT until the model answers most, not all, of its training problems right: pairs to learn from
                  f"sft.train={{epochs: {SFT_EPOCHS[name]}, lr: 1.0e-2}}"]
     return sets
+
+
+def main() -> None:
+    """`python tests/paper_toy.py NAME OUT [--set K=V ...]`: the toy run of recipes/NAME/recipe.yaml into OUT on 2
+    CPU ranks, with the loopback teacher and judge (the tests' setup, by hand)."""
+    import argparse
+    import os
+
+    from chat_server import ChatServer
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("name", choices=PAPER)
+    p.add_argument("out", type=Path)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    args = p.parse_args()
+    shared = ROOT.parent / "shared"
+    server = ChatServer(reply)
+    try:
+        sets = overrides(args.name, args.out / "inputs", shared if shared.exists() else None, server.url)
+        sets += [f"output_dir={args.out / 'run'}", *args.sets]
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+        rc = subprocess.run([sys.executable, "-m", "allo.torchrun", "--nproc_per_node", "2", "-m", "allo", "run",
+                             f"recipes/{args.name}/recipe.yaml", *[x for v in sets for x in ("--set", v)]],
+                            cwd=ROOT, env=env).returncode
+        print(f"exit {rc}; {sum(b['model'] == 'teacher' for b in server.bodies)} teacher and "
+              f"{sum(b['model'] == 'judge' for b in server.bodies)} judge requests; log in {args.out / 'run' / 'logs'}")
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(ROOT))
+    main()
