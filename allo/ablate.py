@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def variants(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Variant name -> its recipe overrides, in the order asked; without locate is the random-mask control."""
+    """Variant name -> its recipe overrides, in the order asked (`--without locate`: forget and improve on every
+    parameter, 100% masks; `--mask random`: a random mask of the run's sizes)."""
     out: dict[str, list[str]] = {}
     for spec in args.ratios or []:
         n1, _, n2 = str(spec).partition(":")

@@ -188,7 +188,7 @@ class LocateConfig:
     band_start: float = knob(0.0, "Skip the top `band_start` percent (keep ranks in (l%, r%]).", ge=0, lt=100)
     bottom: bool = knob(False, "Select the least important elements instead (the paper's control).")
     random: bool = knob(False, "Select a uniformly random mask of the same size instead, seeded by `seed` (the "
-                               "paper's ALLO-without-locate control); the warm-up's weights are not read.")
+                               "random-mask control); the warm-up's weights are not read.")
     from_partitions: bool = knob(False, "Compute the masks at the end of the warm-up run from its ZeRO-1/2/3 "
                                         "partitions, with collectives (no rank reads the merged θ'); the locate step "
                                         "then takes them over. This ranks the fp32 master drift (a bf16 export "

@@ -97,3 +97,17 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
 def test_the_tuning_seed_is_never_a_test_seed():
     with pytest.raises(SystemExit):
         experiment.main(["--quick", "--seeds", "0", "1"])
+
+
+def test_ties_follow_a_stated_rule_whatever_the_order_tried():
+    """×1/3 and ×3 are equally far from ×1 (|ln 1/3| = |ln 3|): the pick may not depend on which was tried first.
+    Smoothed neighbours decide first; between points that stay equal, the larger rate."""
+    import itertools
+
+    flat = {1 / 3: 36.5, 1.0: 36.0, 3.0: 36.5, 10.0: 30.0, 0.1: 36.0}
+    for order in itertools.permutations(flat):
+        assert experiment.pick({g: flat[g] for g in order}) == 1 / 3  # neighbours 36.0, 36.0 beat 36.0, 30.0
+    even = {1 / 3: 36.5, 1.0: 36.0, 3.0: 36.5}
+    for order in itertools.permutations(even):
+        assert experiment.pick({g: even[g] for g in order}) == 3.0  # the same neighbours: the larger rate
+    assert experiment.pick({0.1: 30.0, 1.0: 35.0, 10.0: 35.0, 30.0: 35.0}) == 10.0  # smoothing prefers the middle

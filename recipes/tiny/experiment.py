@@ -17,7 +17,7 @@ Methods, each trained from the seed's SFT model:
    method gets the same five grid points, its recipe learning rates × 1/3, 1, 3, 10 and 30 (ALLO and its controls:
    forget's and improve's together, at the recipe's ratio). A method whose best is an edge of the points tried
    gets the next point past it (×1/10, 1/30, 1/100 or ×100, 300, 1000) until its best is inside. NPO-DPO is tuned
-   after NPO, with NPO at its chosen rate. Ties go to the point nearest ×1.
+   after NPO, with NPO at its chosen rate. Ties are broken by `pick`'s stated rule.
 2. Test once per seed (default seeds 1..8): every method at its chosen rates; each model is evaluated once on the
    seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
    the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); accuracy on
@@ -203,7 +203,17 @@ def tune(size: dict, user_sets: list[str], methods: list[Method]) -> dict:
 
 
 def pick(scores: dict[float, float]) -> float:
-    return max(scores, key=lambda g: (scores[g], -abs(math.log(g))))  # ties: the point nearest ×1
+    """The factor with the best development score. Ties, in this order, whatever order the points were tried in:
+    the better mean of the point's score and its neighbours' on the sorted points (less noise than one point); the
+    point nearest ×1 in log distance; and between two equally near ones (×1/3 and ×3), the larger rate, so that a
+    tie never tunes a method into leaving its starting model untouched."""
+    tried = sorted(scores)
+
+    def smoothed(i: int) -> float:
+        near = [scores[tried[j]] for j in (i - 1, i, i + 1) if 0 <= j < len(tried)]
+        return sum(near) / len(near)
+
+    return max(tried, key=lambda g: (scores[g], smoothed(tried.index(g)), -abs(math.log(g)), g))
 
 
 def beyond(scores: dict[float, float]) -> Optional[float]:
