@@ -178,6 +178,10 @@ def resolve_ds_config(path: str | Path, train: TrainConfig, world: int, precisio
     cfg["zero_allow_untested_optimizer"] = True
     cfg.setdefault("steps_per_print", 10 ** 9)
     cfg.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer is on by default and, without a DeepSpeed dataloader, starts in every forward and
+    # stops in every step, each time waiting for the device (accelerator.synchronize): off unless the config asks
+    # for it. allo measures tokens/s itself, at logging steps only.
+    cfg.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     return cfg
 
 

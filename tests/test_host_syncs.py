@@ -106,3 +106,25 @@ class _Engine:
 
     def get_lr(self):
         return [1e-3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_real_engine_waits_for_the_device_only_at_logging(tmp_path, tiny_model, pairs_file, nproc):
+    """Through the real DeepSpeed engine (one rank: the one-GPU engine; two: ZeRO-3), every call of the
+    accelerator's synchronize is counted (tests/sync_count/sitecustomize.py): 6 steps make as many as 2, so a
+    step outside logging makes none (DeepSpeed's throughput timer would make two per micro-batch)."""
+    import os
+
+    from conftest import ENV, ROOT, torchrun, write_recipe
+
+    counts = {}
+    for steps in (2, 6):
+        recipe = write_recipe(tmp_path / f"r{steps}.yaml", tiny_model, pairs_file, tmp_path / f"run{steps}",
+                              "train: {log_every: 1000, max_steps: %d}" % steps)
+        stem = tmp_path / f"syncs{steps}"
+        env = dict(ENV, ALLO_TEST_SYNC_COUNT=str(stem),
+                   PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "sync_count"), ENV.get("PYTHONPATH", "")]))
+        torchrun(["dpo", str(recipe)], nproc=nproc, env=env)
+        counts[steps] = sum(f.read_text().count("sync") for f in tmp_path.glob(f"syncs{steps}.*"))
+    assert counts[6] == counts[2], counts
