@@ -8,17 +8,27 @@ once at start. On CPU the main group is gloo already and there is no side group.
 from __future__ import annotations
 
 import functools
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
 
+_timeout: Optional[timedelta] = None  # the main group's (distributed.timeout_minutes), set by engine.init_distributed
+
+
+def set_timeout(minutes: Optional[float]) -> None:
+    """The collective timeout of every group made here: the recipe's, like the main group's (None: torch's 30 min)."""
+    global _timeout
+    _timeout = timedelta(minutes=minutes) if minutes else None
+
 
 @functools.cache
 def _side_group() -> Any:
-    """The gloo group for CPU tensors and objects, one per process (the stages of `allo run` share it)."""
+    """The gloo group for CPU tensors and objects, one per process (the stages of `allo run` share it), with the
+    main group's timeout."""
     import torch.distributed as dist
 
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", **({"timeout": _timeout} if _timeout else {}))
 
 
 class Communicator:

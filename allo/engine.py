@@ -88,6 +88,9 @@ def init_distributed(timeout_minutes: Optional[float] = None) -> torch.device:
         # suffices. Remove when deepspeed skips the build for gloo-only runs.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    from allo.comm import set_timeout
+
+    set_timeout(timeout_minutes)  # the gloo side group's too
     if device.type == "cuda":
         torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", **kwargs)

@@ -176,6 +176,26 @@ def test_communicator_routes_each_tensor_to_a_group_that_accepts_it():
     assert objs == [{"rank": 0}, {"rank": 1}] and gathered == [0, 1] and none is None
 
 
+def test_the_side_group_takes_the_recipes_timeout(monkeypatch):
+    """The gloo side group waits as long as the main group (distributed.timeout_minutes), not torch's 30 min."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from allo import comm
+
+    made = []
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or "group")
+    try:
+        for minutes, want in ((7, {"backend": "gloo", "timeout": timedelta(minutes=7)}), (None, {"backend": "gloo"})):
+            comm.set_timeout(minutes)
+            comm._side_group.cache_clear()
+            assert comm._side_group() == "group" and made[-1] == want
+    finally:
+        comm.set_timeout(None)
+        comm._side_group.cache_clear()
+
+
 def test_locate_from_partitions_over_nccl_rules_equals_offline(tmp_path, tiny_model, monkeypatch):
     """Each of two GPU ranks scores its half of every tensor (as ZeRO-3 partitions them), with histograms and ties
     reduced through the engine's Strategy; the masks equal the offline exact top-k."""

@@ -41,6 +41,9 @@ def test_two_node_job_and_usr1_requeue(cluster, tmp_path, tiny_model, pairs_file
     assert len((tmp_path / "a" / "dpo" / "metrics.jsonl").read_text().splitlines()) == 30
     per_node = sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "logs").glob("allo-dpo-*-node*.out"))
     assert per_node == ["node0.out", "node1.out"], per_node
+    import shutil  # gloo's interface: the one each node routes the rendezvous address (127.0.0.1) through
+
+    assert logs.count("GLOO_SOCKET_IFNAME=lo") == 2 or shutil.which("ip") is None, logs[-2000:]
 
     second = write_recipe(tmp_path / "b.yaml", tiny_model, pairs_file, tmp_path / "b", extra)
     job = submit(second, pairs_file, tiny_model, tmp_path / "logs2")
