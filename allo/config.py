@@ -332,6 +332,9 @@ class GuardsConfig:
                                "not move), and warn when its loss moved less than `min_loss_change`.")
     min_loss_change: float = knob(1e-4, "Loss change (first vs last tenth of the steps) below which a stage is "
                                         "reported as barely moving.", ge=0)
+    max_nonfinite_steps: int = knob(3, "Stop a training stage after this many optimizer steps in a row whose "
+                                       "gradient norm was NaN or Inf (each such step is skipped and counted; 0: "
+                                       "never stop).", ge=0)
 
 
 @dataclass

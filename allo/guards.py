@@ -8,6 +8,7 @@ that into a sentence at the step where it happens. Pure functions over a step's 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 from allo.config import GuardsConfig
@@ -65,6 +66,22 @@ def check_flagged(keep_probs: Sequence[float], weights: Sequence[float], g: Guar
                     "warn_flagged_share %.0f%%): token-weighted forgetting is then close to plain NPO",
                     100 * flagged, 100 * g.warn_flagged_share)
     return {"flagged_share": round(flagged, 4), "weighted_share": round(weighted, 4)}
+
+
+def check_nonfinite(stage: str, norms: Sequence[float], g: GuardsConfig) -> int:
+    """During a training stage (`norms`: the gradient norm of every step so far): how many of the last steps in a
+    row had a norm that is not finite (each was skipped: no weight moved). Stops at guards.max_nonfinite_steps."""
+    run = 0
+    for norm in reversed(norms):
+        if math.isfinite(norm):
+            break
+        run += 1
+    if g.max_nonfinite_steps and run >= g.max_nonfinite_steps:
+        raise GuardStop(f"{stage}: the gradient norm was NaN or Inf at the last {run} steps (each skipped, no weight "
+                        f"moved): the loss or the data produce non-finite gradients (check the learning rate, the "
+                        f"inputs' lengths and the logged losses; guards.max_nonfinite_steps {g.max_nonfinite_steps} "
+                        "sets how many in a row stop the stage, 0 never)")
+    return run
 
 
 def check_stalled(stage: str, trace: Sequence[tuple[float, float]], g: GuardsConfig) -> None:

@@ -15,7 +15,9 @@ With ``max_grad_norm`` it also clips, where DeepSpeed's own clipping would cost 
 mixed-precision wrapper: a norm kernel per parameter, a second pass that scales every gradient, and host-to-device
 copies that wait for the device): the global norm of the (masked) gradients is taken on the device and the
 clipping factor goes into the fused kernel's gradient scale, so clipping adds one read of the gradients and no
-write. ``grad_norm`` holds the last step's norm, a device tensor.
+write. ``grad_norm`` holds the last step's norm, a device tensor. A norm that is not finite (a NaN or Inf in any
+selected gradient) skips the whole step on the device, through the kernel's ``found_inf``: no weight, moment or step
+count moves, the frozen elements included; the training loop counts such steps from the logged norm.
 """
 from __future__ import annotations
 
@@ -48,12 +50,13 @@ STEP_CHUNK = 1 << 24
 
 def _fused_adamw(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor],
                  step: torch.Tensor, lr: float, betas: tuple[float, float], eps: float, decay: float,
-                 grad_scale: Optional[torch.Tensor] = None) -> None:
+                 grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None) -> None:
     """torch's fused AdamW kernel: one pass that reads p, g, m, v and writes p, m, v (28 bytes an fp32 element);
     `step` (on the parameters' device) already counts this step, so nothing waits for the device. The kernel divides
-    the gradients by `grad_scale` as it reads them."""
+    the gradients by `grad_scale` as it reads them, and leaves p, m and v untouched where `found_inf` is 1."""
     torch._fused_adamw_(params, grads, m, v, [], [step] * len(params), lr=lr, beta1=betas[0], beta2=betas[1],
-                        weight_decay=decay, eps=eps, amsgrad=False, maximize=False, grad_scale=grad_scale)
+                        weight_decay=decay, eps=eps, amsgrad=False, maximize=False, grad_scale=grad_scale,
+                        found_inf=found_inf)
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -120,6 +123,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise TypeError(f"MaskedAdamW steps fp32 tensors (DeepSpeed's master weights), got {p.dtype} "
                                 f"with {p.grad.dtype} gradients")
         scale = self._clip_scale(params) if self.max_grad_norm and params else None
+        skip = None if scale is None else (~torch.isfinite(self.grad_norm)).to(torch.float32)  # 1: skip the step
+        keep_step = None if skip is None else 1.0 - skip
         for group in self.param_groups:
             lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -135,26 +140,27 @@ class MaskedAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=p.device)
                 elif state["step"].device != p.device:  # a checkpoint's step count comes back on the CPU
                     state["step"] = state["step"].to(p.device)
-                state["step"] += 1
+                state["step"] += 1 if keep_step is None else keep_step
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 if index is not None:  # sparse moments: gather the selected elements, step them, scatter back
                     for at in range(0, index.numel(), STEP_CHUNK):
                         idx = index[at:at + STEP_CHUNK].long()
                         values, grad = flat_p.index_select(0, idx), flat_g.index_select(0, idx)
                         _fused_adamw([values], [grad], [m[at:at + STEP_CHUNK]], [v[at:at + STEP_CHUNK]],
-                                     state["step"], lr, betas, eps, wd, scale)
+                                     state["step"], lr, betas, eps, wd, scale, skip)
                         flat_p.index_copy_(0, idx, values)
                     continue
                 if keep is None:
-                    _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, wd, scale)
+                    _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, wd, scale, skip)
                     continue
                 # A masked-out element gets a zero gradient on moments that are zero, so the fused step moves it by
                 # exactly 0; only the selected elements decay.
                 if scale is None:  # else _clip_scale has masked it
                     keep_only(flat_g, keep)
                 if wd:
+                    decay = lr * wd if keep_step is None else keep_step * (lr * wd)
                     for at in range(0, flat_p.numel(), STEP_CHUNK):
                         sl = slice(at, at + STEP_CHUNK)
-                        flat_p[sl].sub_(keep_only(flat_p[sl] * (lr * wd), keep[sl]))
-                _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, 0.0, scale)
+                        flat_p[sl].sub_(keep_only(flat_p[sl] * decay, keep[sl]))
+                _fused_adamw([flat_p], [flat_g], [m], [v], state["step"], lr, betas, eps, 0.0, scale, skip)
         return loss

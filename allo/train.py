@@ -28,7 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from allo.config import TrainConfig
+from allo.config import GuardsConfig, TrainConfig
+from allo.guards import check_nonfinite
 from allo.data.tokenize import collate, pack
 from allo.engine import Strategy, lr_lambda
 from allo.io import atomic_write_text
@@ -65,8 +66,12 @@ class Position:
 
 class Trainer:
     def __init__(self, strategy: Strategy, model: torch.nn.Module, tokenizer, stage: Stage, train: TrainConfig,
-                 out_dir: str | Path, seed: int = 0, group: str = "", config: Optional[dict] = None):
-        """`group` and `config`: the pipeline run this stage belongs to and its recipe, for the trackers."""
+                 out_dir: str | Path, seed: int = 0, group: str = "", config: Optional[dict] = None,
+                 guards: Optional[GuardsConfig] = None):
+        """`group` and `config`: the pipeline run this stage belongs to and its recipe, for the trackers; `guards`:
+        when to stop on steps skipped for a non-finite gradient norm."""
+        self.guards = guards or GuardsConfig()
+        self.nonfinite_steps = 0  # optimizer steps skipped for a NaN or Inf gradient norm
         self.strategy, self.model, self.tokenizer, self.stage = strategy, model, tokenizer, stage
         self.group, self.run_config = group or str(Path(out_dir).parent), config
         self.cfg, self.out_dir, self.seed = train, Path(out_dir), seed
@@ -293,6 +298,15 @@ class Trainer:
             row.update(host)
             self.trace.append((float(row["loss"]), float(row["grad_norm"])))
         step, stats = pending[-1][0], rows[-1]
+        if s.grad_norm_tensor() is not None:  # engines that compute a norm skip a step whose norm is not finite
+            norms = [norm for _, norm in self.trace]
+            skipped = sum(not math.isfinite(n) for n in norms[-len(rows):])
+            if skipped and s.is_rank0:
+                log.warning("%s: %d step(s) up to step %d skipped: gradient norm NaN or Inf (no weight moved)",
+                            self.stage.name, skipped, step)
+            self.nonfinite_steps += skipped
+            stats["nonfinite_steps"] = self.nonfinite_steps
+            check_nonfinite(self.stage.name, norms, self.guards)
         tokens = stats.pop("tokens")
         stats.update(step_s=step_s, tokens_per_s=tokens / step_s,
                      optim_state_mb=self.optimizer.state_bytes() * s.world / 2 ** 20,

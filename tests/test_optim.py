@@ -194,3 +194,34 @@ def test_clipping_inside_the_step_is_torchs_clip_then_adamw(masked, sparse):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # by less than an ulp; 3 steps of rounding
             if k is not None:
                 assert torch.equal(p.detach().view(-1)[~k], q.detach().view(-1)[~k])  # frozen, bit for bit
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_nonfinite_norm_skips_the_step_and_moves_nothing(sparse):
+    """One NaN (then one Inf) in a selected element's gradient, with clipping: the norm is not finite, so the step
+    is skipped on the device: every element, frozen or selected, keeps every bit, the moments and the step count
+    stay; the next finite step goes on as the first one would have."""
+    torch.manual_seed(0)
+    start = torch.randn(3000)
+    keep = torch.rand(3000) < 0.2
+    p = torch.nn.Parameter(start.clone())
+    q = torch.nn.Parameter(start.clone())  # the reference: never sees the bad steps
+    opts = []
+    for x in (p, q):
+        opt = MaskedAdamW([x], lr=1e-2, weight_decay=0.1, sparse_state=sparse, max_grad_norm=1.0)
+        opt.attach_masks({id(x): keep})
+        opts.append(opt)
+    selected = int(keep.nonzero()[0])
+    for bad in (float("nan"), float("inf")):
+        grad = torch.randn(3000)
+        grad[selected] = bad
+        p.grad = grad
+        opts[0].step()
+        assert torch.equal(p.detach().view(torch.int32), start.view(torch.int32)), bad
+        assert not torch.isfinite(opts[0].grad_norm)
+    good = torch.randn(3000)
+    p.grad, q.grad = good.clone(), good.clone()
+    opts[0].step()
+    opts[1].step()
+    assert torch.equal(p.detach(), q.detach())  # as if the bad steps never happened (step count, moments, decay)
+    assert torch.equal(p.detach()[~keep], start[~keep]) and (p.detach()[keep] != start[keep]).all()

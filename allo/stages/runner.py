@@ -105,7 +105,7 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, out / "config.yaml", stage=section, train=train_cfg)
     trainer = Trainer(strategy, model, tokenizer, spec, train_cfg, out, seed=recipe.seed, group=recipe.output_dir,
-                      config=to_dict(recipe))
+                      config=to_dict(recipe), guards=recipe.guards)
     trainer.setup()
     trainer.train()
     check_stalled(label, trainer.trace, recipe.guards)
