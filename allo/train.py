@@ -32,7 +32,7 @@ from allo.config import GuardsConfig, TrainConfig
 from allo.guards import check_nonfinite
 from allo.data.tokenize import collate, pack
 from allo.engine import Strategy, lr_lambda
-from allo.io import atomic_write_text
+from allo.io import atomic_write_text, write_json
 from allo.logprobs import token_logps
 from allo.masks.apply import GradMasker, build_masks, find_optimizer, optimizer_layout
 from allo.masks.io import check_against_model, mask_counts
@@ -327,6 +327,7 @@ class Trainer:
                   "total_steps": self.total_steps}
         self.strategy.save_checkpoint(self.ckpt_dir, tag, client)  # ends with a barrier
         if self.strategy.is_rank0:
+            write_json(self.ckpt_dir / tag / ENGINE_FILE, self._engine())  # read before DeepSpeed loads anything
             atomic_write_text(self.ckpt_dir / "latest", tag + "\n")
             tags = sorted(p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir())
             for old in tags[:-self.cfg.keep_last]:
@@ -343,6 +344,13 @@ class Trainer:
         if not latest.exists():
             return False
         tag = latest.read_text().strip()
+        saved = self.ckpt_dir / tag / ENGINE_FILE
+        if saved.exists() and json.loads(saved.read_text()) != self._engine():
+            raise ValueError(f"{self.ckpt_dir / tag}: written by another engine "
+                             f"({_engine_words(json.loads(saved.read_text()))}) than this run's "
+                             f"({_engine_words(self._engine())}); resume with the settings that "
+                             f"wrote it (train.ds_config, train.single_rank, the number of ranks), or delete "
+                             f"{self.ckpt_dir} to restart the stage")
         client = self.strategy.load_checkpoint(self.ckpt_dir, tag)
         for key in ("world", "global_batch_size", "micro_batch_size"):
             have = {"world": self.strategy.world}.get(key, getattr(self.cfg, key, None))
@@ -355,6 +363,11 @@ class Trainer:
                      self.pos.consumed)
         return True
 
+    def _engine(self) -> dict:
+        """What a checkpoint's files depend on: the ZeRO stage, whether weights train in fp32 under autocast, ranks."""
+        s = self.strategy
+        return {"zero_stage": s.zero_stage, "autocast": bool(s.autocast), "world": s.world}
+
     def export(self) -> Path:
         out = self.out_dir / "model"
         self.strategy.export_hf(out, self.tokenizer)
@@ -363,6 +376,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- signals
     def _install_signal_handlers(self) -> None:
         stop_on_signal(self, "will checkpoint and exit at the end of this step")
+
+
+ENGINE_FILE = "allo_engine.json"
+
+
+def _engine_words(engine: dict) -> str:
+    return (f"ZeRO-{engine.get('zero_stage')}{', fp32 under autocast' if engine.get('autocast') else ''}, "
+            f"{engine.get('world')} rank{'s' if engine.get('world') != 1 else ''}")
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:

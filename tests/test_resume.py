@@ -140,3 +140,15 @@ def test_run_one_node_exits_75_on_preemption(tmp_path, tiny_model, pairs_file):
         assert [(h["step"], h["loss"]) for h in trackio_logs("resume-test", f"{tmp_path / 'run'}/warmup")] == losses
     finally:
         del os.environ["TRACKIO_DIR"]
+
+
+def test_resuming_under_another_engine_says_which_two(tmp_path, tiny_model, pairs_file):
+    """A one-rank checkpoint written under ZeRO-3 as configured, resumed by the one-GPU engine (ZeRO-0): one
+    sentence naming both engines and the fix, before DeepSpeed tries to load it."""
+    r = recipe(tmp_path, tiny_model, pairs_file, "engines")
+    torchrun(["dpo", str(r), "--set", "dpo.train.save_every=2", "--set", "dpo.train.max_steps=4", "--set",
+              "train.single_rank=as_configured"], nproc=1)
+    proc = torchrun(["dpo", str(r), "--set", "dpo.train.max_steps=6"], nproc=1, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "written by another engine (ZeRO-3, 1 rank) than this run's (ZeRO-0, 1 rank)" in proc.stderr
+    assert "delete" in proc.stderr and "train.single_rank" in proc.stderr
