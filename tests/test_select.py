@@ -134,3 +134,13 @@ def test_fp32_partition_ties_advise_a_longer_warmup_not_from_partitions(tmp_path
                                                            1e-3, {"n1": 10}, tmp_path / "m", comm))
     assert "tie at the threshold" in caplog.text and "warmup.train.lr" in caplog.text
     assert "from_partitions" not in caplog.text
+
+
+def test_auto_checkpointing_is_one_decision_for_every_rank():
+    """Mixed GPUs: the rank whose memory needs checkpointing turns it on for all (a collective over the ranks)."""
+    from allo.stages.runner import agree_on_checkpointing
+
+    got = run_ranks(3, lambda comm, rank: agree_on_checkpointing(comm, rank == 1, f"rank {rank}'s plan"))
+    assert [c for c, _ in got] == [True, True, True]
+    assert got[1][1] == "rank 1's plan" and got[0][1] == "another rank's GPU needs it (auto)"
+    assert [c for c, _ in run_ranks(2, lambda comm, rank: agree_on_checkpointing(comm, False, "x"))] == [False, False]

@@ -94,6 +94,8 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
                             train_dtype=strategy.weight_dtype)
     checkpointing, why = checkpointing_for(recipe, stage, section, model.config, strategy.world,
                                            train_cfg.micro_batch_size, strategy.device)
+    if recipe.model.gradient_checkpointing == "auto":
+        checkpointing, why = agree_on_checkpointing(strategy, checkpointing, why)
     if checkpointing:  # the name transformers >= 5.21 gives it; the older one on the GPU install's 5.20
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if strategy.is_rank0:
@@ -117,6 +119,15 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
             "steps": trainer.pos.step, "examples": len(examples), "world": strategy.world,
             "zero_stage": strategy.zero_stage, "trainable_fraction": trainer.trainable_fraction,
             "wall_s": round(time.time() - started, 2)}
+
+
+def agree_on_checkpointing(comm, checkpointing: bool, why: str) -> tuple[bool, str]:
+    """Collective (`comm`: anything with all_reduce): `auto` checkpointing is decided by each rank from its own GPU's
+    memory; on mixed GPUs they could differ, so it is on everywhere when any rank needs it."""
+    if comm.world == 1:
+        return checkpointing, why
+    anyone = comm.all_reduce(torch.tensor([float(checkpointing)]), "max").item() > 0
+    return (anyone, why) if anyone == checkpointing else (anyone, "another rank's GPU needs it (auto)")
 
 
 def train_step(ctx: Context, step: Step) -> Optional[dict]:
