@@ -320,3 +320,30 @@ def test_peak_memory_resets_between_stages():
     del big
     reset_peak_memory(cpu)
     assert high - before > 200 and peak_memory_mb(cpu) < high - 200
+
+
+def test_fake_cuda_refuses_what_cuda_refuses():
+    """Each rule of tests/fake_cuda.py against the case torch states for real CUDA (sources in its docstring)."""
+    with fake_cuda():
+        a, scalar = cuda(torch.ones(3)), torch.tensor(2.0)
+        assert torch.equal(real(a * scalar), torch.full((3,), 2.0))  # a CPU scalar in an elementwise op: moved
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.stack([cuda(torch.tensor(1.0)), scalar])  # ... but not in stack
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.cat([a, torch.ones(1)])
+        p, g, m, v = (cuda(torch.zeros(4)) for _ in range(4))
+        with pytest.raises(RuntimeError, match="same device"):  # a fused kernel's step and scale: CPU refused
+            torch._fused_adamw_([p], [g], [m], [v], [], [torch.tensor(1.0)], lr=1e-3, beta1=0.9, beta2=0.999,
+                                weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+                                grad_scale=torch.tensor(1.0))
+        torch._fused_adamw_([p], [g], [m], [v], [], [cuda(torch.tensor(1.0))], lr=1e-3, beta1=0.9, beta2=0.999,
+                            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+                            grad_scale=cuda(torch.tensor(1.0)))
+        idx = torch.tensor([0, 2])
+        assert torch.equal(real(a[idx]), torch.ones(2))  # a CUDA tensor takes CPU indices
+        with pytest.raises(RuntimeError, match="indices should be either on cpu or on the same device"):
+            torch.ones(3)[cuda(idx)]  # a CPU tensor does not take CUDA ones
+        other = cuda(torch.ones(3), index=1)
+        assert str(other.device) == "cuda:1" and str(torch.zeros(2, device="cuda:1").device) == "cuda:1"
+        with pytest.raises(RuntimeError, match="cuda:0 and cuda:1"):
+            a + other  # two GPUs do not mix
