@@ -101,7 +101,8 @@ def find_optimizer(engine: Any, cls: type) -> Any:
     raise RuntimeError(f"no {cls.__name__} found inside {type(engine.optimizer).__name__}")
 
 
-def build_masks(mask_file: str, pieces: list[Piece], names: Optional[dict[str, str]] = None) -> dict[int, torch.Tensor]:
+def build_masks(mask_file: str, pieces: list[Piece],
+                names: Optional[dict[str, str]] = None) -> dict[int, torch.Tensor]:
     """This rank's mask ranges, one flat bool mask per optimizer tensor id, on that tensor's device (the GPU, or the
     CPU under optimizer offload). The optimizer and `GradMasker` both read these: one mask per element owned.
     `names`: parameter name -> its name in the file (`allo.masks.io.check_against_model`; default the same)."""

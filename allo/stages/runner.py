@@ -199,7 +199,8 @@ def _take_outputs(ctx: Context, source: str, name: str) -> dict:
     done = json.loads((src / "manifest.json").read_text())
     log.info("%s: the recipe gives it exactly %s's data, weights and settings; taking %s's model instead of training "
              "it again", name, source, source)
-    return {**{k: v for k, v in done.items() if k not in ("step", "fingerprint", "attempt", "complete", "wall_s", "output_id")},
+    own = ("step", "fingerprint", "attempt", "complete", "wall_s", "output_id")  # the manifest's, not the model's
+    return {**{k: v for k, v in done.items() if k not in own},
             "stage": name, "model": str(dst / "model"), "same_as": source}
 
 
