@@ -15,7 +15,7 @@ import sys
 
 from allo.config import ConfigError, load_recipe
 from allo.engine import LaunchError, batch_arithmetic, fit_micro_batch, free_port
-from allo.steps import REGISTRY, STEPS
+from allo.steps import REGISTRY
 
 
 def torchrun_command(args: list[str], nproc: int) -> list[str]:
@@ -74,7 +74,7 @@ def cuda_problems() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from allo.cli import _parser as allo_parser
-    from allo.preflight import Problems, command_problems, training_sections
+    from allo.preflight import Problems, command_problems, steps_to_run, training_sections
 
     argv = sys.argv[1:] if argv is None else list(argv)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -110,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     if step is not None and step.standalone:
         steps = [parsed.stage]
     elif parsed.stage == "run" or step is not None:
-        from allo.manifests import Fingerprints
-
-        chosen = set((opts["only"] or (parsed.stage if step is not None else "")).split(",")) - {""}
-        forced = chosen or (set(STEPS[STEPS.index(opts["start"]):]) if opts["start"] in STEPS else set())
-        steps = [n for n, _, _ in training_sections(recipe, Fingerprints(recipe).to_run(forced, chosen))]
+        try:
+            steps = [n for n, _, _ in training_sections(recipe, steps_to_run(recipe, parsed.stage, opts["start"],
+                                                                             opts["only"]))]
+        except ValueError:  # an unknown step: among the problems
+            steps = []
     else:
         steps = []
     for name in steps:

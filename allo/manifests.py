@@ -50,6 +50,16 @@ def recorded(directory: Path, attempt: Optional[str] = None) -> Optional[str]:
     return m.get("fingerprint") if m.get("complete") else None
 
 
+def selection(start: Optional[str] = None, only: Optional[str] = None) -> tuple[set[str], set[str]]:
+    """(forced, chosen) of `allo run [--from START] [--only A,B]`: the steps run whatever their manifests say, and
+    the steps the run is limited to (empty: no limit). ValueError naming an unknown step."""
+    chosen = set(only.split(",")) if only else set()
+    unknown = [n for n in ([start] if start else []) + sorted(chosen) if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown step {unknown[0]!r}; steps: {', '.join(STEPS)}")
+    return chosen or (set(STEPS[STEPS.index(start):]) if start else set()), chosen
+
+
 class Fingerprints:
     """Fingerprints of a recipe's steps against the manifests under `out` (default: the recipe's output_dir).
     Not cached: a step that completes changes the fingerprints of the steps after it."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from allo.config import Recipe
-from allo.manifests import Fingerprints, recorded, write_manifest
+from allo.manifests import Fingerprints, recorded, selection, write_manifest
 from allo.sharding import StepAborted, Sync, new_attempt
 from allo.signals import EXIT_REQUEUE, write_preempted
 from allo.steps import REGISTRY, STEPS, Context, Step, resolve
@@ -50,11 +50,10 @@ class Pipeline:
     def run(self, start: Optional[str] = None, only: Optional[str] = None) -> None:
         """Run the steps in order. `start`: rerun from that step on; `only`: rerun just that step (or those steps,
         comma-separated, in pipeline order)."""
-        chosen = set(only.split(",")) if only else set()
-        for name in ([start] if start else []) + sorted(chosen):
-            if name not in REGISTRY:
-                raise StepFailed(f"unknown step {name!r}; steps: {', '.join(STEPS)}")
-        forced = chosen or (set(STEPS[STEPS.index(start):]) if start else set())
+        try:
+            forced, chosen = selection(start, only)
+        except ValueError as e:
+            raise StepFailed(str(e)) from None
         for name in STEPS:
             if chosen and name not in chosen:
                 continue

@@ -398,12 +398,12 @@ def check_chat_template(recipe) -> None:
                          "tokenizer, or set data.template: alpaca, alpaca_cot or raw")
 
 
-def check_batch(recipe, steps: Iterable[tuple[str, str]], world: int) -> None:
-    """Each training step's global batch (`steps`: (step, section)) splits over `world` ranks (the micro batch
-    shrinks to fit; the global batch must be a multiple of the world size): one problem per recipe key that set a
-    value that does not, naming the steps it reaches."""
+def check_batch(steps: Iterable[tuple[str, str, object]], world: int) -> None:
+    """Each training step's global batch (`steps`: (step, section, the recipe it trains with)) splits over `world`
+    ranks (the micro batch shrinks to fit; the global batch must be a multiple of the world size): one problem per
+    recipe key that set a value that does not, naming the steps it reaches."""
     bad: dict[tuple[str, int], list[str]] = {}
-    for step, section in steps:
+    for step, section, recipe in steps:
         g = recipe.stage_train(section).global_batch_size
         if g % world:
             bad.setdefault((recipe.train_key(section, "global_batch_size"), g), []).append(step)
@@ -451,7 +451,7 @@ def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = No
         where = Path(out or Path(recipe.output_dir) / step.name)
         checks += [lambda: check_training(recipe, data=data or recipe.data.train, init=init, mask=mask, out=where,
                                           keep_last=recipe.stage_train(section).keep_last),
-                   lambda: check_batch(recipe, [(step.name, section)], world)]
+                   lambda: check_batch([(step.name, section, recipe)], world)]
         if recipe.data.template == "chat" and init is None:
             checks.append(lambda: check_chat_template(recipe))
         return collect(checks)
@@ -459,13 +459,11 @@ def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = No
         return collect(checks + [lambda: check_run(recipe, _external_files(recipe, STEPS))])
     from allo.manifests import Fingerprints
 
-    chosen = set(only.split(",")) if only else ({stage} if step is not None else set())
-    unknown = sorted(n for n in chosen | ({start} if start else set()) if n not in REGISTRY)
-    if unknown:
-        return [f"unknown step {unknown[0]!r}; steps: {', '.join(STEPS)}"]
-    forced = chosen or (set(STEPS[STEPS.index(start):]) if start else set())
     fp = Fingerprints(recipe)
-    steps = fp.to_run(forced, chosen)
+    try:
+        steps = steps_to_run(recipe, stage, start, only, fp)
+    except ValueError as e:
+        return [str(e)]
     if not steps:
         return collect(checks)
     live = [n for n in steps if not (REGISTRY[n].skip and REGISTRY[n].skip(recipe))]
@@ -485,10 +483,19 @@ def command_problems(recipe, stage: str, world: int, *, data: Optional[str] = No
         checks.append(lambda: check_teacher(recipe))
     if recipe.data.template == "chat" and set(live) - {"pairs", "locate", "reward-data", "reward-train"}:
         checks.append(lambda: check_chat_template(recipe))
-    trained = training_sections(recipe, live)
-    checks.append(lambda: check_batch(recipe, [(n, s) for n, s, a in trained if a is recipe], world))
-    checks += [lambda n=n, s=s, a=a: check_batch(a, [(n, s)], world) for n, s, a in trained if a is not recipe]
+    checks.append(lambda: check_batch(training_sections(recipe, live), world))
     return collect(checks)
+
+
+def steps_to_run(recipe, stage: str, start: Optional[str] = None, only: Optional[str] = None,
+                 fingerprints=None) -> list[str]:
+    """The steps `allo STAGE` (run, or one step: `run --only STEP`) with --from/--only will execute, in order
+    (`allo.manifests.Fingerprints.to_run`). ValueError naming an unknown step."""
+    from allo.manifests import Fingerprints, selection
+    from allo.steps import REGISTRY
+
+    forced, chosen = selection(start, only or (stage if stage in REGISTRY else None))
+    return (fingerprints or Fingerprints(recipe)).to_run(forced, chosen)
 
 
 def check_command(recipe, stage: str, world: int, **kw) -> None:
