@@ -1,8 +1,8 @@
 """Device bugs that only a GPU used to meet, caught on the CPU.
 
 - masks, indices and the masked AdamW step on (fake) CUDA tensors: the masks are built on the optimizer
-  partition's device, GradMasker puts its mask where DeepSpeed hands back the local gradient (the accelerator, also
-  under optimizer offload), and it shares the optimizer's mask where the devices agree;
+  partition's device, and GradMasker masks ZeRO-3's gradients in place with the optimizer's own masks (the
+  GPU's flat gradient buffer, or the offloaded fp32 gradients and their norms) without a host sync per parameter;
 - collectives through a communicator that rejects what NCCL rejects (CPU tensors, objects pickled through the
   GPU), with two ranks emulated by threads: locate from partitions and the fp32 export still give the offline
   results;
@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,41 +73,101 @@ def test_optimizer_refuses_a_mask_on_another_device():
             opt.attach_masks({id(flat): torch.ones(4, dtype=torch.bool)})
 
 
-class _Zero3Engine:
+class _Stream:
+    """A device stream that counts how often the host waits for it and how often another stream waits on it."""
+
     def __init__(self) -> None:
-        self.grads: dict[int, torch.Tensor] = {}
+        self.host_waits = 0
+        self.device_waits = 0
 
-    def zero_optimization_stage(self) -> int:
-        return 3
+    def synchronize(self) -> None:
+        self.host_waits += 1
 
-    def is_gradient_accumulation_boundary(self) -> bool:
-        return True
+    def wait_stream(self, other: "_Stream") -> None:
+        other.device_waits += 1
+
+
+class _Accelerator:
+    """DeepSpeed's CUDA accelerator as the masker sees it: streams that do not resolve data dependencies."""
+
+    def __init__(self) -> None:
+        self.stream = _Stream()
+
+    def resolves_data_dependency(self) -> bool:
+        return False
+
+    def current_stream(self) -> _Stream:
+        return self.stream
+
+
+class _Param(SimpleNamespace):
+    def partition_numel(self) -> int:
+        return self.n
+
+
+def _zero3_optimizer(offload: bool, grads: torch.Tensor, sizes: list[list[int]]) -> SimpleNamespace:
+    """DeepSpeed's ZeRO-3 optimizer as far as the masker reads it: parameters in sub-groups, each sub-group's fp32
+    partition (on the GPU, or on the CPU with its .grad under offload), the flat buffer of gradient partitions (every
+    sub-group's in order) and the reduce stream."""
+    groups, flats, position, ids, at = [], [], {}, {}, 0
+    for g, group in enumerate(sizes):
+        params = [_Param(n=n) for n in group]
+        for offset, p in zip(itertools.accumulate([0] + group[:-1]), params):
+            ids[id(p)] = len(ids)
+            position[ids[id(p)]] = (g, offset, p.n)
+        total = sum(group)
+        flat = torch.zeros(total) if offload else cuda(torch.zeros(total))
+        if offload:
+            flat.grad = grads[at:at + total].clone()
+        groups.append(params)
+        flats.append(flat)
+        at += total
+    return SimpleNamespace(fp16_groups=groups, fp32_partitioned_groups_flat=flats, grad_position=position,
+                           get_param_id=lambda p: ids[id(p)], offload_optimizer=offload, swap_optimizer=False,
+                           grad_partitions_flat_buffer=grads if offload else cuda(grads),
+                           reduce_and_partition_stream=_Stream(),
+                           norm_for_param_grads={i: torch.tensor(-1.0) for i in ids.values()} if offload else {})
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_grad_masker_zero3_masks_the_local_gradient_where_deepspeed_returns_it(tmp_path, monkeypatch, offload):
-    """DeepSpeed hands the local fp32 gradient back on the accelerator, also when the optimizer's partition (and so
-    its mask) is offloaded to the CPU. Without offload the masker holds no mask of its own."""
-    import deepspeed.utils
+def test_grad_masker_zero3_masks_each_subgroup_in_place_without_a_host_sync_per_parameter(tmp_path, monkeypatch,
+                                                                                          offload):
+    """ZeRO-3: the masker zeroes the masked-out gradient elements of every sub-group where DeepSpeed's step reads
+    them (the flat buffer of gradient partitions on the GPU; the fp32 partition's .grad on the CPU under offload,
+    with the per-parameter norms clipping reads), with the optimizer's own mask (no copy of its own). The host waits
+    for no stream on the GPU path (the current stream waits on the reduce stream, on the device) and once per step
+    under offload, however many parameters there are."""
+    import deepspeed.accelerator
 
-    shapes = {"a.weight": (5, 7)}
+    accelerator = _Accelerator()
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accelerator)
+    shapes = {"a.weight": (5, 7), "b.weight": (11,), "c.weight": (3, 4)}
     path, masks = _mask_file(tmp_path, shapes)
-    engine = _Zero3Engine()
-    grad = torch.randn(35, generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(deepspeed.utils, "safe_get_local_grad", lambda p: engine.grads[id(p)])
-    monkeypatch.setattr(deepspeed.utils, "safe_set_local_grad", lambda p, v: engine.grads[id(p)].copy_(v))
+    grads = torch.randn(58, generator=torch.Generator().manual_seed(3))
     with fake_cuda():
-        param = SimpleNamespace()
-        target = torch.zeros(35) if offload else cuda(torch.zeros(35))
-        engine.grads[id(param)] = cuda(grad)
-        pieces = [Piece("a.weight", param, target, 0, 0, 35)]
-        target_masks = build_masks(str(path), pieces)
-        masker = GradMasker(engine, pieces, target_masks, CUDA)
-        assert masker.mask_elements() == (35 if offload else 0)
-        masker.before_step()
-        got = real(engine.grads[id(param)])
-    keep = masks["a.weight"].flatten()
-    assert torch.equal(got[keep], grad[keep]) and not got[~keep].any()
+        opt = _zero3_optimizer(offload, grads, [[35, 11], [12]])
+        a, b, c = (p for group in opt.fp16_groups for p in group)
+        pieces = [Piece("a.weight", a, opt.fp32_partitioned_groups_flat[0], 0, 0, 35),
+                  Piece("b.weight", b, opt.fp32_partitioned_groups_flat[0], 35, 0, 11),
+                  Piece("c.weight", c, opt.fp32_partitioned_groups_flat[1], 0, 0, 12)]
+        engine = SimpleNamespace(optimizer=opt, zero_optimization_stage=lambda: 3,
+                                 is_gradient_accumulation_boundary=lambda: True)
+        masker = GradMasker(engine, pieces, build_masks(str(path), pieces), CUDA)
+        assert masker.mask_elements() == 0
+        for _ in range(2):
+            masker.before_step()
+        if offload:
+            got = torch.cat([f.grad for f in opt.fp32_partitioned_groups_flat])
+        else:
+            assert isinstance(opt.grad_partitions_flat_buffer, FakeCuda)
+            got = real(opt.grad_partitions_flat_buffer)
+    keep = torch.cat([masks[n].flatten() for n in shapes])
+    assert torch.equal(got[keep], grads[keep]) and not got[~keep].any()
+    stream = opt.reduce_and_partition_stream
+    assert (stream.host_waits, stream.device_waits) == ((2, 0) if offload else (0, 2))  # two steps
+    if offload:  # fp32 norms of the masked partitions, each summing 35, 11 or 12 products: within 1e-5 relative
+        expected = [got[:35].norm(), got[35:46].norm(), got[46:].norm()]
+        assert torch.allclose(torch.stack(list(opt.norm_for_param_grads.values())), torch.stack(expected), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ collectives

@@ -10,8 +10,8 @@ ranges of the mask file (``MaskFile.range``), so no rank ever holds a full mask 
 Two things use the layout:
 - the optimizer (``MaskedAdamW``) masks the Adam update and weight decay of every element it owns;
 - ``GradMasker`` zeroes masked-out gradients between ``engine.backward`` and ``engine.step`` so that gradient
-  clipping sees the masked gradient (ZeRO-3: the local fp32 gradient partitions through DeepSpeed's local-grad
-  API, at the accumulation boundary; ZeRO-0/1/2: a tensor hook on each parameter, which runs before
+  clipping sees the masked gradient (ZeRO-3: each sub-group's gradient partitions in place, at the
+  accumulation boundary; ZeRO-0/1/2: a tensor hook on each parameter, which runs before
   DeepSpeed's reduction hooks and so also holds under gradient accumulation).
 """
 from __future__ import annotations
@@ -119,6 +119,60 @@ def build_masks(mask_file: str, pieces: list[Piece],
     return target_masks
 
 
+@dataclass
+class _Zero3Group:
+    """One ZeRO-3 sub-group: its mask (the optimizer's own), where its gradients start in DeepSpeed's flat buffer of
+    gradient partitions (that buffer holds every sub-group's partitions in order), and (param id, offset, numel) of
+    each parameter inside it, for the norms an offloaded step clips with."""
+    index: int
+    keep: torch.Tensor
+    start: int
+    params: list[tuple[int, int, int]]
+
+
+def _zero3_groups(opt: Any, target_masks: dict[int, torch.Tensor]) -> list[_Zero3Group]:
+    """The masked sub-groups of a ZeRO-3 optimizer. The layout is checked against the flat buffers' sizes, so that a
+    DeepSpeed that lays its gradients out otherwise stops here instead of masking the wrong elements."""
+    groups, start = [], 0
+    for g, params in enumerate(opt.fp16_groups):
+        n = sum(p.partition_numel() for p in params)
+        target = opt.fp32_partitioned_groups_flat[g]
+        keep = target_masks.get(id(target))
+        if keep is not None:
+            if keep.numel() != n:
+                raise RuntimeError(f"ZeRO-3 sub-group {g}: {n} gradient elements but {keep.numel()} in its fp32 "
+                                   f"partition; this DeepSpeed lays out gradients unlike the one allo was built for")
+            positions = [(opt.get_param_id(p), *opt.grad_position[opt.get_param_id(p)][1:]) for p in params]
+            groups.append(_Zero3Group(g, keep, start, positions))
+        start += n
+    buffer = getattr(opt, "grad_partitions_flat_buffer", None)
+    if buffer is not None and buffer.numel() != start:
+        raise RuntimeError(f"ZeRO-3: the flat gradient buffer holds {buffer.numel()} elements, the sub-groups "
+                           f"{start}; this DeepSpeed lays out gradients unlike the one allo was built for")
+    return groups
+
+
+def _swapped(opt: Any, group: int) -> bool:
+    """Whether DeepSpeed swaps this sub-group's optimizer state to NVMe (then only its local-grad API reaches it)."""
+    return bool(getattr(opt, "swap_optimizer", False)) and opt._swappable_optimizer_subgroup(group)
+
+
+def _wait_for_reduction(opt: Any) -> None:
+    """Make what follows see the reduced gradient partitions. On the device: the current stream waits for DeepSpeed's
+    reduce stream (no host sync). Under CPU offload the host reads the partitions, so it waits once for the stream
+    that copied them there."""
+    from deepspeed.accelerator import get_accelerator
+
+    stream = getattr(opt, "reduce_and_partition_stream", None)
+    accelerator = get_accelerator()
+    if stream is None or accelerator.resolves_data_dependency():
+        return
+    if opt.offload_optimizer:
+        stream.synchronize()
+    else:
+        accelerator.current_stream().wait_stream(stream)
+
+
 def _on(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`keep` itself where it already lives on `device` (shared with the optimizer), else one copy there."""
     return keep if keep.device == device else keep.to(device)
@@ -128,8 +182,11 @@ class GradMasker:
     """Zero the gradients of masked-out elements before DeepSpeed computes the norm and steps, so that gradient
     clipping sees the masked gradient. It reads the optimizer's masks (`build_masks`) and touches only this rank's
     gradient partition, so no rank holds a mask of more than the elements it owns:
-    - ZeRO-3: the local fp32 gradient partitions through DeepSpeed's local-grad API, which hands them back on
-      the accelerator (`device`) whether or not the optimizer is offloaded;
+    - ZeRO-3: each sub-group's slice of the flat gradient-partition buffer (one masking kernel per sub-group, the
+      optimizer's own mask, no host sync: the stream wait is on the device), or under CPU offload the fp32
+      partition's `.grad` together with the per-parameter norms clipping reads (one wait for the reduce stream per
+      step, as DeepSpeed's own offloaded step takes). Only NVMe-swapped sub-groups go through DeepSpeed's
+      local-grad API, which waits for the device once per parameter;
     - ZeRO-1/2: the reduced gradient partition (`averaged_gradients`, or the offloaded fp32 `.grad` together with
       the per-parameter norms DeepSpeed's offload path computed before it) at the accumulation boundary;
     - ZeRO-0 with bf16: a tensor hook on each parameter (each rank holds every element there anyway). Under fp32
@@ -143,9 +200,14 @@ class GradMasker:
         self.handles = []
         self.params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.groups: list[tuple[int, torch.Tensor, list[Piece]]] = []
+        self.zero3: list[_Zero3Group] = []
         if self.stage == 3:
+            opt = engine.optimizer
+            swapped = {g for g in range(len(opt.fp16_groups)) if _swapped(opt, g)}
+            self.zero3 = [z for z in _zero3_groups(opt, target_masks) if z.index not in swapped]
             self.params = [(p.param, _on(target_masks[id(p.target)][p.target_offset:p.target_offset + p.numel],
-                                         device)) for p in pieces]
+                                         device)) for p in pieces
+                           if opt.grad_position[opt.get_param_id(p.param)][0] in swapped]
         elif self.stage in (1, 2):
             for i, target in enumerate(engine.optimizer.single_partition_of_fp32_groups):
                 if id(target) in target_masks:
@@ -168,6 +230,24 @@ class GradMasker:
         if self.stage == 0 or not self.engine.is_gradient_accumulation_boundary():
             return
         if self.stage == 3:
+            opt = self.engine.optimizer
+            _wait_for_reduction(opt)
+            for z in self.zero3:
+                if opt.offload_optimizer:
+                    grad = opt.fp32_partitioned_groups_flat[z.index].grad
+                    if grad is None:
+                        continue
+                    keep_only(grad, z.keep)
+                    # clipping reads these norms under offload (the reduced parameters'); computed on the host,
+                    # where DeepSpeed sums them with its own: no copy to the device
+                    norms = opt.norm_for_param_grads
+                    for param_id, offset, numel in z.params:
+                        if param_id in norms:
+                            norms[param_id] = grad.narrow(0, offset, numel).norm(2).to(norms[param_id].dtype)
+                else:
+                    keep_only(opt.grad_partitions_flat_buffer.narrow(0, z.start, z.keep.numel()), z.keep)
+            if not self.params:
+                return
             from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
             for p, keep in self.params:
