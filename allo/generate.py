@@ -89,11 +89,13 @@ _ENGINE: dict[tuple, Any] = {}  # at most one live vLLM engine: (model, settings
 def _engine(model_dir: str, cfg: GenerationConfig, seed: int) -> Any:
     from vllm import LLM
 
-    key = (model_dir, cfg.tensor_parallel, cfg.dtype, cfg.gpu_memory_utilization, cfg.max_model_len, seed)
+    key = (model_dir, cfg.tensor_parallel, cfg.dtype, cfg.gpu_memory_utilization, cfg.max_model_len,
+           cfg.enforce_eager, seed)
     if key not in _ENGINE:
         release()
         _ENGINE[key] = LLM(model=model_dir, seed=seed, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
+                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                           enforce_eager=cfg.enforce_eager)
     return _ENGINE[key]
 
 
@@ -120,7 +122,10 @@ def _generate_vllm(model_dir: str, prompts: Sequence[str], s: Sampling, cfg: Gen
     params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
                             stop=list(s.stop) or None, seed=s.seed)
     requests = [{"prompt_token_ids": encode_prompt(tokenizer, p)} for p in prompts]
-    return [[_cut(o.text, s.stop) for o in out.outputs] for out in llm.generate(requests, params)]
+    # decoded here, as the Hugging Face path decodes: vLLM's own text holds back a trailing incomplete UTF-8
+    # sequence, so the two backends would hand the same tokens on as different strings
+    return [[_cut(tokenizer.decode(o.token_ids, skip_special_tokens=True), s.stop) for o in out.outputs]
+            for out in llm.generate(requests, params)]
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:

@@ -3,22 +3,30 @@ ZeRO-3 as configured beside it), and `allo improve` under a random 10% mask with
 on a randomly initialised Llama of about 1.1 B parameters (TinyLlama's shape, config only, nothing downloaded), one
 GPU, bf16, gradient checkpointing on for both, sequences of --seq tokens, --micro pairs per step.
 
-Per run: tokens/s (median of the steps after the first two; every sequence fills --seq tokens), model FLOPs
-utilisation MFU = 6 · N · tokens/s / P, where P is this GPU's bf16 matmul peak measured in the same run (8192³
-matmuls), and peak GPU memory (torch.cuda.max_memory_allocated). TRL runs with its GPU defaults (bf16 mixed
-precision, gradient checkpointing) and reference log-probs precomputed, as allo computes them. Prints one table
-and the ratios the speed goals are stated in; writes bench/results/gpu.json (record the table in
-bench/RESULTS.md with the date and GPU model). A child that fails prints its stderr tail and its log's path; the
-other runs still go, and the script exits 1.
-Usage: python bench/gpu.py [--steps 12] [--micro 4] [--seq 1024]   (on a GPU machine; `make gpu-check`)
+Per run: tokens/s (every sequence fills --seq tokens; the steps after the first two), model FLOPs utilisation
+MFU = 6 · N · tokens/s / P, where P is this GPU's bf16 matmul peak measured in the same run (8192³ matmuls), and peak
+GPU memory (torch.cuda.max_memory_allocated). TRL runs at its leanest valid setting (bench/trl_dpo.py: reference
+log-probs precomputed, no reference model kept; any reference it keeps is reported and left out of the memory ratio).
+
+Runs in alternating rounds, by value: each round runs TRL and allo dpo (their order swapped every round), then improve
+with dense and sparse moments; allo dpo under ZeRO-3 once, after round 2. A ratio is the geometric mean over rounds of
+the per-round ratio of median tokens/s; its 95% interval comes from a hierarchical bootstrap (rounds, then steps
+within a run). Rounds go on, up to --max-rounds, until every goal ratio's interval is within ±5% (a 5% difference
+resolved), or until --budget-s would be passed by the next run. The JSON is written after every run and the finished
+rows printed as they come, so a run cut short keeps what it measured; `--table FILE` prints the table of a JSON,
+with the reason for each row that has no figure.
+Usage: python bench/gpu.py [--steps 12] [--micro 4] [--seq 1024] [--budget-s S]   (on a GPU: `make gpu-check`)
        python bench/gpu.py --smoke                                (a tiny model on the CPU: checks the script)
+       python bench/gpu.py --table bench/results/gpu.json         (the table of a finished or cut-short run)
        python bench/gpu.py --plan [--gpu-memory 141GiB]           (no GPU needed: `allo plan` of the allo runs)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,7 +50,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
                 num_key_value_heads=4, max_position_embeddings=2048, vocab_size=32000, tie_word_embeddings=False)
 SMOKE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, vocab_size=512, tie_word_embeddings=False)
-RUNS = ("trl", "dpo", "dpo_zero3", "allo_dense", "allo_sparse")
+RUNS = ("trl", "dpo", "allo_dense", "allo_sparse", "dpo_zero3")  # in the order of their value
 # (label, numerator, denominator, key, goal): the goals of the speed work, as ratios measured in this run
 RATIOS = (("allo dpo tokens/s ÷ TRL DPOTrainer's", "dpo", "trl", "tokens_per_s", ">= 1.0"),
           ("allo dpo peak memory ÷ TRL's", "dpo", "trl", "peak_mem_mb", "<= 1.0"),
@@ -50,6 +58,7 @@ RATIOS = (("allo dpo tokens/s ÷ TRL DPOTrainer's", "dpo", "trl", "tokens_per_s"
           ("improve (sparse moments) tokens/s ÷ allo dpo", "allo_sparse", "dpo", "tokens_per_s", ">= 1.0"),
           ("allo dpo tokens/s ÷ allo dpo under ZeRO-3 as configured", "dpo", "dpo_zero3", "tokens_per_s", ""),
           ("allo dpo peak memory ÷ allo dpo under ZeRO-3 as configured", "dpo", "dpo_zero3", "peak_mem_mb", ""))
+RESOLVE = 0.05  # rounds go on until every goal ratio's 95% interval is within ±5% of it
 
 
 class ChildFailed(RuntimeError):
@@ -121,13 +130,12 @@ train: {{micro_batch_size: {micro}, global_batch_size: {micro}, lr: 1.0e-5, max_
 def allo_run(tmp: Path, name: str, stage: str, args, seq: int, extra: list[str], env: dict, logs: Path) -> dict:
     recipe = tmp / f"{name}.yaml"
     recipe.write_text(allo_recipe(tmp, args.micro, args.steps, seq))
-    run_child(torchrun_command([stage, str(recipe), "--out", str(tmp / "runs" / name), *extra], 1),
-              logs / f"{name}.log", env)
-    rows = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[2:] or rows
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-            "step_s": statistics.median(r["step_s"] for r in steady), "peak_mem_mb": max(r["peak_mem_mb"] for r in rows),
-            "optim_state_mb": rows[-1]["optim_state_mb"]}
+    out = tmp / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)  # each round trains afresh
+    run_child(torchrun_command([stage, str(recipe), "--out", str(out), *extra], 1), logs / f"{name}.log", env)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_tokens_per_s": [r["tokens_per_s"] for r in (rows[2:] or rows)],
+            "peak_mem_mb": max(r["peak_mem_mb"] for r in rows), "optim_state_mb": rows[-1]["optim_state_mb"]}
 
 
 def trl_run(tmp: Path, args, seq: int, env: dict, logs: Path) -> dict:
@@ -135,30 +143,109 @@ def trl_run(tmp: Path, args, seq: int, env: dict, logs: Path) -> dict:
            str(tmp / "pairs.jsonl"), "--out", str(tmp / "trl"), "--batch", str(args.micro), "--max-length", str(seq),
            "--steps", str(args.steps), "--lr", "1e-5", "--precompute"] + ([] if args.smoke else ["--gpu"])
     res = json.loads(run_child(cmd, logs / "trl.log", env).strip().splitlines()[-1])
-    res["tokens_per_s"] = 2 * args.micro * seq / res["step_s"]  # every chosen and rejected sequence fills `seq`
-    res.setdefault("peak_mem_mb", res["peak_rss_mb"])
-    return res
+    tokens = 2 * args.micro * seq  # every chosen and rejected sequence fills `seq`
+    peak = res.get("peak_mem_mb", res["peak_rss_mb"])
+    return {"step_tokens_per_s": [tokens / t for t in res["step_times"]], "peak_mem_mb": peak - res["ref_model_mb"],
+            "ref_model_mb": res["ref_model_mb"], "settings": res["settings"]}
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+def _geomean(xs: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs))
+
+
+def ratio_interval(num: list[list[float]], den: list[list[float]], draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """(ratio, low, high): the geometric mean over rounds of median(num) / median(den) within each round, and its 95%
+    interval by a hierarchical bootstrap: rounds drawn with replacement (a round keeps its pair: both ran under the
+    same conditions), then each run's steps drawn with replacement. One round gives step-to-step spread only."""
+    rng = random.Random(seed)
+    ratio = _geomean([statistics.median(a) / statistics.median(b) for a, b in zip(num, den)])
+    pick = lambda xs: [rng.choice(xs) for _ in xs]  # noqa: E731
+    boot = sorted(_geomean([statistics.median(pick(num[r])) / statistics.median(pick(den[r]))
+                            for r in pick(list(range(len(num))))]) for _ in range(draws))
+    return ratio, boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]
+
+
+def summarise(res: dict) -> None:
+    """Per run: medians over its rounds (the table's row); per ratio: its value, interval and rounds, from the
+    rounds in which both runs finished."""
+    for key, rounds in res["rounds"].items():
+        done = [r for r in rounds if "error" not in r]
+        if not done:
+            res[key] = {"error": rounds[-1]["error"]}
+            continue
+        tps = statistics.median(statistics.median(r["step_tokens_per_s"]) for r in done)
+        res[key] = {"tokens_per_s": tps, "mfu": 6 * res["params"] * tps / res["peak_flops"], "rounds": len(done),
+                    "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in done),
+                    **{k: done[-1][k] for k in ("optim_state_mb", "ref_model_mb", "settings") if k in done[-1]}}
+    res["ratios"] = {}
+    for label, num, den, key, goal in RATIOS:
+        pairs = _same_round(res, num, den)
+        if not pairs:
+            continue
+        if key == "tokens_per_s":
+            value, low, high = ratio_interval([a["step_tokens_per_s"] for a, _ in pairs],
+                                              [b["step_tokens_per_s"] for _, b in pairs])
+        else:  # the allocator's peak hardly varies between runs: the median ratio and its range over rounds
+            values = [a[key] / b[key] for a, b in pairs]
+            value, low, high = statistics.median(values), min(values), max(values)
+        res["ratios"][label] = {"value": value, "low": low, "high": high, "rounds": len(pairs), "goal": goal}
+
+
+def _same_round(res: dict, num: str, den: str) -> list[tuple[dict, dict]]:
+    """The finished runs of `num` and `den` paired by round (ZeRO-3's one run with the dpo run of its round)."""
+    by_round = {k: {r["round"]: r for r in res["rounds"].get(k, []) if "error" not in r} for k in (num, den)}
+    return [(by_round[num][i], by_round[den][i]) for i in sorted(by_round[num]) if i in by_round[den]]
+
+
+def unresolved(res: dict) -> list[str]:
+    """Goal ratios of tokens/s whose interval is wider than ±RESOLVE (or not measured yet)."""
+    out = []
+    for label, _, _, key, goal in RATIOS:
+        r = res.get("ratios", {}).get(label)
+        if goal and key == "tokens_per_s" and (r is None or max(r["high"] / r["value"] - 1,
+                                                                1 - r["low"] / r["value"]) > RESOLVE):
+            out.append(label)
+    return out
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['device']}: {res['params'] / 1e9:.2f} B parameters, measured matmul peak "
-             f"{res['peak_flops'] / 1e12:.1f} TFLOP/s, sequence {res['seq']}, {res['micro_pairs']} pairs per step",
-             "", "| run | tokens/s | MFU | peak memory MB | Adam state MB |", "|---|---|---|---|---|"]
+    lines = [f"{res['device']}: {res.get('params', 0) / 1e9:.2f} B parameters, measured matmul peak "
+             f"{res.get('peak_flops', 0) / 1e12:.1f} TFLOP/s, sequence {res['seq']}, {res['micro_pairs']} pairs per "
+             f"step, {res['steps']} steps per run", "",
+             "| run | rounds | tokens/s | MFU | peak memory MB | Adam state MB |", "|---|---|---|---|---|---|"]
     for key in RUNS:
-        r = res.get(key, {})
-        if "error" in r:
-            lines.append(f"| {key} | failed | | | |")
-            continue
-        state = f"{r['optim_state_mb']:.0f}" if "optim_state_mb" in r else "—"
-        lines.append(f"| {key} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_mb']:.0f} | {state} |")
-    lines += ["", "| figure | measured | goal |", "|---|---|---|"]
-    for label, num, den, key, goal in RATIOS:
-        a, b = res.get(num, {}), res.get(den, {})
-        value = f"{a[key] / b[key]:.3f}" if key in a and key in b else "—"
-        lines.append(f"| {label} | {value} | {goal} |")
+        r = res.get(key)
+        if r is None:
+            lines.append(f"| {key} | — | not run: {res.get('not_run', {}).get(key, 'not reached')} | | | |")
+        elif "error" in r:
+            lines.append(f"| {key} | — | failed: {_first_line(r['error'])} | | | |")
+        else:
+            state = f"{r['optim_state_mb']:.0f}" if "optim_state_mb" in r else "—"
+            lines.append(f"| {key} | {r['rounds']} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+                         f"{r['peak_mem_mb']:.0f} | {state} |")
+    lines += ["", "| figure | measured | 95% interval (tokens/s) or range (memory) | rounds | goal |",
+              "|---|---|---|---|---|"]
+    for label, _, _, _, goal in RATIOS:
+        r = res.get("ratios", {}).get(label)
+        if r is None:
+            lines.append(f"| {label} | — | | | {goal} |")
+        else:
+            lines.append(f"| {label} | {r['value']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {r['rounds']} | {goal} |")
     mfu = f"{100 * res['dpo']['mfu']:.1f}%" if "mfu" in res.get("dpo", {}) else "—"
-    lines.append(f"| allo dpo MFU | {mfu} | >= 35% |")
+    lines.append(f"| allo dpo MFU | {mfu} | | | >= 35% |")
+    trl = res.get("trl", {})
+    if "settings" in trl:
+        lines.append(f"\nTRL: {trl['settings']}" + (f"; its reference model's {trl['ref_model_mb']:.0f} MiB are left "
+                     "out of its peak (allo keeps no reference model)" if trl.get("ref_model_mb") else ""))
+    if res.get("unresolved"):
+        lines.append(f"not resolved to ±{100 * RESOLVE:.0f}%: {'; '.join(res['unresolved'])}")
     return "\n".join(lines)
+
+
+def _first_line(error: str) -> str:
+    return next((x for x in error.splitlines() if x.strip()), "?")[:160].replace("|", "/")
 
 
 def print_plan(args) -> None:
@@ -188,57 +275,113 @@ def print_plan(args) -> None:
                             for k, v in p.terms.items()))
 
 
+def schedule(max_rounds: int) -> list[tuple[int, str]]:
+    """(round, run) in the order they run: TRL and allo dpo first (their order swapped every round), then improve
+    with dense and sparse moments (swapped likewise); allo dpo under ZeRO-3 once, after round 2."""
+    out = []
+    for r in range(max_rounds):
+        pair, improve = ["trl", "dpo"], ["allo_dense", "allo_sparse"]
+        if r % 2:
+            pair.reverse()
+            improve.reverse()
+        out += [(r, k) for k in pair + improve]
+        if r == min(1, max_rounds - 1):
+            out.append((r, "dpo_zero3"))
+    return out
+
+
+def write(res: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(out)  # atomic: a run killed mid-write keeps the previous file
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--micro", type=int, default=4, help="pairs per step (2 × micro sequences of --seq tokens)")
     p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=2, help="rounds at least (time budget permitting)")
+    p.add_argument("--max-rounds", type=int, default=6, help="rounds at most, while a goal ratio is unresolved")
+    p.add_argument("--budget-s", type=float, default=0, help="start no run that would end after this many seconds "
+                   "(estimated from the runs so far); 0: no limit")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script end to end")
     p.add_argument("--out", help="default: bench/results/gpu.json (gpu_smoke.json with --smoke); logs beside it")
+    p.add_argument("--table", metavar="JSON", help="print the table of a written JSON; run nothing")
     p.add_argument("--plan", action="store_true", help="print allo plan's memory for the allo runs; run nothing")
     p.add_argument("--gpu-memory", default="141GiB", help="the GPU's memory for --plan (default: an H200's)")
     args = p.parse_args()
     if args.plan:
         print_plan(args)
         return 0
+    if args.table:
+        path = Path(args.table)
+        if not path.exists():
+            print(f"bench/gpu.py: {path} was never written: the check stopped before its first run finished")
+            return 1
+        print(table(json.loads(path.read_text())))
+        return 0
     out = Path(args.out or ROOT / "bench" / "results" / ("gpu_smoke.json" if args.smoke else "gpu.json"))
     logs = out.parent / f"{out.stem}_logs"
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py: no GPU here; run it on a GPU machine (or --smoke to check the script)")
+    t0 = time.monotonic()
     seq = 128 if args.smoke else args.seq
     if args.smoke:
         args.steps = min(args.steps, 4)
     device = "cpu" if args.smoke else "cuda"
     env = ENV if args.smoke else GPU_ENV
     res: dict = {"date": time.strftime("%Y-%m-%d"), "smoke": args.smoke, "seq": seq, "micro_pairs": args.micro,
-                 "steps": args.steps, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"}
+                 "steps": args.steps, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                 "rounds": {}, "not_run": {}}
     res["peak_flops"] = peak_matmul_flops(device, args.smoke)
-    failed = []
+    failed: set[str] = set()
+    took: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model, n_params = build(tmp, SMOKE if args.smoke else LLAMA_1B, seq, max(8, args.micro * (args.steps + 2)))
-        res["params"] = n_params
-        mask = str(masked_step.mask(model, 10, tmp / "m10.safetensors"))
+        model, res["params"] = build(tmp, SMOKE if args.smoke else LLAMA_1B, seq, max(8, args.micro * (args.steps + 2)))
+        write(res, out)
+        print(f"bench/gpu.py: model built ({res['params'] / 1e9:.2f} B parameters) in {time.monotonic() - t0:.0f} s",
+              flush=True)
+        mask: list[str] = []  # built before the first improve run, after TRL and allo dpo have their figures
+
+        def improve(mode: str) -> dict:
+            if not mask:
+                mask.append(str(masked_step.mask(model, 10, tmp / "m10.safetensors")))
+            return allo_run(tmp, f"allo_{mode}", "improve", args, seq, ["--mask", mask[0], "--set",
+                            f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"], env, logs)
+
         jobs = {"trl": lambda: trl_run(tmp, args, seq, env, logs),
                 "dpo": lambda: allo_run(tmp, "dpo", "dpo", args, seq, [], env, logs),
+                "allo_dense": lambda: improve("dense"), "allo_sparse": lambda: improve("sparse"),
                 "dpo_zero3": lambda: allo_run(tmp, "dpo_zero3", "dpo", args, seq,
                                               ["--set", "train.single_rank=as_configured"], env, logs)}
-        for mode in ("dense", "sparse"):
-            jobs[f"allo_{mode}"] = lambda mode=mode: allo_run(tmp, f"allo_{mode}", "improve", args, seq, [
-                "--mask", mask, "--set", f"train.sparse_optimizer_state={'true' if mode == 'sparse' else 'false'}"],
-                env, logs)
-        for key, job in jobs.items():
+        for r, key in schedule(args.max_rounds):
+            if key in failed or (r >= args.rounds and not unresolved(res)):
+                continue
+            guess = took.get(key) or max(took.values(), default=0.0)
+            if args.budget_s and time.monotonic() - t0 + guess > args.budget_s:
+                res["not_run"].setdefault(key, f"time budget ({args.budget_s:.0f} s) reached")
+                continue
+            start = time.monotonic()
             try:
-                res[key] = job()
-                res[key]["mfu"] = 6 * n_params * res[key]["tokens_per_s"] / res["peak_flops"]
+                run = {"round": r, **jobs[key]()}
             except (ChildFailed, subprocess.TimeoutExpired) as e:
                 print(f"bench/gpu.py: {key} failed: {e}", file=sys.stderr, flush=True)
-                res[key] = {"error": str(e)[-2000:]}
-                failed.append(key)
+                run = {"round": r, "error": str(e)[-2000:]}
+                failed.add(key)
+            took[key] = time.monotonic() - start
+            res["rounds"].setdefault(key, []).append(run)
+            summarise(res)
+            res["unresolved"] = unresolved(res)
+            write(res, out)
+            row = res[key]
+            print(f"bench/gpu.py: round {r + 1} {key}: " + ("failed" if "error" in run else
+                  f"{statistics.median(run['step_tokens_per_s']):.0f} tokens/s, peak {run['peak_mem_mb']:.0f} MB") +
+                  f" ({took[key]:.0f} s; {row.get('rounds', 0)} rounds so far)", flush=True)
     print(table(res))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"written {out}" + (f"; failed: {', '.join(failed)} (logs in {logs})" if failed else ""))
+    print(f"written {out}" + (f"; failed: {', '.join(sorted(failed))} (logs in {logs})" if failed else ""))
     return 1 if failed else 0
 
 

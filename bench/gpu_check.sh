@@ -1,32 +1,75 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the one command for a GPU machine that has torch but no package index. Two halves:
+# `make gpu-check`: the one command for a GPU machine that has torch but no package index. Three parts:
 #   here, once:   bash bench/gpu_check.sh fetch        -> .whl/ (git-ignored): the wheels such a machine lacks, for
-#                                                         its Python 3.12 / x86_64 (deepspeed built here: pure Python)
+#                                                         Python 3.12 (the GPU image's) and this Python (CI's), x86_64
+#                                                         (deepspeed built here: pure Python)
+#   here, in CI:  bash bench/gpu_check.sh verify       -> a bare venv with only a GPU image's packages (torch,
+#                   transformers, accelerate, pyarrow, numpy and what they need, linked from this venv: image_site.py)
+#                   and the wheels installed as on the GPU (--no-index); imports everything the check imports
 #   there:        bash bench/gpu_check.sh run          -> installs .whl/ to /tmp/site (nothing else), then
-#                   1. bench/gpu.py: TRL's DPOTrainer, allo dpo, allo improve (dense and sparse moments), one table
+#                   1. bench/gpu.py: TRL's DPOTrainer beside allo dpo, then allo improve (dense and sparse moments),
+#                      in alternating rounds within a time budget, the JSON written after every run
 #                   2. pytest -m gpu: frozen elements, SIGTERM + resume, locate from partitions, the tiny pipeline
+#                   3. the table of whatever finished (bench/gpu.py --table), printed last: what a caller sees
 #                 and writes $OUT (default bench/results/gpu_check)/: gpu.json, gpu_logs/, pytest.log, check.log.
 #   CPU smoke:    bash bench/gpu_check.sh run --smoke  -> the same script with this Python (PYTHON), the gpu tests
 #                 collected only, bench/gpu.py --smoke: what CI runs so that the check itself never breaks there.
-# As one device call: carry [".whl"], command "make gpu-check", timeout_s 570 (each half has its own limit: 240 s
-# and 300 s; the notes' timings put the whole check at about 8 minutes on one H200).
+# As one device call: carry [".whl"], command "make gpu-check", timeout_s 590: the bench stops starting runs at
+# 300 s (killed at 330 s), pytest at 200 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source slurm/usage.sh && usage_if_asked bench/gpu_check.sh "$@"
 WHEELS=(deepspeed==0.19.8 hjson==3.1.0 ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection
         typing_extensions math-verify==0.9.0 latex2sympy2_extended antlr4-python3-runtime==4.13.2 datasets==5.2.0
-        dill multiprocess trl==1.16.0 pytest pluggy iniconfig pygments)  # the rest is in the machine's image
+        dill multiprocess trl==1.16.0 pytest pluggy iniconfig pygments
+        tensorboard tensorboard-data-server absl-py grpcio markdown werkzeug protobuf six)  # the rest: the image's
+IMAGE=(torch transformers accelerate pyarrow numpy)  # what a GPU machine's image is taken to hold (verify)
+PYTHONS=(3.12 "$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')")
 
 fetch() {
   mkdir -p .git/info && { grep -qsx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude; }
   rm -rf .whl && mkdir -p .whl
   python3 -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8 || exit 1  # an sdist: build the pure-Python wheel
-  for w in "${WHEELS[@]:1}"; do
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --platform any -d .whl "$w" || { echo "fetch: $w failed" >&2; exit 1; }
+  for py in $(printf '%s\n' "${PYTHONS[@]}" | sort -u); do
+    for w in "${WHEELS[@]:1}"; do
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform any -d .whl "$w" || { echo "fetch: $w for Python $py failed" >&2; exit 1; }
+    done
   done
   du -sh .whl
+}
+
+# pip install of the brought wheels, as on the GPU: no index, no dependency resolution, each distribution's wheel
+# for this Python picked from .whl/ (which holds several Pythons' builds)
+install_wheels() {  # PYTHON TARGET
+  local names
+  names=$(ls .whl/*.whl | sed 's|.*/||; s|-.*||' | sort -u)
+  # shellcheck disable=SC2086
+  "$1" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --find-links .whl \
+    --target "$2" $names
+}
+
+verify() {
+  local python=${PYTHON:-.venv/bin/python} d
+  ls .whl/*.whl > /dev/null 2>&1 || fetch || exit 1
+  d=$(mktemp -d)
+  trap 'rm -rf "$d"' RETURN
+  "$python" bench/image_site.py "$d/image" "${IMAGE[@]}" || exit 1
+  "$python" -m venv --without-pip "$d/venv" || exit 1
+  install_wheels "$python" "$d/site" || { echo "verify: the wheels in .whl/ do not install with --no-index" >&2; exit 1; }
+  # everything `make gpu-check` imports: allo's training path (engine, masks, tracker), TRL's peer, the eval's
+  # checkers, the bench script and its test helpers, pytest
+  PYTHONPATH="$d/site:$d/image:$PWD:$PWD/tests:$PWD/bench" PYTHONNOUSERSITE=1 "$d/venv/bin/python" -c "
+import deepspeed, trl, datasets, math_verify, pytest, torch.utils.tensorboard
+import allo.cli, allo.engine, allo.train, allo.masks.apply, allo.stages.runner, allo.tracking, allo.eval.run
+import gpu, conftest, tiny
+from trl import DPOConfig, DPOTrainer
+from allo.tracking import missing
+assert not missing(['tensorboard']), 'the default tracker (tensorboard) is not importable'
+print('verify: every module make gpu-check imports is there with the brought wheels (deepspeed', deepspeed.__version__,
+      '| trl', trl.__version__, '| datasets', datasets.__version__, ')')
+" || { echo "verify: a module make gpu-check needs is in neither the GPU image nor .whl/ (add its wheel to WHEELS)" >&2; exit 1; }
 }
 
 run() {
@@ -37,8 +80,7 @@ run() {
   if [ "$smoke" = 0 ]; then
     ls .whl/*.whl > /dev/null 2>&1 || { echo "gpu-check: no wheels in .whl/; run 'bash bench/gpu_check.sh fetch' on" \
       "a machine with a package index and carry .whl along" >&2; exit 2; }
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl || exit 1
+    install_wheels "$python" /tmp/site || exit 1
     export PYTHONPATH=/tmp/site:$PWD
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/check.log"
   fi
@@ -47,18 +89,25 @@ deepspeed.__version__, '| transformers', transformers.__version__, '| cuda', tor
     | tee -a "$out/check.log"
   # the table first: it is what a run cut short by its time limit must not lose
   if [ "$smoke" = 1 ]; then bench=(--smoke); else bench=(); fi
-  timeout 240 "$python" bench/gpu.py "${bench[@]}" --out "$out/gpu.json" 2>&1 | tee -a "$out/check.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || { rc=1; echo "gpu-check: bench/gpu.py failed; see $out/check.log" >&2; }
+  rm -f "$out/gpu.json"
+  timeout 330 "$python" bench/gpu.py "${bench[@]}" --budget-s 300 --out "$out/gpu.json" 2>&1 | tee -a "$out/check.log"
+  case "${PIPESTATUS[0]}" in
+    0) ;;
+    124) rc=1; echo "gpu-check: bench/gpu.py reached its time limit; the table below holds what finished" >&2 ;;
+    *) rc=1; echo "gpu-check: bench/gpu.py failed; see $out/check.log" >&2 ;;
+  esac
   if [ "$smoke" = 1 ]; then tests=(--collect-only); else tests=(); fi
-  timeout 300 "$python" -m pytest -q -rs -m gpu -p no:cacheprovider "${tests[@]}" tests/test_gpu.py \
-    > "$out/pytest.log" 2>&1 || { rc=1; echo "gpu-check: pytest -m gpu failed; see $out/pytest.log" >&2; }
+  timeout 200 "$python" -m pytest -q -rs -m gpu -p no:cacheprovider "${tests[@]}" tests/test_gpu.py \
+    > "$out/pytest.log" 2>&1 || { rc=1; echo "gpu-check: pytest -m gpu failed or timed out; see $out/pytest.log" >&2; }
   tail -15 "$out/pytest.log"
+  echo; "$python" bench/gpu.py --table "$out/gpu.json" | tee "$out/table.md"
   echo "gpu-check: $([ $rc = 0 ] && echo passed || echo FAILED); results in $out"
   return $rc
 }
 
 case "${1:-}" in
   fetch) fetch ;;
+  verify) verify ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash bench/gpu_check.sh fetch | run [--smoke]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_check.sh fetch | verify | run [--smoke]" >&2; exit 2 ;;
 esac

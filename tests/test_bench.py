@@ -46,7 +46,57 @@ def test_gpu_check_smoke(tmp_path):
     for run in ("trl", "dpo", "dpo_zero3", "allo_dense", "allo_sparse"):
         assert res[run]["tokens_per_s"] > 0 and 0 < res[run]["mfu"] < 1 and res[run]["peak_mem_mb"] > 0, run
     assert res["allo_sparse"]["optim_state_mb"] < res["allo_dense"]["optim_state_mb"]
-    assert "| allo_sparse |" in proc.stdout and "| allo dpo tokens/s ÷ TRL DPOTrainer's |" in proc.stdout
+    assert [r["round"] for r in res["rounds"]["trl"]] == [0, 1] and res["dpo_zero3"]["rounds"] == 1
+    speed = res["ratios"]["allo dpo tokens/s ÷ TRL DPOTrainer's"]
+    assert speed["rounds"] == 2 and speed["low"] <= speed["value"] <= speed["high"]
+    assert res["trl"]["ref_model_mb"] == 0 and "no reference model kept" in res["trl"]["settings"]
+    table = proc.stdout[proc.stdout.rindex(res["device"] + ":"):]  # printed last, after the tests' tail
+    assert "| allo_sparse | 2 |" in table and "| allo dpo tokens/s ÷ TRL DPOTrainer's |" in table
+    assert (out / "table.md").read_text().strip() == table.split("\ngpu-check:")[0].strip()
+
+
+def test_ratio_interval_hand_computed():
+    """Round ratios 2 and 4 (steps equal within each run): the geometric mean √8, and the hierarchical bootstrap's
+    95% interval [2, 4] (a quarter of the draws take round 1 twice, a quarter round 2 twice). One round of equal
+    steps has no spread."""
+    import gpu
+
+    value, low, high = gpu.ratio_interval([[2.0, 2.0], [4.0, 4.0]], [[1.0, 1.0], [1.0, 1.0]])
+    assert value == pytest.approx(8 ** 0.5, rel=1e-12) and (low, high) == (2.0, 4.0)
+    assert gpu.ratio_interval([[3.0, 3.0, 3.0]], [[1.5, 1.5]]) == (2.0, 2.0, 2.0)
+
+
+def test_runs_go_by_value_in_alternating_rounds():
+    import gpu
+
+    assert gpu.schedule(2) == [(0, "trl"), (0, "dpo"), (0, "allo_dense"), (0, "allo_sparse"),
+                               (1, "dpo"), (1, "trl"), (1, "allo_sparse"), (1, "allo_dense"), (1, "dpo_zero3")]
+    assert gpu.schedule(1)[-1] == (0, "dpo_zero3")
+
+
+def test_a_cut_short_check_still_prints_its_table(tmp_path):
+    """What a run killed at its time limit left behind: its table with the figures that finished, the reason for
+    each row that has none, and the ratios it can form; and a sentence when nothing was written at all."""
+    import gpu
+
+    res = {"device": "GPU", "params": 1e9, "peak_flops": 1e15, "seq": 8, "micro_pairs": 1, "steps": 4,
+           "rounds": {"trl": [{"round": 0, "step_tokens_per_s": [100.0, 100.0], "peak_mem_mb": 50.0,
+                               "ref_model_mb": 0.0, "settings": "TRL 1.16.0 DPOTrainer: precomputed"}],
+                      "dpo": [{"round": 0, "step_tokens_per_s": [150.0, 150.0], "peak_mem_mb": 40.0,
+                               "optim_state_mb": 8.0}],
+                      "allo_dense": [{"round": 0, "error": "exit 1: ...\nCUDA out of memory"}]},
+           "not_run": {"allo_sparse": "time budget (300 s) reached"}}
+    gpu.summarise(res)
+    gpu.write(res, tmp_path / "gpu.json")
+    out = subprocess.run([sys.executable, "bench/gpu.py", "--table", str(tmp_path / "gpu.json")], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True, check=True).stdout
+    assert "| dpo | 1 | 150 |" in out and "| allo dpo tokens/s ÷ TRL DPOTrainer's | 1.500 | [1.500, 1.500] | 1 |" in out
+    assert "| allo_dense | — | failed: exit 1: ... |" in out
+    assert "| allo_sparse | — | not run: time budget (300 s) reached |" in out
+    assert "| dpo_zero3 | — | not run: not reached |" in out and "TRL: TRL 1.16.0 DPOTrainer: precomputed" in out
+    missing = subprocess.run([sys.executable, "bench/gpu.py", "--table", str(tmp_path / "none.json")], cwd=ROOT,
+                             env=ENV, capture_output=True, text=True)
+    assert missing.returncode == 1 and "never written" in missing.stdout
 
 
 def test_a_failing_child_shows_its_stderr_and_log(tmp_path):

@@ -53,7 +53,8 @@ class FakeLLM:
 
     def generate(self, requests, params):
         FakeLLM.seen.append((requests, params))
-        out = types.SimpleNamespace(outputs=[types.SimpleNamespace(text="4 apples. STOP here")] * params.n)
+        ids = self.get_tokenizer()("4 apples. STOP here", add_special_tokens=False)["input_ids"]
+        out = types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids)] * params.n)
         return [out for _ in requests]
 
 
@@ -78,7 +79,8 @@ def test_vllm_path_sends_the_hf_token_ids(tiny_model, fake_vllm):
     g.generate(str(tiny_model), prompts, s, cfg)
     assert len(fake_vllm.made) == 1  # one engine per model, reused within a step
     assert fake_vllm.made[0] == {"model": str(tiny_model), "seed": 3, "dtype": "bfloat16", "tensor_parallel_size": 2,
-                                 "gpu_memory_utilization": 0.5, "max_model_len": 2048}  # the recipe's settings
+                                 "gpu_memory_utilization": 0.5, "max_model_len": 2048,
+                                 "enforce_eager": False}  # the recipe's settings
     requests, params = fake_vllm.seen[0]
     assert [r["prompt_token_ids"] for r in requests] == [encode_prompt(tok, p) for p in prompts]
     assert (params.n, params.temperature, params.top_p, params.max_tokens, params.seed) == (2, 0.7, 0.9, 16, 3)
