@@ -30,7 +30,7 @@ import torch
 
 from allo.config import GuardsConfig, TrainConfig
 from allo.guards import check_nonfinite
-from allo.data.tokenize import collate, pack
+from allo.data.tokenize import collate, pack, packing_problem
 from allo.engine import Strategy, lr_lambda
 from allo.io import atomic_write_text, write_json
 from allo.logprobs import token_logps
@@ -83,6 +83,7 @@ class Trainer:
         self.reference = None  # the reference log-probs on disk (allo.logprobs.ReferenceCache), when needed
         self.last_save, self.last_write_s = time.monotonic(), None  # for save_every_minutes and the metrics
         self.trainable_fraction = 1.0
+        self.packing_checked = False
         n, g = len(stage.examples), train.global_batch_size
         if n < g:
             raise ValueError(f"stage {stage.name}: {n} examples cannot fill one global batch of {g}; lower the "
@@ -96,6 +97,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         s, cfg = self.strategy, self.cfg
+        if cfg.packing:
+            refused = packing_problem(self._attention(), s.device.type)
+            if refused:
+                raise ValueError(refused)
         named = list(self.model.named_parameters())
         if self.stage.mask_file:
             self.trainable_fraction = self._freeze_unmasked(named)
@@ -201,14 +206,59 @@ class Trainer:
         """(rows, width) token log-probs of a collated batch, from its padded rows or, packed, its one row."""
         dev = self.strategy.device
         if "packed_ids" in batch:
+            varlen = {}
+            if self._attention().startswith("flash"):  # the row boundaries from the host: no device-side derivation
+                cu = batch["packed_cu_seq_lens"].to(dev)
+                varlen = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["packed_max_length"],
+                              max_length_k=batch["packed_max_length"])
             logits = self.engine(input_ids=batch["packed_ids"].to(dev), position_ids=batch["packed_positions"].to(dev),
-                                 use_cache=False).logits
+                                 use_cache=False, **varlen).logits
             flat = token_logps(logits, batch["packed_labels"].to(dev))[0]
             shape = batch["labels"].shape
             return flat.new_zeros(shape.numel()).index_copy(0, batch["packed_index"].to(dev), flat).view(shape)
         logits = self.engine(input_ids=batch["input_ids"].to(dev),
                              attention_mask=batch["attention_mask"].to(dev), use_cache=False).logits
         return token_logps(logits, batch["labels"].to(dev))
+
+    def _attention(self) -> str:
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None) or "eager"
+
+    @torch.no_grad()
+    def check_packing(self, batch: dict) -> None:
+        """Stop a packed run whose rows would leak into each other (a model whose attention ignores the per-row
+        position ids): before the first step, on this rank's first micro-batch, the packed log-probs must not change
+        when another row's tokens do (exact: a masked score adds an exact zero, so isolated rows give identical
+        bits) and must equal the padded ones to within the compute dtype's rounding. Collective: every rank runs the
+        same forwards and all stop together."""
+        self.engine.module.eval()
+        try:
+            padded = self._logps({k: v for k, v in batch.items() if not k.startswith("packed_")})
+            packed = self._logps(batch)
+            first = int(batch["attention_mask"][0].sum())  # row 0's tokens lead the packed row
+            other = dict(batch, packed_ids=batch["packed_ids"].clone())
+            other["packed_ids"][0, 1:first] = (other["packed_ids"][0, 1:first] + 1) % self.model.config.vocab_size
+            changed = self._logps(other)
+        finally:
+            self.engine.module.train()
+        labels = batch["labels"].to(packed.device) != -100
+        rest = labels.clone()
+        rest[0] = False
+        leak = float((changed != packed)[rest].any()) if rest.any() else 0.0
+        gap = float((packed - padded).abs()[labels].max()) if labels.any() else 0.0
+        # A coarse bound (the isolation test above is the exact one): logits of magnitude ≲ 30 rounded in the compute
+        # dtype differ by ≲ 30 u between two summation orders (u = 2^-8 in bf16; 2^-11 in fp32, where a GPU may
+        # multiply in TF32); a row reading another row moves its log-probs far more. Allowed: 4 × 30 u.
+        tol = 4 * 30 * (2.0 ** -8 if self.strategy.precision == "bf16" else 2.0 ** -11)
+        worst = self.strategy.all_reduce(torch.tensor([leak, gap / tol]), "max")
+        if worst[0] > 0 or worst[1] > 1:
+            raise RuntimeError(f"train.packing: rows of a packed micro-batch see each other with model "
+                               f"{type(self.model).__name__} (attention {self._attention()}): " +
+                               ("another row's tokens change a row's log-probs" if worst[0] > 0 else
+                                f"packed log-probs differ from padded ones by up to {float(worst[1]) * tol:.3g} "
+                                f"(allowed {tol:.3g})") + "; set train.packing to false")
+        if self.strategy.is_rank0:
+            log.info("packing checked on the first micro-batch: rows isolated, packed log-probs within %.2g of padded "
+                     "(%.2g allowed)", gap, tol)
 
     # ----------------------------------------------------------------------------------------------- train
     def _batch_indices(self, step: int, micro: int) -> list[int]:
@@ -239,7 +289,11 @@ class Trainer:
                     chosen = [{**ex, "ref_logps": self.reference.rows(ex["index"])} for ex in chosen]
                 batch = self._collate(chosen, arrays)
                 tokens += int(batch["attention_mask"].sum())  # counted on the host, before the copy
-                batch = {k: v.to(s.device, non_blocking=True) for k, v in batch.items()}
+                if cfg.packing and not self.packing_checked:
+                    self.check_packing(batch)
+                    self.packing_checked = True
+                batch = {k: v.to(s.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.items()}
                 loss, metrics = self.stage.objective(self._logps(batch), batch)
                 s.backward(loss)
                 if self.masker is not None:

@@ -5,7 +5,11 @@
 venv, so that anything `make gpu-check` imports which is neither in the image nor among the wheels fails here, on
 the CPU, instead of on the GPU. The image is taken at its smallest (these distributions and what they need): a
 check that passes here passes on any image that has them.
+`--pins NEED... -- IMAGE...` prints, as name==version from this interpreter, every distribution NEED and its
+requirements hold beyond what IMAGE and its requirements hold: the wheels a machine with that image lacks
+(`bash bench/gpu_check.sh fetch` downloads them).
 Usage: python bench/image_site.py DIR DIST [DIST ...]
+       python bench/image_site.py --pins NEED [NEED ...] -- IMAGE [IMAGE ...]
 """
 from __future__ import annotations
 
@@ -51,6 +55,12 @@ def link(dists: dict[str, metadata.Distribution], out: Path) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--pins"] and "--" in sys.argv:
+        cut = sys.argv.index("--")
+        image = closure(sys.argv[cut + 1:])
+        need = closure(sys.argv[2:cut])
+        print("\n".join(f"{d.metadata['Name']}=={d.version}" for n, d in sorted(need.items()) if n not in image))
+        return
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
     dists = closure(sys.argv[2:])

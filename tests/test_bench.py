@@ -55,6 +55,27 @@ def test_gpu_check_smoke(tmp_path):
     assert (out / "table.md").read_text().strip() == table.split("\ngpu-check:")[0].strip()
 
 
+@pytest.mark.slow
+def test_gpu_check_verify_imports_everything_from_the_image_and_the_wheels(tmp_path):
+    """`bash bench/gpu_check.sh verify`: the wheels (fetched for this Python where absent), installed with --no-index
+    beside only a GPU image's packages, import all that `make gpu-check` imports; without one of them it fails."""
+    import shutil
+
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "verify"], cwd=ROOT, env=dict(ENV, PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "every module make gpu-check imports is there" in proc.stdout
+    wheels = next(ROOT.glob(f".whl-verify-{sys.version_info[0]}.{sys.version_info[1]}"))
+    partial = tmp_path / "wheels"
+    shutil.copytree(wheels, partial)
+    for w in partial.glob("einops-*.whl"):  # deepspeed's flops profiler imports it
+        w.unlink()
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "verify"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(ENV, PYTHON=sys.executable, VERIFY_WHEELS=str(partial)), timeout=900)
+    assert proc.returncode == 1 and "No module named 'einops'" in proc.stderr
+    assert "in neither the GPU image nor .whl/" in proc.stderr
+
+
 def test_ratio_interval_hand_computed():
     """Round ratios 2 and 4 (steps equal within each run): the geometric mean √8, and the hierarchical bootstrap's
     95% interval [2, 4] (a quarter of the draws take round 1 twice, a quarter round 2 twice). One round of equal

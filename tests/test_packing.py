@@ -75,3 +75,79 @@ def test_packed_dpo_run_starts_at_ln2_and_follows_the_padded_run(tmp_path, tiny_
     for a, b in zip(losses["true"], losses["false"]):
         assert abs(a - b) < 1e-4, losses
     assert max(abs(x - math.log(2)) for x in losses["true"][1:]) > 1e-3, losses  # the policy moved off the reference
+
+
+# ------------------------------------------------------------------------------------ packing where it is used
+def test_packing_is_refused_where_it_would_be_slow():
+    """On a GPU only flash attention takes the rows' boundaries without a mask over the whole packed row."""
+    from allo.data.tokenize import packing_problem
+
+    for attn in ("sdpa", "eager", "flex_attention"):
+        why = packing_problem(attn, "cuda")
+        assert why and why.startswith("train.packing with model.attn_implementation " + attn) and "false" in why
+    assert packing_problem("flash_attention_2", "cuda") is None and packing_problem("flash_attention_3", "cuda") is None
+    assert packing_problem("sdpa", "cpu") is None and packing_problem("eager", "cpu") is None
+
+
+def _trainer_over(model, attn: str, precision: str = "fp32"):
+    """The parts of a Trainer that `_logps` and `check_packing` use, around a plain Hugging Face model."""
+    import types
+
+    from allo.train import Trainer
+
+    calls: list[dict] = []
+
+    class Engine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = model
+
+        def forward(self, **kw):
+            calls.append(kw)
+            return model(**{k: v for k, v in kw.items() if not k.startswith(("cu_seq", "max_length"))})
+
+    t = types.SimpleNamespace(engine=Engine(), model=model, strategy=types.SimpleNamespace(
+        device=torch.device("cpu"), precision=precision, is_rank0=True, all_reduce=lambda x, op: x),
+        _attention=lambda: attn)  # as the trainer reads it from the model's config (no flash kernel on the CPU)
+    for name in ("_logps", "check_packing"):
+        setattr(t, name, types.MethodType(getattr(Trainer, name), t))
+    return t, calls
+
+
+def test_flash_attention_gets_the_row_boundaries_from_pack(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    batch = pack(collate(_examples(), pad_id=0))
+    assert batch["packed_cu_seq_lens"].tolist() == [0, 7, 22, 27, 37] and batch["packed_max_length"] == 15
+    assert batch["packed_cu_seq_lens"].dtype == torch.int32  # what the varlen kernel takes
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32, attn_implementation="sdpa")
+    for attn, varlen in (("flash_attention_2", True), ("sdpa", False)):
+        t, calls = _trainer_over(model, attn)
+        with torch.no_grad():
+            t._logps(batch)
+        kw = calls[-1]
+        assert ("cu_seq_lens_q" in kw) == varlen, attn
+        if varlen:
+            assert kw["cu_seq_lens_q"].tolist() == kw["cu_seq_lens_k"].tolist() == [0, 7, 22, 27, 37]
+            assert kw["max_length_q"] == kw["max_length_k"] == 15
+
+
+def test_the_first_packed_batch_is_checked_and_a_leaking_model_stops(tiny_model, monkeypatch, caplog):
+    """A model whose attention reads the packed row's boundaries passes the start-up check; the same model with the
+    boundaries ignored (rows attending to the rows before them, as a model outside transformers' masking would)
+    stops with one sentence."""
+    import logging
+
+    import transformers.masking_utils as mu
+    from transformers import AutoModelForCausalLM
+
+    batch = pack(collate(_examples(), pad_id=0))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32, attn_implementation="eager")
+    t, _ = _trainer_over(model, "eager")
+    with caplog.at_level(logging.INFO, logger="allo.train"):
+        t.check_packing(batch)
+    assert "rows isolated" in caplog.text
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(RuntimeError, match="rows of a packed micro-batch see each other .*another row's tokens "
+                                           "change a row's log-probs; set train.packing to false"):
+        t.check_packing(batch)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -128,7 +128,24 @@ def pack(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     keep = batch["attention_mask"].bool()
     index = keep.flatten().nonzero().squeeze(1)
     lengths = keep.sum(1)
-    starts = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    ends = torch.cumsum(lengths, 0)
+    starts = torch.repeat_interleave(ends - lengths, lengths)
     return {**batch, "packed_ids": batch["input_ids"].flatten()[index].unsqueeze(0),
             "packed_labels": batch["labels"].flatten()[index].unsqueeze(0),
-            "packed_positions": (torch.arange(index.numel()) - starts).unsqueeze(0), "packed_index": index}
+            "packed_positions": (torch.arange(index.numel()) - starts).unsqueeze(0), "packed_index": index,
+            # the row boundaries flash attention's varlen kernel takes, so that it need not derive them on the device
+            "packed_cu_seq_lens": torch.cat([ends.new_zeros(1), ends]).to(torch.int32),
+            "packed_max_length": int(lengths.max())}
+
+
+def packing_problem(attn_implementation: str, device_type: str) -> Optional[str]:
+    """Why `train.packing` is refused for this attention on this device, or None. On a GPU, sdpa and eager attention
+    learn the rows' boundaries only from a block-diagonal mask over the whole packed row, which rules out the flash
+    kernel and computes every score of the row: slower than padding. Flash attention takes the boundaries from
+    `pack()` instead (varlen kernel). On the CPU every kernel computes the masked scores anyway."""
+    if device_type == "cuda" and not attn_implementation.startswith("flash"):
+        return (f"train.packing with model.attn_implementation {attn_implementation} on a GPU builds a block-diagonal "
+                f"mask over each packed row, which rules out the flash kernel and computes every score of the row "
+                f"(slower than padded batches); set model.attn_implementation to flash_attention_2 (pip install "
+                f"flash-attn) or train.packing to false")
+    return None
