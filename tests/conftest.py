@@ -87,15 +87,17 @@ def shared_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """`gpu` tests need CUDA: skipped, with the reason, where torch sees none."""
+    """`gpu` tests need CUDA, `gpu2` tests two GPUs: skipped, with the reason, where torch sees fewer."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none): run `make gpu-check` on a GPU machine")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    none = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none): run `make gpu-check` on a GPU machine")
+    one = pytest.mark.skip(reason=f"needs two CUDA GPUs (torch sees {gpus}): run `make gpu-check` on a node with two")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and gpus == 0:
+            item.add_marker(none)
+        elif "gpu2" in item.keywords and gpus < 2:
+            item.add_marker(one)
 
 
 # ------------------------------------------------------------------------------------------- the local Slurm

@@ -408,3 +408,17 @@ def test_fake_cuda_refuses_what_cuda_refuses():
         assert str(other.device) == "cuda:1" and str(torch.zeros(2, device="cuda:1").device) == "cuda:1"
         with pytest.raises(RuntimeError, match="cuda:0 and cuda:1"):
             a + other  # two GPUs do not mix
+
+
+def test_two_gpu_tests_skip_with_the_reason_where_fewer_are_seen(monkeypatch):
+    import conftest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    items = [SimpleNamespace(keywords={"gpu": 1, "gpu2": 1}, marks=[]), SimpleNamespace(keywords={"gpu": 1}, marks=[])]
+    for item in items:
+        item.add_marker = item.marks.append
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [m.kwargs["reason"] for m in items[0].marks] == [
+        "needs two CUDA GPUs (torch sees 1): run `make gpu-check` on a node with two"]
+    assert items[1].marks == []  # a one-GPU test runs

@@ -5,8 +5,9 @@ choose CUDA and NCCL:
   autocast) and under ZeRO-3 as configured;
 - SIGTERM then resume is bit-identical;
 - locate from the warm-up's partitions equals the offline exact top-k;
-- the reduced tiny pipeline (`recipes/tiny/demo.py --quick`) runs every step.
-Skipped, with the reason, where torch sees no GPU.
+- the reduced tiny pipeline (`recipes/tiny/demo.py --quick`) runs every step;
+- on two GPUs (NCCL, ZeRO-3 partitions across them): frozen elements, locate from partitions, SIGTERM + resume.
+Skipped, with the reason, where torch sees no GPU (the last three where it sees fewer than two).
 """
 from __future__ import annotations
 
@@ -57,3 +58,24 @@ def test_tiny_pipeline_runs_on_the_gpu():
         assert json.loads((run / step / "manifest.json").read_text())["complete"], step
     peaks = [json.loads(x)["peak_mem_mb"] for x in (run / "improve" / "metrics.jsonl").read_text().splitlines()]
     assert peaks and all(p > 0 for p in peaks)
+
+
+# ------------------------------------------------------------------------------------------------- two GPUs
+@pytest.mark.gpu2
+@pytest.mark.parametrize("moments", ["dense", "sparse"])
+def test_frozen_elements_do_not_move_on_two_gpus(tmp_path, tiny_model, pairs_file, mask_file, moments):  # noqa: F811
+    check_frozen(tmp_path, tiny_model, pairs_file, mask_file, "ds_configs/zero3.json", "bf16",
+                 ("--set", f"train.sparse_optimizer_state={'true' if moments == 'sparse' else 'false'}"),
+                 env=GPU_ENV, nproc=2)
+
+
+@pytest.mark.gpu2
+def test_locate_from_partitions_equals_offline_on_two_gpus(tmp_path, tiny_model, pairs_file):
+    check_partition_locate(tmp_path, tiny_model, pairs_file,
+                           "locate: {from_partitions: true, forget_ratio: 10, improve_ratio: 15}", GPU_ENV, {},
+                           nproc=2)
+
+
+@pytest.mark.gpu2
+def test_sigterm_then_resume_is_bitwise_identical_on_two_gpus(tmp_path, tiny_model, pairs_file):
+    check_sigterm_resume(tmp_path, tiny_model, pairs_file, env=GPU_ENV, nproc=2)
