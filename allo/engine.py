@@ -213,6 +213,25 @@ def single_rank_config(cfg: dict, world: int, mode: str) -> tuple[dict, Optional
     return out, "; ".join(why)
 
 
+def skip_nonfinite_on_device(engine: Any) -> None:
+    """ZeRO-3's step reads its global gradient norm on the host (`is_invalid_grad_norm`: `bool(norm)`) to skip a step
+    whose norm is NaN or Inf: the host waits for the device once a step. allo's optimizer takes that decision on the
+    device instead: it reads the same norm (DeepSpeed stores it before stepping its inner optimizer) and passes
+    "non-finite" to the fused kernel as `found_inf`, which leaves weights, moments and step count untouched; every
+    rank sees the same all-reduced norm, so all skip together. DeepSpeed's host check is switched off in its ZeRO-3
+    module (this process trains only through allo), and the step counts as taken in DeepSpeed's own counters; allo
+    counts it as skipped (`nonfinite_steps`). fp16 loss scaling, which needs the host check, is not an allo
+    precision."""
+    import deepspeed.runtime.zero.stage3 as stage3
+
+    from allo.masks.apply import find_optimizer
+    from allo.optim import MaskedAdamW
+
+    stage3.is_invalid_grad_norm = lambda norm: False
+    zero = engine.optimizer
+    find_optimizer(engine, MaskedAdamW).norm_source = lambda: getattr(zero, "_global_grad_norm", None)
+
+
 def autocast_of(cfg: dict) -> bool:
     """Whether a DeepSpeed config trains under torch autocast (fp32 weights, bf16 compute)."""
     return bool(cfg.get("torch_autocast", {}).get("enabled"))
@@ -317,6 +336,8 @@ class Strategy:
             from allo.optim import MaskedAdamW
 
             self._clipper = find_optimizer(self.engine, MaskedAdamW)
+        if self.zero_stage == 3:
+            skip_nonfinite_on_device(self.engine)
         return self.engine
 
     def release(self) -> None:

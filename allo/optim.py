@@ -21,7 +21,7 @@ count moves, the frozen elements included; the training loop counts such steps f
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -66,6 +66,9 @@ class MaskedAdamW(torch.optim.Optimizer):
         self.sparse_state = sparse_state
         self.max_grad_norm = max_grad_norm
         self.grad_norm: Optional[torch.Tensor] = None
+        # Where the optimizer does not clip: the engine's global gradient norm of this step, read on the device, so
+        # that a NaN or Inf norm skips the step here instead of on the host (allo.engine.skip_nonfinite_on_device)
+        self.norm_source: Optional[Callable[[], torch.Tensor]] = None
         self._masks: dict[int, torch.Tensor] = {}
         self._index: dict[int, torch.Tensor] = {}
 
@@ -123,7 +126,10 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise TypeError(f"MaskedAdamW steps fp32 tensors (DeepSpeed's master weights), got {p.dtype} "
                                 f"with {p.grad.dtype} gradients")
         scale = self._clip_scale(params) if self.max_grad_norm and params else None
-        skip = None if scale is None else (~torch.isfinite(self.grad_norm)).to(torch.float32)  # 1: skip the step
+        norm = self.grad_norm if scale is not None else self.norm_source() if self.norm_source and params else None
+        skip = None  # else 1.0 (on the parameters' device) where the norm is NaN or Inf: the step is skipped
+        if norm is not None:
+            skip = (~torch.isfinite(torch.as_tensor(norm))).to(device=params[0].device, dtype=torch.float32)
         keep_step = None if skip is None else 1.0 - skip
         for group in self.param_groups:
             lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

@@ -160,10 +160,12 @@ def test_nonfinite_guard_counts_the_last_steps_in_a_row() -> None:
 
 
 @pytest.mark.slow
-def test_a_nan_gradient_skips_its_step_and_the_run_goes_on(tmp_path, tiny_model, pairs_file) -> None:
-    """On the one-rank engine (the optimizer clips), a NaN in a selected element's gradient at step 2 of 4: that
-    step is skipped and counted, the stage finishes, every masked-out element is bit-identical and no weight is
-    NaN; NaN at every step stops the stage at guards.max_nonfinite_steps."""
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_nan_gradient_skips_its_step_and_the_run_goes_on(tmp_path, tiny_model, pairs_file, nproc) -> None:
+    """On the one-rank engine (the optimizer clips) and under ZeRO-3 on two ranks (the optimizer skips on the
+    device from DeepSpeed's global norm; the NaN on rank 0 only), a NaN in a selected element's gradient at step 2
+    of 4: that step is skipped and counted, the stage finishes, every masked-out element is bit-identical and no
+    weight is NaN; NaN at every step stops the stage at guards.max_nonfinite_steps."""
     import os
 
     from conftest import ENV, ROOT
@@ -174,8 +176,9 @@ def test_a_nan_gradient_skips_its_step_and_the_run_goes_on(tmp_path, tiny_model,
     save_masks(mask, masks, {"counts": counts, "ratio": 10})
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "run", "improve: {train: {lr: 0.01}}")
     path = os.pathsep.join([str(ROOT / "tests" / "nan_grad"), ENV.get("PYTHONPATH", "")])
-    proc = torchrun(["improve", str(recipe), "--mask", str(mask), "--set", "train.max_steps=4"], nproc=1,
-                    env=dict(ENV, ALLO_TEST_NAN_STEPS="2", PYTHONPATH=path))
+    env = dict(ENV, PYTHONPATH=path, ALLO_TEST_NAN_AT="optimizer" if nproc == 1 else "gradients")
+    proc = torchrun(["improve", str(recipe), "--mask", str(mask), "--set", "train.max_steps=4"], nproc=nproc,
+                    env=dict(env, ALLO_TEST_NAN_STEPS="2"))
     assert "1 step(s) up to step 2 skipped: gradient norm NaN or Inf" in proc.stderr, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "improve" / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1]
@@ -184,6 +187,6 @@ def test_a_nan_gradient_skips_its_step_and_the_run_goes_on(tmp_path, tiny_model,
     for name, m in masks.items():
         assert torch.equal(start[name][~m], end[name][~m]) and torch.isfinite(end[name]).all(), name
     stopped = torchrun(["improve", str(recipe), "--mask", str(mask), "--set", "train.max_steps=4", "--set",
-                        f"output_dir={tmp_path / 'run2'}", "--set", "guards.max_nonfinite_steps=2"], nproc=1,
-                       env=dict(ENV, ALLO_TEST_NAN_STEPS="1,2,3,4", PYTHONPATH=path), check=False)
+                        f"output_dir={tmp_path / 'run2'}", "--set", "guards.max_nonfinite_steps=2"], nproc=nproc,
+                       env=dict(env, ALLO_TEST_NAN_STEPS="1,2,3,4"), check=False)
     assert stopped.returncode != 0 and "NaN or Inf at the last 2 steps" in stopped.stderr, stopped.stderr[-3000:]

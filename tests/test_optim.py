@@ -225,3 +225,31 @@ def test_a_nonfinite_norm_skips_the_step_and_moves_nothing(sparse):
     opts[1].step()
     assert torch.equal(p.detach(), q.detach())  # as if the bad steps never happened (step count, moments, decay)
     assert torch.equal(p.detach()[~keep], start[~keep]) and (p.detach()[keep] != start[keep]).all()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_an_engine_norm_that_is_not_finite_skips_the_step_without_clipping(sparse):
+    """Under ZeRO-3 the engine clips and hands the optimizer its global norm (`norm_source`, read on the device):
+    NaN or Inf there skips the step as clipping's own would, bit for bit, the step count included; a finite norm
+    steps as if no norm were given."""
+    torch.manual_seed(0)
+    start = torch.randn(3000)
+    keep = torch.rand(3000) < 0.2
+    p, q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    norms = iter([torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(2.0)])
+    opts = []
+    for x, source in ((p, lambda: next(norms)), (q, None)):
+        opt = MaskedAdamW([x], lr=1e-2, weight_decay=0.1, sparse_state=sparse)
+        opt.attach_masks({id(x): keep})
+        opt.norm_source = source
+        opts.append(opt)
+    for _ in range(2):
+        p.grad = torch.randn(3000)
+        opts[0].step()
+        assert torch.equal(p.detach().view(torch.int32), start.view(torch.int32))
+        assert all(not t.any() for t in opts[0].state[p].values())  # moments and step count untouched
+    good = torch.randn(3000)
+    p.grad, q.grad = good.clone(), good.clone()
+    opts[0].step()
+    opts[1].step()
+    assert torch.equal(p.detach(), q.detach())
