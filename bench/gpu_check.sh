@@ -57,7 +57,8 @@ verify() {
   trap 'rm -rf "$d"' RETURN
   "$python" bench/image_site.py "$d/image" "${IMAGE[@]}" || exit 1
   "$python" -m venv --without-pip "$d/venv" || exit 1
-  install_wheels "$python" "$wheels" "$d/site" || { echo "verify: the wheels do not install with --no-index" >&2; exit 1; }
+  install_wheels "$python" "$wheels" "$d/site" ||
+    { echo "verify: the wheels do not install with --no-index" >&2; exit 1; }
   # everything `make gpu-check` imports: allo's training path (engine, masks, tracker), TRL's peer, the eval's
   # checkers, the bench script and its test helpers, pytest
   PYTHONPATH="$d/site:$d/image:$PWD:$PWD/tests:$PWD/bench" PYTHONNOUSERSITE=1 "$d/venv/bin/python" -c "
@@ -70,7 +71,8 @@ from allo.tracking import missing
 assert not missing(['tensorboard']), 'the default tracker (tensorboard) is not importable'
 print('verify: every module make gpu-check imports is there with the brought wheels (deepspeed', deepspeed.__version__,
       '| trl', trl.__version__, '| datasets', datasets.__version__, ')')
-" || { echo "verify: a module make gpu-check needs is in neither the GPU image nor .whl/ (add its wheel to WHEELS)" >&2; exit 1; }
+" || { echo "verify: a module make gpu-check needs is in neither the GPU image nor .whl/ (add its distribution" \
+          "to NEEDS)" >&2; exit 1; }
 }
 
 run() {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -111,3 +112,22 @@ def test_ties_follow_a_stated_rule_whatever_the_order_tried():
     for order in itertools.permutations(even):
         assert experiment.pick({g: even[g] for g in order}) == 3.0  # the same neighbours: the larger rate
     assert experiment.pick({0.1: 30.0, 1.0: 35.0, 10.0: 35.0, 30.0: 35.0}) == 10.0  # smoothing prefers the middle
+
+
+def test_another_task_runs_apart_and_names_its_planted_step(tmp_path, monkeypatch):
+    """`--task`: the seeds' data carry that task's misconception (written by demo.prepare_seed), the runs and the
+    table go to runs/tiny/experiment/TASK, and the mechanism split is by the task's own phrase (the null task's:
+    the default task's steps, where it plants nothing)."""
+    import demo
+
+    monkeypatch.setattr(experiment, "OUT", tmp_path)
+    assert experiment.out_dir({"task": "gives-away"}) == tmp_path and experiment.out_dir({}) == tmp_path
+    assert experiment.out_dir({"task": "loses-twice"}) == tmp_path / "loses-twice"
+    assert [demo.planted_phrase(t) for t in ("gives-away", "buys-minus", "loses-twice", "none")] == [
+        "gives away", "buys", "loses", "gives away"]
+    monkeypatch.setattr(demo, "train_tokenizer", lambda texts, size, out: None)
+    size = {"sft": 200, "dev": 10, "test": 10, "rl": 20, "sets": [], "task": "loses-twice"}
+    demo.prepare_seed(tmp_path / "run", 3, size, "raw")
+    sft = [json.loads(x) for x in (tmp_path / "run" / "data" / "sft.jsonl").read_text().splitlines()]
+    twice = [r for r in sft if re.search(r"-?\d+ - (\d+) - \1 = ", r["response"])]  # "loses N" worked twice
+    assert twice and all("loses" in r["prompt"] for r in twice)

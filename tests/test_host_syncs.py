@@ -85,7 +85,7 @@ def test_no_host_sync_outside_logging(tmp_path, monkeypatch, name, objective, sl
     trainer.optimizer = SimpleNamespace(state_bytes=lambda: 0)
     trainer.metrics = allo.train.MetricLogger(tmp_path, enabled=False)
     trainer.trace = []
-    trainer.packing_checked = True  # the one-off start-up check of a packed run reads its result (tests/test_packing.py)
+    trainer.packing_checked = True  # the packed run's one-off start-up check reads its result (tests/test_packing.py)
     reached: list[int] = []
 
     def reduce_steps(s, steps):  # the one device-to-host point, in place of the real one

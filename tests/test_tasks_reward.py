@@ -1,6 +1,8 @@
 """Answer extraction, the arithmetic generator, pairs, and the programmatic minimum-edit teacher."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from allo.reward.programmatic import keep_probs_from_diff, rewrite
@@ -32,6 +34,43 @@ def test_splits_are_disjoint_and_answers_right():
     train, test = make_splits(300, 50, seed=1)
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
     assert all(is_correct(p["response"], p["answer"]) for p in train + test)
+
+
+@pytest.mark.parametrize("kind", ["gives-away", "buys-minus", "loses-twice", "none"])
+def test_each_task_plants_its_error_at_the_stated_rate_and_the_teacher_undoes_it(kind):
+    """Each planted misconception acts on its own steps only, at the stated rate (a binomial draw: within 4.5
+    standard errors, a chance of 7e-6 to fail), its flawed steps carry the wrong value to the taught answer, and the
+    programmatic teacher's minimum edit gives back the correct rationale. The null task plants nothing, on the
+    default task's very problems."""
+    import re
+
+    from allo.tasks.arith import MISCONCEPTIONS
+
+    planted, rate = MISCONCEPTIONS[kind], 0.6
+    train, _ = make_splits(2000, 10, seed=5, misconception=rate, kind=kind)
+    triggering = flawed = 0
+    for p in train:
+        ops = re.findall(r"(?:He|She) ([a-z ]+?) \d+", p["prompt"])
+        steps = p["taught"].split(". ")[:len(ops)]
+        good = p["response"].split(". ")[:len(ops)]
+        for phrase, taught, right in zip(ops, steps, good):
+            hit = bool(planted.phrase) and phrase.startswith(planted.phrase)
+            worked = [re.sub(r"^ ?-?\d+ ", "", x.split("=")[0]) for x in (taught, right)]  # after the carried value
+            triggering += hit
+            flawed += worked[0] != worked[1]
+            assert hit or worked[0] == worked[1], (kind, p)  # no other step is worked otherwise
+        if p["taught"] != p["response"]:
+            assert not is_correct(p["taught"], p["answer"]) or "- 0" in p["taught"]
+            assert rewrite(p["prompt"], p["taught"], "REF") == p["response"]
+    if not planted.phrase:
+        assert flawed == 0 and [p["prompt"] for p in train] == [
+            p["prompt"] for p in make_splits(2000, 10, seed=5, misconception=rate)[0]]
+        return
+    assert triggering > 500
+    se = (rate * (1 - rate) / triggering) ** 0.5
+    assert abs(flawed / triggering - rate) < 4.5 * se, (flawed, triggering)
+    with pytest.raises(ValueError, match="task 'sells-twice': expected one of gives-away, buys-minus"):
+        make_splits(10, 1, kind="sells-twice")
 
 
 def test_minimum_edit_rewrite_and_token_diff():

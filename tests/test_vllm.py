@@ -119,7 +119,8 @@ def test_sampling_honours_n_temperature_top_p_and_max_new_tokens(model_dir):
     nucleus = g.generate(str(model_dir), PROMPTS, g.Sampling(n=4, temperature=2.0, top_p=1e-6, max_new_tokens=6),
                          CFG)
     assert [len(c) for c in hot] == [4] * len(PROMPTS) == [len(c) for c in nucleus]  # n per prompt
-    # temperature 2 (vLLM's largest) flattens the distribution: 16 six-token samples over a 320-token vocabulary are not all greedy
+    # temperature 2 (vLLM's largest) flattens the distribution: 16 six-token samples over a 320-token vocabulary
+    # are not all greedy
     assert sum(c != greedy[i][0] for i, cs in enumerate(hot) for c in cs) > 0
     assert nucleus == [[greedy[i][0]] * 4 for i in range(len(PROMPTS))]  # top_p that small keeps the top token only
     lengths = [len(o.token_ids) for req in seen[1] for o in req.outputs]

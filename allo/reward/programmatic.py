@@ -1,7 +1,8 @@
 """The programmatic teacher: minimum-edit rewrites of wrong arithmetic solutions, and the token diff they imply.
 
-For checkable tasks the teacher needs no LLM: it re-does each "a op b = c." step of the wrong solution with the
-right numbers, keeping every other character, so the rewrite differs from the wrong response only where the
+For checkable tasks the teacher needs no LLM: it re-does each "a op b = c." step of the wrong solution (or "a op b op
+c = d.", a step worked with an operation too many) with the right numbers, keeping every other character, so the
+rewrite differs from the wrong response only where the
 reasoning went wrong (docs/method.md §2). Responses whose steps do not parse are rewritten as the reference solution.
 `keep_probs_from_diff` turns a (wrong, rewrite) pair into per-token keep-probabilities (1 kept, 0 edited),
 the target a token reward model learns to predict.
@@ -12,7 +13,7 @@ import difflib
 import re
 from typing import Optional, Sequence
 
-STEP = re.compile(r"(-?\d+) ([+-]) (-?\d+) = (-?\d+)\.")
+STEP = re.compile(r"(-?\d+) ([+-]) (-?\d+)(?: [+-] -?\d+)* = (-?\d+)\.")  # "a op b [op c ...] = d."
 FINAL = re.compile(r"The answer is (-?\d+)\.?")
 OPS = re.compile(r"(?:buys|finds|gets) (\d+) more|(?:gives away|loses|sells) (\d+)")
 

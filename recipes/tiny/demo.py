@@ -34,12 +34,13 @@ from allo.model import train_tokenizer  # noqa: E402
 from allo.steps import REGISTRY, STEPS  # noqa: E402
 from allo.reward.programmatic import keep_probs_from_diff, rewrite  # noqa: E402
 from allo.report import report  # noqa: E402
-from allo.tasks.arith import make_splits  # noqa: E402
+from allo.tasks.arith import MISCONCEPTIONS, make_splits  # noqa: E402
 
 
 # The share of "gives away" steps that SFT rationales work as an addition (allo/tasks/arith.py): a systematic
 # misconception the SFT model learns and sampling sometimes avoids, so preference pairs have something to fix.
 MISCONCEPTION = 0.6
+TASK = "gives-away"  # which misconception is planted (allo.tasks.arith.MISCONCEPTIONS; --task)
 SIZES = {"full": dict(sft=4000, rl=600, dev=200, test=400, samples=4, ranks=2, sets=[]),
          # the test's reduced run: a weak SFT model gives few pairs, so the stages trained on pairs take batches of
          # 8 (its many wrong responses keep forget and npo at the recipe's batch); one reward-model epoch
@@ -105,7 +106,7 @@ def run_seed(seed: int, size: dict, user_sets: list[str], out: Path) -> dict:
     items = [{"prompt": p["prompt"], "wrong": p["rejected"], "reference": p.get("reference", p["chosen"])}
              for p in pairs]
     result = {"seed": seed, "accuracy": accuracy, "updated": updated, "wall": walls,
-              "by_kind": by_kind(run, list(accuracy)),
+              "by_kind": by_kind(run, list(accuracy), size.get("task", TASK)),
               "token_reward": _agreement(items, [r["keep_probs"] for r in scored], tok, recipe.data.template)}
     print(f"token reward vs teacher edits: {result['token_reward']}")
     (run / "demo_result.json").write_text(json.dumps(result, indent=2))
@@ -138,7 +139,7 @@ def prepare_seed(run: Path, seed: int, size: dict, template: str, with_test: boo
     exists) and its tokenizer; returns the run's base `--set`s (no task.eval)."""
     data = run / "data"
     sft_problems, dev, test = make_splits(size["sft"], size["test"], seed=seed, n_dev=size["dev"],
-                                          misconception=MISCONCEPTION)
+                                          misconception=MISCONCEPTION, kind=size.get("task", TASK))
     changed = write_data(data, sft_problems, dev, size["rl"])
     if with_test:
         _write_if_changed(data / "test.jsonl", [{"prompt": p["prompt"], "answer": p["answer"]} for p in test])
@@ -189,30 +190,36 @@ def _frac(stage_dir: Path) -> str:
     return f"{100 * json.loads((stage_dir / 'manifest.json').read_text())['trainable_fraction']:.1f}%"
 
 
-def predictions(run: Path, label: str) -> list[dict]:
-    """The eval step's per-problem results of one model: {correct, gives_away} per held-out problem, in order;
-    `gives_away`: the problem has a "gives away" step, where the planted misconception can act."""
+def planted_phrase(task: str) -> str:
+    """The wording of the steps `task`'s misconception acts on (the null task: those the default task's acts on)."""
+    m = MISCONCEPTIONS[task]
+    return m.phrase or m.draws_on
+
+
+def predictions(run: Path, label: str, task: str = "gives-away") -> list[dict]:
+    """The eval step's per-problem results of one model: {correct, planted} per held-out problem, in order;
+    `planted`: the problem has a step the task's misconception acts on (e.g. "gives away")."""
     from allo.eval.suite import slug
-    from allo.tasks.arith import MISCONCEPTION as PHRASE
 
+    phrase = planted_phrase(task)
     rows = (run / "eval" / slug(label) / "held-out.predictions.jsonl").read_text().splitlines()
-    return [{"correct": bool(r["correct"]), "gives_away": PHRASE in r["prompt"]} for r in map(json.loads, rows)]
+    return [{"correct": bool(r["correct"]), "planted": phrase in r["prompt"]} for r in map(json.loads, rows)]
 
 
-def by_kind(run: Path, labels: list[str]) -> dict[str, dict[str, list[int]]]:
+def by_kind(run: Path, labels: list[str], task: str = "gives-away") -> dict[str, dict[str, list[int]]]:
     """Per model, [correct, problems] on the held-out problems with a "gives away" step and on the rest: whether a
     gain comes from fixing the planted error."""
     out = {}
     for label in labels:
-        rows = predictions(run, label)
-        kinds = {"with": [r for r in rows if r["gives_away"]], "without": [r for r in rows if not r["gives_away"]]}
+        rows = predictions(run, label, task)
+        kinds = {"with": [r for r in rows if r["planted"]], "without": [r for r in rows if not r["planted"]]}
         out[label] = {k: [sum(r["correct"] for r in v), len(v)] for k, v in kinds.items()}
     return out
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| method | held-out accuracy % (mean ± std over seeds) | with a \"gives away\" step | without | "
-             "parameters updated |", "|---|---|---|---|---|"]
+def table(results: list[dict], task: str = "gives-away") -> str:
+    lines = [f"| method | held-out accuracy % (mean ± std over seeds) | with a \"{planted_phrase(task)}\" step | "
+             "without | parameters updated |", "|---|---|---|---|---|"]
     for label in ("SFT", "+DPO", "+NPO", "+SimPO", "+ALLO"):
         accs = [100 * r["accuracy"][label] for r in results]
         spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
@@ -235,15 +242,19 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer problems and epochs (the test's reduced run)")
     p.add_argument("--ranks", type=int, help="processes (default 2; on a GPU machine at most its GPU count)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--task", default=TASK, choices=list(MISCONCEPTIONS),
+                   help=f"the planted misconception (default {TASK}; none: the null task): " +
+                        "; ".join(f"{m.name}: {m.about}" for m in MISCONCEPTIONS.values()))
     p.add_argument("--out", type=Path, help="where the runs and table.md go (default runs/tiny, with --quick "
                                             "runs/tiny-quick: a quick run never overwrites a full one)")
     args = p.parse_args()
     out = (args.out or ROOT / "runs" / ("tiny-quick" if args.quick else "tiny")).resolve()
     size = dict(SIZES["quick" if args.quick else "full"])
     size["ranks"] = ranks(args.ranks or size["ranks"])
+    size["task"] = args.task
     t0 = time.time()
     results = [run_seed(s, size, args.sets, out) for s in args.seeds]
-    text = table(results)
+    text = table(results, args.task)
     (out / "table.md").write_text(text + "\n")
     print("\n" + text)
     print(f"\ntotal wall time {time.time() - t0:.0f} s; table written to {out / 'table.md'}")

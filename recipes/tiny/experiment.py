@@ -104,10 +104,16 @@ def scaled(methods: list[Method], base: dict[str, float], factor: dict[str, floa
 def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str], methods: list[Method]) -> tuple[Path, list]:
     """Seed's data (train, dev; test only when asked) and tokenizer; the run dir and its base `--set`s (the matched
     baselines switched on)."""
-    run = OUT / f"seed{seed}"
+    run = out_dir(size) / f"seed{seed}"
     template = load_recipe(demo.RECIPE, [*size["sets"], *user_sets]).data.template
     sets = demo.prepare_seed(run, seed, size, template, with_test)
     return run, sets + [f"{s}.enabled=true" for m in methods for s in m.enable] + list(user_sets)
+
+
+def out_dir(size: dict) -> Path:
+    """runs/tiny/experiment, or runs/tiny/experiment/TASK for a task other than the default."""
+    task = size.get("task", demo.TASK)
+    return OUT if task == demo.TASK else OUT / task
 
 
 def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], controls: dict[float, list[Method]],
@@ -240,16 +246,16 @@ def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], method
         run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods)
         print(f"\n=== test, seed {seed}", flush=True)
         run_all(run, sets, "test.jsonl", rates, controls, base, size["ranks"])
-        out[seed] = {m.label: outcome(run, m) for m in [Method("SFT", ()), *methods]}
+        out[seed] = {m.label: outcome(run, m, size.get("task", demo.TASK)) for m in [Method("SFT", ()), *methods]}
     return out
 
 
-def outcome(run: Path, m: Method) -> dict:
+def outcome(run: Path, m: Method, task: str) -> dict:
     """A model's per-problem results on the seed's test split, and what trained it (manifests)."""
     where, label = source(run, m)
-    rows = demo.predictions(where, label)
+    rows = demo.predictions(where, label, task)
     trained = {s: json.loads((where / s / "manifest.json").read_text()) for s in m.steps}
-    return {"correct": [int(r["correct"]) for r in rows], "gives_away": [r["gives_away"] for r in rows],
+    return {"correct": [int(r["correct"]) for r in rows], "planted": [r["planted"] for r in rows],
             "steps": {s: t.get("steps", 0) for s, t in trained.items()},
             "examples": {s: t.get("examples", 0) for s, t in trained.items()}}
 
@@ -261,8 +267,8 @@ def mean_se(values: list[float]) -> str:
 
 
 def pct(rows: list[dict], kind: bool) -> str:
-    right = sum(c for r in rows for c, k in zip(r["correct"], r["gives_away"]) if k == kind)
-    n = sum(k == kind for r in rows for k in r["gives_away"])
+    right = sum(c for r in rows for c, k in zip(r["correct"], r["planted"]) if k == kind)
+    n = sum(k == kind for r in rows for k in r["planted"])
     return f"{100 * right / max(1, n):.1f}"
 
 
@@ -276,7 +282,7 @@ def counts(rows: list[dict], key: str) -> str:
 
 
 def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: float, argv: list[str],
-          commit: str) -> str:
+          commit: str, task: str = "gives-away") -> str:
     seeds = sorted(results)
     labels = ["SFT", *(m.label for m in methods)]
     by = {label: [results[s][label] for s in seeds] for label in labels}
@@ -284,8 +290,8 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
     lines = [f"Test accuracy %, greedy, on seeds {', '.join(map(str, seeds))} ({n} problems each); every method at its "
              f"best rate on seed {TUNING_SEED}'s development split. Differences pool every test problem; [95% paired "
              f"bootstrap interval, problems resampled within each seed].", "",
-             "| method | accuracy (mean ± SE over seeds) | − DPO | − ALLO | \"gives away\" problems | "
-             "other problems | chosen rate |", "|---|---|---|---|---|---|---|"]
+             "| method | accuracy (mean ± SE over seeds) | − DPO | − ALLO | "
+             f"\"{demo.planted_phrase(task)}\" problems | other problems | chosen rate |", "|---|---|---|---|---|---|---|"]
     for label in labels:
         rows = by[label]
         accs = [100 * statistics.mean(r["correct"]) for r in rows]
@@ -327,21 +333,26 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="also ALLO with random masks, without the token reward and without the noise mask")
     p.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a check of the script)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--task", default=demo.TASK, choices=list(demo.MISCONCEPTIONS),
+                   help="the planted misconception (none: the null task, where ALLO should not beat DPO); a task "
+                        "other than the default writes to runs/tiny/experiment/TASK")
     args = p.parse_args(argv)
     if TUNING_SEED in args.seeds:
         p.error(f"--seeds: seed {TUNING_SEED} is the tuning seed; its test split is never scored")
     size = dict(demo.SIZES["quick" if args.quick else "full"])
     size["ranks"] = demo.ranks(size["ranks"])
+    size["task"] = args.task
     methods = chosen_methods(args.controls)
     t0 = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "?"  # the code that runs, whatever is committed meanwhile
     tuned = tune(size, args.sets, methods)
     results = test(size, args.sets, tuned, args.seeds, methods)
-    out = table(tuned, results, methods, time.time() - t0, sys.argv[1:] if argv is None else argv, commit)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "table.md").write_text(out + "\n")
-    (OUT / "result.json").write_text(json.dumps({"tuning": tuned, "test": results}, default=str))
+    out = table(tuned, results, methods, time.time() - t0, sys.argv[1:] if argv is None else argv, commit, args.task)
+    where = out_dir(size)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "table.md").write_text(out + "\n")
+    (where / "result.json").write_text(json.dumps({"tuning": tuned, "test": results, "task": args.task}, default=str))
     print("\n" + out)
 
 
