@@ -92,6 +92,12 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     text = (tmp_path / "table.md").read_text()
     assert "| +ALLO | 80.0 ± 0.0 | +30.0 [" in text, text  # 8 vs 5 right of 10, on both seeds
     assert "| +DPO-steps | dpo-steps 4 | dpo-steps 128 |" in text
+    primary = re.search(r"Primary contrast, ALLO − (\S+) \(the best baseline on seed 0's development split, ([\d.]+)%\)",
+                        text)
+    dev = {m: next(v for g, v in d.items() if float(g) == best[m])  # JSON keys: the factors as text
+           for m, d in result["tuning"]["dev"].items() if m.startswith("+") and m != "+ALLO"}
+    assert primary and 100 * dev[primary.group(1)] == pytest.approx(max(dev.values()) * 100, abs=0.05), text
+    assert "| ALLO − | difference [95%] | p | Holm p |" in text and "| ALLO without locate | +" in text
     assert "| +ALLO | warmup 4 + reward-train 4 + forget 4 + improve 4 = 16 |" in text
 
 

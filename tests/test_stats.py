@@ -47,3 +47,36 @@ def test_wins_and_losses_are_counted_per_problem():
 def test_unpaired_inputs_are_refused(a, b, says):
     with pytest.raises(ValueError, match=says):
         paired_bootstrap(a, b)
+
+
+def test_hierarchical_bootstrap_by_hand():
+    """Two seeds, one replicate, one problem each: seed A's difference is 1, seed B's 0. Seeds drawn with
+    replacement give AA (¼: 100 points), AB or BA (½: 50), BB (¼: 0), so the 95% interval is [0, 100] and the
+    two-sided p-value 2 × ¼ = 0.5; resampling problems within seeds alone sees no spread at all."""
+    from allo.eval.stats import hierarchical_bootstrap
+
+    a, b = [[[1]], [[0]]], [[[0]], [[0]]]
+    h = hierarchical_bootstrap(a, b, resamples=20000)
+    assert (h.diff, h.low, h.high) == (50.0, 0.0, 100.0)
+    assert abs(h.p - 0.5) < 0.02  # 20000 draws: the tail's SE is 0.003
+    flat = paired_bootstrap([[1], [0]], [[0], [0]])
+    assert (flat.low, flat.high) == (50.0, 50.0)
+
+
+def test_hierarchical_bootstrap_draws_a_replicate_per_seed():
+    """One seed, two replicates that disagree (difference 1 and 0): half the draws take each, so the interval spans
+    both, and the point estimate averages the replicates."""
+    from allo.eval.stats import hierarchical_bootstrap
+
+    h = hierarchical_bootstrap([[[1, 1], [0, 0]]], [[[0, 0], [0, 0]]], resamples=4000)
+    assert (h.diff, h.low, h.high) == (50.0, 0.0, 100.0)
+    with pytest.raises(ValueError, match="seed 0: replicates and problems must pair"):
+        hierarchical_bootstrap([[[1, 1]]], [[[0]]])
+
+
+def test_holm_by_hand():
+    from allo.eval.stats import holm
+
+    # sorted 0.01, 0.03, 0.04 -> ×3, ×2, ×1 = 0.03, 0.06, 0.04 -> kept non-decreasing: 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([]) == []

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import demo  # noqa: E402
 
 from allo.config import load_recipe  # noqa: E402
-from allo.eval.stats import paired_bootstrap  # noqa: E402
+from allo.eval.stats import Paired, hierarchical_bootstrap, holm, paired_bootstrap  # noqa: E402
 
 OUT = ROOT / "runs" / "tiny" / "experiment"
 TUNING_SEED = 0
@@ -302,6 +302,7 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
         rate = "–" if label == "SFT" else rate_text(tuned, next(m for m in methods if m.label == label))
         lines.append(f"| {label} | {mean_se(accs)} | {vs[0]} | {vs[1]} | {pct(rows, True)} | {pct(rows, False)} | "
                      f"{rate} |")
+    lines += ["", *contrasts(tuned, by, methods)]
     lines += ["", "What trained each method (optimizer steps and training examples per step, mean over seeds; every "
                   "method starts from the same SFT model):", "", "| method | optimizer steps | training examples |",
               "|---|---|---|"]
@@ -317,6 +318,29 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
     lines += ["", f"{time.strftime('%Y-%m-%d')}, commit {commit}, wall time {wall / 60:.0f} min on "
                   f"{demo.device()} (`python recipes/tiny/experiment.py {' '.join(argv)}`)".replace(" `)", "`)")]
     return "\n".join(lines)
+
+
+def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> list[str]:
+    """One primary contrast, ALLO against the best baseline (the baseline with the highest development accuracy at
+    its chosen rate: chosen without the test split), and the rest of ALLO's contrasts as secondary, Holm-adjusted.
+    Intervals and p-values from the hierarchical bootstrap (seeds, then problems within a seed), which counts each
+    seed's training as a draw, not a fixed model; one training replicate per seed here."""
+    baselines = [m.label for m in methods if not m.variant and m.label != "+ALLO"]
+    if "+ALLO" not in by or not baselines:
+        return []
+    dev = {label: tuned["dev"][label][tuned["best_factor"][label]] for label in baselines}
+    best = max(baselines, key=lambda label: (dev[label], label))
+    test = {label: hierarchical_bootstrap([[r["correct"]] for r in by["+ALLO"]], [[r["correct"]] for r in by[label]])
+            for label in [*baselines, *(m.label for m in methods if m.variant)]}
+    others = [label for label in test if label != best]
+    adjusted = dict(zip(others, holm([test[label].p for label in others])))
+    lines = [f"Primary contrast, ALLO − {best} (the best baseline on seed {TUNING_SEED}'s development split, "
+             f"{100 * dev[best]:.1f}%): {test[best]} (hierarchical bootstrap: seeds, then problems; one training "
+             "replicate per seed).", "", "Secondary contrasts (Holm-adjusted over these):", "",
+             "| ALLO − | difference [95%] | p | Holm p |", "|---|---|---|---|"]
+    lines += [f"| {label} | {Paired.__str__(test[label])} | {test[label].p:.3g} | {adjusted[label]:.3g} |"
+              for label in others]
+    return lines
 
 
 def rate_text(tuned: dict, m: Method) -> str:
