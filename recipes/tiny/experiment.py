@@ -20,11 +20,17 @@ Methods, each trained from the seed's SFT model:
    after NPO, with NPO at its chosen rate. Ties are broken by `pick`'s stated rule.
 2. Test once per seed (default seeds 1..8): every method at its chosen rates; each model is evaluated once on the
    seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
-   the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); accuracy on
-   the problems with a "gives away" step and on the rest; optimizer steps and training examples per method.
+   the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); one primary
+   contrast, ALLO against the baseline best on the development split, and ALLO's other contrasts as secondary
+   (Holm-adjusted), from a hierarchical bootstrap (seeds, then problems); accuracy on the problems with a step the
+   planted misconception acts on ("gives away") and on the rest; optimizer steps and training examples per method.
    Writes runs/tiny/experiment/table.md (with the date, commit and wall time) and result.json.
 
-Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick] [--set KEY=VALUE ...]
+--task picks the planted misconception (allo/tasks/arith.py: gives-away, the default; buys-minus, the other
+operation; loses-twice, an error several tokens long; none, the null task, where ALLO should not beat DPO); a task
+other than the default runs in runs/tiny/experiment/TASK.
+
+Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick] [--task T] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
