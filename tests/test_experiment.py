@@ -58,7 +58,8 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
                 write_model(where, row, acc, TEST_ACC[label])
                 for step in experiment.ALLO_STEPS + ("dpo", "npo", "simpo", "dpo-steps", "npo-dpo", "dpo-rewrites"):
                     (where / step).mkdir(parents=True, exist_ok=True)
-                    (where / step / "manifest.json").write_text(json.dumps({"steps": 4, "examples": 128}))
+                    (where / step / "manifest.json").write_text(json.dumps(
+                        {"steps": 4, "examples": 128, "passes": {"forward": 10, "backward": 8}}))
             (where / "eval").mkdir(parents=True, exist_ok=True)
             results = where / "eval" / "results.json"
             old = json.loads(results.read_text())["accuracy"] if results.exists() and not variants else {}
@@ -91,7 +92,8 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     assert ablate_test["factor"]["forget"] == pytest.approx(0.1, rel=1e-3), "a control at its own chosen rate"
     text = (tmp_path / "table.md").read_text()
     assert "| +ALLO | 80.0 ± 0.0 | +30.0 [" in text, text  # 8 vs 5 right of 10, on both seeds
-    assert "| +DPO-steps | dpo-steps 4 | dpo-steps 128 |" in text
+    assert "| +DPO-steps | dpo-steps 4 | dpo-steps 128 | dpo-steps 18 |" in text
+    assert "| warmup 18 + reward-train 18 + forget 18 + improve 18 = 72 |" in text  # ALLO's compute, all of it
     primary = re.search(r"Primary contrast, ALLO − (\S+) \(the best baseline on seed 0's development split, ([\d.]+)%\)",
                         text)
     dev = {m: next(v for g, v in d.items() if float(g) == best[m])  # JSON keys: the factors as text
@@ -137,3 +139,14 @@ def test_another_task_runs_apart_and_names_its_planted_step(tmp_path, monkeypatc
     sft = [json.loads(x) for x in (tmp_path / "run" / "data" / "sft.jsonl").read_text().splitlines()]
     twice = [r for r in sft if re.search(r"-?\d+ - (\d+) - \1 = ", r["response"])]  # "loses N" worked twice
     assert twice and all("loses" in r["prompt"] for r in twice)
+
+
+def test_sequence_passes_count_the_compute_of_a_stage():
+    """3 steps of 4 DPO pairs (chosen and rejected: 2 sequences each) forward and backward, and the reference
+    log-probs of all 10 pairs once, forward only; NPO (one sequence, its own reference too) and SFT (no reference)."""
+    from allo.stages.runner import sequence_passes
+
+    pair, one = {"responses": [[1], [2]]}, {"responses": [[1]]}
+    assert sequence_passes(3, 4, [pair] * 10, True) == {"forward": 3 * 4 * 2 + 10 * 2, "backward": 3 * 4 * 2}
+    assert sequence_passes(3, 4, [one] * 10, True) == {"forward": 12 + 10, "backward": 12}
+    assert sequence_passes(3, 4, [one] * 10, False) == {"forward": 12, "backward": 12}

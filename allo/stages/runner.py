@@ -117,8 +117,19 @@ def run_stage(recipe: Recipe, stage: str, *, data: Optional[str] = None, init: O
     strategy.release()  # `allo run` loads and trains more models in this process after this stage
     return {"stage": stage, "init": init_path, "data": data, "mask": mask, "model": str(exported),
             "steps": trainer.pos.step, "examples": len(examples), "world": strategy.world,
+            "passes": sequence_passes(trainer.pos.step, train_cfg.global_batch_size, examples, needs_ref),
             "zero_stage": strategy.zero_stage, "trainable_fraction": trainer.trainable_fraction,
             "wall_s": round(time.time() - started, 2)}
+
+
+def sequence_passes(steps: int, global_batch: int, examples: list[dict], needs_reference: bool) -> dict[str, int]:
+    """The compute a stage spent, in sequences through the model: each optimizer step's global batch of examples,
+    every response of each (DPO: chosen and rejected) forward and backward, plus one forward per sequence of the
+    data for the reference log-probs where the objective needs them. Recomputed forwards under gradient
+    checkpointing are not counted (they do not depend on the method)."""
+    slots = len(examples[0].get("responses", (None,))) if examples else 1
+    trained = steps * global_batch * slots
+    return {"forward": trained + (len(examples) * slots if needs_reference else 0), "backward": trained}
 
 
 def agree_on_checkpointing(comm, checkpointing: bool, why: str) -> tuple[bool, str]:

@@ -263,7 +263,8 @@ def outcome(run: Path, m: Method, task: str) -> dict:
     trained = {s: json.loads((where / s / "manifest.json").read_text()) for s in m.steps}
     return {"correct": [int(r["correct"]) for r in rows], "planted": [r["planted"] for r in rows],
             "steps": {s: t.get("steps", 0) for s, t in trained.items()},
-            "examples": {s: t.get("examples", 0) for s, t in trained.items()}}
+            "examples": {s: t.get("examples", 0) for s, t in trained.items()},
+            "passes": {s: sum(t.get("passes", {}).values()) for s, t in trained.items()}}
 
 
 def mean_se(values: list[float]) -> str:
@@ -309,10 +310,12 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
         lines.append(f"| {label} | {mean_se(accs)} | {vs[0]} | {vs[1]} | {pct(rows, True)} | {pct(rows, False)} | "
                      f"{rate} |")
     lines += ["", *contrasts(tuned, by, methods)]
-    lines += ["", "What trained each method (optimizer steps and training examples per step, mean over seeds; every "
-                  "method starts from the same SFT model):", "", "| method | optimizer steps | training examples |",
-              "|---|---|---|"]
-    lines += [f"| {m.label} | {counts(by[m.label], 'steps')} | {counts(by[m.label], 'examples')} |" for m in methods]
+    lines += ["", "What trained each method (per training step, mean over seeds; every method starts from the same SFT "
+                  "model): optimizer steps, distinct training examples, and compute as sequences through the model "
+                  "(forward and backward passes, reference log-probs included):", "",
+              "| method | optimizer steps | training examples | sequence passes |", "|---|---|---|---|"]
+    lines += [f"| {m.label} | {counts(by[m.label], 'steps')} | {counts(by[m.label], 'examples')} | "
+              f"{counts(by[m.label], 'passes') if 'passes' in by[m.label][0] else '–'} |" for m in methods]
     tried = sorted({g for scores in tuned["dev"].values() for g in scores})
     lines += ["", f"Development accuracy % on seed {TUNING_SEED} at each factor of the recipe's rates (the grid "
                   f"×{', ×'.join(f'{g:.3g}' for g in GRID)} for every method; further points where a best was at "
