@@ -165,6 +165,13 @@ class MatchedConfig:
 
 
 @dataclass
+class DPONLLConfig(MatchedConfig):
+    """The DPO+NLL matched baseline: the dpo section's objective with its own NLL weight."""
+    nll_weight: float = knob(1.0, "Weight of the chosen responses' length-normalised NLL added to the DPO loss "
+                                  "(Pang et al. 2024 use 1).", ge=0)
+
+
+@dataclass
 class SimPOConfig:
     beta: float = knob(2.0, "SimPO reward scale β on average log-probs (the SimPO paper's 2.0–2.5, not DPO's 0.1).",
                        gt=0)
@@ -368,6 +375,10 @@ class Recipe:
     dpo_steps: MatchedConfig = knob(factory=MatchedConfig)  # the matched baselines (allo.steps._matched)
     npo_dpo: MatchedConfig = knob(factory=MatchedConfig)
     dpo_rewrites: MatchedConfig = knob(factory=MatchedConfig)
+    dpo_pairs_rewrites: MatchedConfig = knob(factory=MatchedConfig)
+    dpo_nll: DPONLLConfig = knob(factory=DPONLLConfig)
+    rft: MatchedConfig = knob(factory=MatchedConfig)
+    rft_dpo: MatchedConfig = knob(factory=MatchedConfig)
     npo: NPOConfig = knob(factory=NPOConfig)
     simpo: SimPOConfig = knob(factory=SimPOConfig)
     locate: LocateConfig = knob(factory=LocateConfig)

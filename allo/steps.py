@@ -158,7 +158,8 @@ def _declare() -> list[Step]:
 
 def _matched() -> list[Step]:
     """The matched baselines of `make experiment`, each skipped unless its section is enabled: the DPO objective
-    with ALLO's optimizer steps, after NPO, or on the teacher's rewrites."""
+    with ALLO's optimizer steps, after NPO, on the teacher's rewrites (alone, or with the sampled pairs for ALLO's
+    steps), with an NLL term; SFT on the gold references (alone and followed by DPO)."""
     def off(section: str) -> Callable[[Recipe], Optional[str]]:
         return lambda r: None if getattr(r, section).enabled else f"{section}.enabled is false (a matched baseline)"
 
@@ -179,6 +180,39 @@ def _matched() -> list[Step]:
              inputs=(SFT_MODEL, "reward-data/pairs.jsonl"), outputs=("model",),
              config=TRAIN_KEYS + ("dpo", "dpo_rewrites"), label="+DPO-rewrites", skip=off("dpo_rewrites"),
              train=Training("dpo", "dpo_rewrites", data="reward-data/pairs.jsonl", init=SFT_MODEL)),
+        Step("pairs-rewrites", "The sampled pairs and the teacher's rewrite pairs in one file (the data of "
+                               "dpo-pairs-rewrites).",
+             inputs=("pairs/pairs.jsonl", "reward-data/pairs.jsonl"), outputs=("pairs.jsonl",),
+             run="allo.stages.matched:pairs_rewrites_step", skip=off("dpo_pairs_rewrites")),
+        Step("dpo-pairs-rewrites", "Matched baseline: DPO from the SFT model on the sampled pairs plus the teacher's "
+                                   "rewrite pairs, for as many optimizer steps as forget and improve together (ALLO's "
+                                   "data and signal, without locating or token weights).",
+             inputs=(SFT_MODEL, "pairs-rewrites/pairs.jsonl", "forget/model", "improve/model"), outputs=("model",),
+             config=TRAIN_KEYS + ("dpo", "dpo_pairs_rewrites"), label="+DPO-pairs-rewrites",
+             skip=off("dpo_pairs_rewrites"),
+             train=Training("dpo", "dpo_pairs_rewrites", data="pairs-rewrites/pairs.jsonl", init=SFT_MODEL,
+                            steps_of=("forget", "improve"))),
+        Step("dpo-nll", "Matched baseline: DPO+NLL from the SFT model on the pairs (the dpo section's objective with "
+                        "dpo_nll.nll_weight × the chosen responses' NLL added).",
+             inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo", "dpo_nll"),
+             label="+DPO-NLL", skip=off("dpo_nll"),
+             train=Training("dpo", "dpo_nll", data="pairs/pairs.jsonl", init=SFT_MODEL,
+                            recipe="allo.stages.matched:dpo_nll_recipe")),
+        Step("rft-data", "The gold reference solutions of the sampled problems as SFT records (the data of rft).",
+             inputs=("sample/samples.jsonl",), outputs=("sft.jsonl",), config=("data.limit",),
+             run="allo.stages.matched:rft_data_step",
+             skip=lambda r: None if r.rft.enabled or r.rft_dpo.enabled else "rft.enabled and rft_dpo.enabled are "
+                                                                              "false (matched baselines)"),
+        Step("rft", "Matched baseline: SFT from the SFT model on the sampled problems' gold references (fine-tuning "
+                    "on the solutions the reward model and teacher see).",
+             inputs=(SFT_MODEL, "rft-data/sft.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("rft",), label="+RFT",
+             skip=lambda r: None if r.rft.enabled or r.rft_dpo.enabled else "rft.enabled and rft_dpo.enabled are "
+                                                                              "false (matched baselines)",
+             train=Training("sft", "rft", data="rft-data/sft.jsonl", init=SFT_MODEL)),
+        Step("rft-dpo", "Matched baseline: DPO on the pairs from the RFT model (gold-reference SFT, then DPO).",
+             inputs=("rft/model", "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo", "rft_dpo"),
+             label="+RFT-DPO", skip=off("rft_dpo"),
+             train=Training("dpo", "rft_dpo", data="pairs/pairs.jsonl", init="rft/model")),
     ]
 
 

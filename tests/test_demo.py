@@ -169,3 +169,28 @@ def test_matched_baselines_over_the_run(quick_run):
     assert manifest("dpo-steps")["steps"] == last("forget") + last("improve"), "the run's own is untouched"
     assert json.loads((variant / "dpo-steps" / "manifest.json").read_text())["skipped"].startswith("dpo_steps.enabled")
     assert (variant / "npo-dpo").resolve() == (run / "npo-dpo").resolve()
+
+
+def test_baselines_with_allo_information(quick_run):
+    """The baselines given what ALLO is given: DPO on the sampled pairs plus the rewrite pairs for forget + improve's
+    steps; DPO+NLL (its NLL in the metrics, at dpo_nll's weight); SFT on the sampled problems' gold references (RFT),
+    and DPO from it. Each manifest counts its compute."""
+    run, _ = quick_run
+    on = [x for s in ("dpo_pairs_rewrites", "dpo_nll", "rft", "rft_dpo") for x in ("--set", f"{s}.enabled=true")]
+    torchrun(["run", str(run / "recipe.yaml"), *on, "--set", "dpo_nll.nll_weight=0.5", "--only",
+              "pairs-rewrites,dpo-pairs-rewrites,dpo-nll,rft-data,rft,rft-dpo"])
+    manifest = lambda stage: json.loads((run / stage / "manifest.json").read_text())  # noqa: E731
+    lines = lambda path: (run / path).read_text().splitlines()  # noqa: E731
+    assert len(lines("pairs-rewrites/pairs.jsonl")) == len(lines("pairs/pairs.jsonl")) + len(
+        lines("reward-data/pairs.jsonl"))
+    assert manifest("dpo-pairs-rewrites")["steps"] == manifest("forget")["steps"] + manifest("improve")["steps"]
+    nll = [json.loads(x) for x in lines("dpo-nll/metrics.jsonl")]
+    assert all("nll/chosen" in r for r in nll) and "nll_weight: 0.5" in (run / "dpo-nll" / "config.yaml").read_text()
+    problems = {json.loads(x)["prompt"]: json.loads(x)["reference"] for x in lines("data/problems.jsonl")}
+    sampled = {json.loads(x)["prompt"] for x in lines("sample/samples.jsonl")}
+    rft = [json.loads(x) for x in lines("rft-data/sft.jsonl")]
+    assert len(rft) == len(sampled) and all(r["response"] == problems[r["prompt"]] for r in rft)
+    assert manifest("rft")["examples"] == len(rft) and manifest("rft-dpo")["init"] == str(run / "rft" / "model")
+    for step in ("dpo-pairs-rewrites", "dpo-nll", "rft", "rft-dpo"):
+        passes = manifest(step)["passes"]
+        assert passes["backward"] > 0 and passes["forward"] >= passes["backward"], step

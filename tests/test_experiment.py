@@ -24,7 +24,8 @@ DEV = {"+DPO": lambda f: -abs(math.log(f["dpo"] / 100)), "+ALLO": lambda f: 1 / 
        "ALLO without locate": lambda f: -abs(math.log(f["improve"] * 10)),
        "+NPO-DPO": lambda f: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1)}
 TEST_ACC = {"SFT": 3, "+DPO": 5, "+NPO": 4, "+SimPO": 4, "+ALLO": 8, "+DPO-steps": 6, "+NPO-DPO": 5,
-            "+DPO-rewrites": 6, "ALLO without locate": 6}  # right answers of 10 test problems
+            "+DPO-rewrites": 6, "+DPO-pairs-rewrites": 6, "+DPO-NLL": 5, "+RFT": 4, "+RFT-DPO": 6,
+            "ALLO without locate": 6}  # right answers of 10 test problems
 
 
 def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
@@ -56,7 +57,8 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
             if split == "test":
                 acc = TEST_ACC[label] / 10
                 write_model(where, row, acc, TEST_ACC[label])
-                for step in experiment.ALLO_STEPS + ("dpo", "npo", "simpo", "dpo-steps", "npo-dpo", "dpo-rewrites"):
+                for step in experiment.ALLO_STEPS + ("dpo", "npo", "simpo", "dpo-steps", "npo-dpo", "dpo-rewrites",
+                                                     "dpo-pairs-rewrites", "dpo-nll", "rft", "rft-dpo"):
                     (where / step).mkdir(parents=True, exist_ok=True)
                     (where / step / "manifest.json").write_text(json.dumps(
                         {"steps": 4, "examples": 128, "passes": {"forward": 10, "backward": 8}}))
@@ -76,8 +78,11 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     assert evaluated == {(1, "run"): 1, (1, "ablate"): 1, (2, "run"): 1, (2, "ablate"): 1}, "one test eval a model"
     after = [c for c in [c for c in tuning if c["command"] == "run"][len(experiment.GRID):]
              if c["factor"]["npo"] == pytest.approx(1.0)]  # past the shared grid, with NPO at its chosen ×1
-    assert [c["factor"]["npo"] for c in after] == pytest.approx([1.0] * len(experiment.GRID)), "NPO at its best"
-    assert [c["factor"]["npo_dpo"] for c in after] == pytest.approx(experiment.GRID, rel=1e-3), "NPO-DPO's own grid"
+    n = len(experiment.GRID)
+    assert len(after) == 2 * n  # NPO-DPO's grid after NPO's, then RFT-DPO's after RFT's
+    assert [c["factor"]["npo_dpo"] for c in after[:n]] == pytest.approx(experiment.GRID, rel=1e-3), "NPO-DPO's grid"
+    assert [c["factor"]["rft_dpo"] for c in after[n:]] == pytest.approx(experiment.GRID, rel=1e-3), "RFT-DPO's grid"
+    assert all(c["factor"]["rft"] == pytest.approx(1.0) for c in after[n:]), "RFT at its best"
     result = json.loads((tmp_path / "result.json").read_text())
     tried = lambda method: sorted(round(float(g), 4) for g in result["tuning"]["dev"][method])  # noqa: E731
     assert tried("+DPO")[-2:] == [100.0, 300.0], "past the grid's top edge until the best is inside"

@@ -9,6 +9,10 @@ Methods, each trained from the seed's SFT model:
 - DPO-steps: DPO for as many optimizer steps as ALLO's forget and improve together;
 - NPO-DPO: NPO (at its own chosen rate), then DPO, every parameter, on ALLO's wrong responses and pairs;
 - DPO-rewrites: DPO whose chosen responses are the teacher's rewrites of the wrong ones (the teacher's signal);
+- DPO-pairs-rewrites: DPO on the sampled pairs plus the rewrite pairs, for ALLO's forget + improve steps;
+- DPO-NLL: DPO with the chosen responses' NLL added (weight 1);
+- RFT and RFT-DPO: SFT on the sampled problems' gold references (the information the teacher and reward model
+  use), alone and followed by DPO at its own rate (tuned after RFT, as NPO-DPO after NPO);
 - ALLO without locate: forget and improve on every parameter (100% masks, `allo ablate --without locate`);
 - with --controls, also ALLO with random masks of the same sizes, without the token reward (uniform forget weights)
   and without the noise mask (improve keeps every rejected token).
@@ -80,6 +84,11 @@ METHODS = (
     Method("+DPO-steps", ("dpo_steps",), enable=("dpo_steps",), steps=("dpo-steps",)),
     Method("+NPO-DPO", ("npo_dpo",), enable=("npo_dpo",), after="+NPO", steps=("npo", "npo-dpo")),
     Method("+DPO-rewrites", ("dpo_rewrites",), enable=("dpo_rewrites",), steps=("dpo-rewrites",)),
+    Method("+DPO-pairs-rewrites", ("dpo_pairs_rewrites",), enable=("dpo_pairs_rewrites",),
+           steps=("dpo-pairs-rewrites",)),
+    Method("+DPO-NLL", ("dpo_nll",), enable=("dpo_nll",), steps=("dpo-nll",)),
+    Method("+RFT", ("rft",), enable=("rft",), steps=("rft",)),
+    Method("+RFT-DPO", ("rft_dpo",), enable=("rft_dpo",), after="+RFT", steps=("rft", "rft-dpo")),
     Method("ALLO without locate", ("forget", "improve"), variant="without-locate", steps=ALLO_STEPS),
     Method("ALLO, random masks", ("forget", "improve"), variant="mask-random", control=True, steps=ALLO_STEPS),
     Method("ALLO without token reward", ("forget", "improve"), variant="without-token-reward", control=True,
