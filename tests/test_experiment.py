@@ -28,7 +28,10 @@ TEST_ACC = {"SFT": 3, "+DPO": 5, "+NPO": 4, "+SimPO": 4, "+ALLO": 8, "+DPO-steps
             "ALLO without locate": 6}  # right answers of 10 test problems
 
 
-def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
+def fake_experiment(tmp_path: Path, monkeypatch) -> list[dict]:
+    """experiment.py with `allo` stubbed: each call recorded; each model's results and manifests written as a run
+    would (development accuracy from DEV, test results from TEST_ACC; a numerics replicate's ALLO gets one right
+    answer fewer)."""
     monkeypatch.setattr(experiment, "OUT", tmp_path)
     base = experiment.base_rates([])
     labels = [m.label for m in experiment.chosen_methods(False)]
@@ -40,13 +43,14 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
         (where / "eval" / label.strip("+").lower() / "held-out.predictions.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows))
 
-    def fake_allo(command, sets, *extra, ranks=2):
+    def fake_allo(command, sets, *extra, ranks=2, env=None):
         kv = dict(s.split("=", 1) for s in sets)
         run = Path(kv["output_dir"])
         factor = {s: float(kv[f"{s}.train.lr"]) / base[s] for s in base}
         split = "test" if kv["task.eval"].endswith("test.jsonl") else "dev"
         calls.append({"command": command, "extra": extra, "seed": int(kv["seed"]), "split": split, "factor": factor,
-                      "test_exists": (run / "data" / "test.jsonl").exists(), "sets": list(sets)})
+                      "test_exists": (run / "data" / "test.jsonl").exists(), "sets": list(sets), "env": env,
+                      "run": run.name})
         variants = {"locate": "without-locate"} if command == "ablate" else {}
         assert command == "run" or list(extra) == ["--without", "locate"], extra
         rows = {"ALLO without locate": run / "ablate" / "without-locate"} if variants else {
@@ -55,8 +59,9 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
             row = "+ALLO" if label == "ALLO without locate" else label
             acc = 0.4 + 0.01 * DEV.get(label, lambda f: 0)(factor)
             if split == "test":
-                acc = TEST_ACC[label] / 10
-                write_model(where, row, acc, TEST_ACC[label])
+                right = TEST_ACC[label] - (label == "+ALLO" and env is not None)
+                acc = right / 10
+                write_model(where, row, acc, right)
                 for step in experiment.ALLO_STEPS + ("dpo", "npo", "simpo", "dpo-steps", "npo-dpo", "dpo-rewrites",
                                                      "dpo-pairs-rewrites", "dpo-nll", "rft", "rft-dpo"):
                     (where / step).mkdir(parents=True, exist_ok=True)
@@ -68,6 +73,13 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
             results.write_text(json.dumps({"accuracy": {**old, row: acc}}))
 
     monkeypatch.setattr(experiment.demo, "allo", fake_allo)
+
+    monkeypatch.setattr(experiment.demo, "allo", fake_allo)
+    return calls
+
+
+def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
+    calls = fake_experiment(tmp_path, monkeypatch)
     experiment.main(["--quick", "--seeds", "1", "2"])
     tuning = [c for c in calls if c["seed"] == experiment.TUNING_SEED]
     testing = [c for c in calls if c["seed"] != experiment.TUNING_SEED]
@@ -155,3 +167,18 @@ def test_sequence_passes_count_the_compute_of_a_stage():
     assert sequence_passes(3, 4, [pair] * 10, True) == {"forward": 3 * 4 * 2 + 10 * 2, "backward": 3 * 4 * 2}
     assert sequence_passes(3, 4, [one] * 10, True) == {"forward": 12 + 10, "backward": 12}
     assert sequence_passes(3, 4, [one] * 10, False) == {"forward": 12, "backward": 12}
+
+
+def test_training_replicates_enter_the_intervals(tmp_path, monkeypatch):
+    """--replicates 2: each test seed trains a second time in its own directory with only the numerics changed
+    (ATEN_CPU_CAPABILITY=default), the hierarchical interval draws among the replicates, and the table gives the
+    spread between them (here ALLO's replicate gets one of 10 problems fewer: 10 points)."""
+    calls = fake_experiment(tmp_path, monkeypatch)
+    experiment.main(["--quick", "--seeds", "1", "2", "--replicates", "2"])
+    replicas = [c for c in calls if c["env"]]
+    assert {c["run"] for c in replicas} == {"seed1-r1", "seed2-r1"} and all(c["split"] == "test" for c in replicas)
+    assert all(c["env"] == {"ATEN_CPU_CAPABILITY": "default"} for c in replicas)
+    text = (tmp_path / "table.md").read_text()
+    assert "2 training replicates per seed" in text and "| +ALLO | 10.0 |" in text and "| +DPO | 0.0 |" in text
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["test"]["1"]["+ALLO"]["replicates"] == [[1] * 7 + [0] * 3]

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -50,12 +51,14 @@ SIZES = {"full": dict(sft=4000, rl=600, dev=200, test=400, samples=4, ranks=2, s
                            if s.train and s.train.data == "pairs/pairs.jsonl"])}
 
 
-def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2, recipe: Path = RECIPE) -> None:
-    """Run `allo STAGE` on `ranks` processes (torchrun); fails loudly with the command to rerun it by hand."""
+def allo(stage: str, sets: list[str], *extra: str, ranks: int = 2, recipe: Path = RECIPE,
+         env: Optional[dict] = None) -> None:
+    """Run `allo STAGE` on `ranks` processes (torchrun), with `env` added to the environment; fails loudly with the
+    command to rerun it by hand."""
     cmd = torchrun_command([stage, str(recipe), *extra], ranks)
     for s in sets:
         cmd += ["--set", s]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")  # allo picks the GPU when there is one
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))  # GPU when there is one
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"stage {stage} failed (exit {proc.returncode}); rerun: {' '.join(cmd)}")

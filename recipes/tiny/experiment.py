@@ -59,6 +59,9 @@ from allo.eval.stats import Paired, hierarchical_bootstrap, holm, paired_bootstr
 
 OUT = ROOT / "runs" / "tiny" / "experiment"
 TUNING_SEED = 0
+# A second training replicate of a test seed changes only the numerics: torch's CPU kernels at their portable
+# dispatch level instead of the machine's vector units (other summation orders; the same data, seeds and settings)
+REPLICATE_ENV = {"ATEN_CPU_CAPABILITY": "default"}
 GRID = (1 / 3, 1.0, 3.0, 10.0, 30.0)  # the same points for every method: factors on the recipe's learning rates
 BEYOND = (1 / 10, 1 / 30, 1 / 100, 100.0, 300.0, 1000.0)  # tried in turn while a method's best is an edge
 
@@ -116,10 +119,11 @@ def scaled(methods: list[Method], base: dict[str, float], factor: dict[str, floa
     return {s: base[s] * factor[m.label] for m in methods if not m.variant for s in m.rates}
 
 
-def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str], methods: list[Method]) -> tuple[Path, list]:
-    """Seed's data (train, dev; test only when asked) and tokenizer; the run dir and its base `--set`s (the matched
-    baselines switched on)."""
-    run = out_dir(size) / f"seed{seed}"
+def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str], methods: list[Method],
+            replicate: int = 0) -> tuple[Path, list]:
+    """Seed's data (train, dev; test only when asked) and tokenizer; the run dir (a training replicate's of its
+    own: seedN-rR) and its base `--set`s (the matched baselines switched on)."""
+    run = out_dir(size) / (f"seed{seed}" + (f"-r{replicate}" if replicate else ""))
     template = load_recipe(demo.RECIPE, [*size["sets"], *user_sets]).data.template
     sets = demo.prepare_seed(run, seed, size, template, with_test)
     return run, sets + [f"{s}.enabled=true" for m in methods for s in m.enable] + list(user_sets)
@@ -132,14 +136,14 @@ def out_dir(size: dict) -> Path:
 
 
 def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], controls: dict[float, list[Method]],
-            base: dict[str, float], ranks: int) -> None:
+            base: dict[str, float], ranks: int, env: Optional[dict] = None) -> None:
     """One `allo run` (the pipeline methods at `rates`, evaluated on `split`), then one `allo ablate` per distinct
     control factor (the controls at ALLO's sections × that factor)."""
     common = sets + [f"task.eval={run / 'data' / split}"]
-    demo.allo("run", common + rate_sets(rates), ranks=ranks)
+    demo.allo("run", common + rate_sets(rates), ranks=ranks, env=env)
     for factor, group in controls.items():
         own = {**rates, **{s: base[s] * factor for s in group[0].rates}}
-        demo.allo("ablate", common + rate_sets(own), *ablate_flags(group), ranks=ranks)
+        demo.allo("ablate", common + rate_sets(own), *ablate_flags(group), ranks=ranks, env=env)
 
 
 def ablate_flags(group: list[Method]) -> list[str]:
@@ -257,11 +261,18 @@ def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], method
         if m.variant:
             controls.setdefault(best[m.label], []).append(m)
     out = {}
+    task = size.get("task", demo.TASK)
     for seed in seeds:
         run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods)
         print(f"\n=== test, seed {seed}", flush=True)
         run_all(run, sets, "test.jsonl", rates, controls, base, size["ranks"])
-        out[seed] = {m.label: outcome(run, m, size.get("task", demo.TASK)) for m in [Method("SFT", ()), *methods]}
+        out[seed] = {m.label: outcome(run, m, task) for m in [Method("SFT", ()), *methods]}
+        for r in range(1, size.get("replicates", 1)):
+            run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, replicate=r)
+            print(f"\n=== test, seed {seed}, training replicate {r} ({REPLICATE_ENV})", flush=True)
+            run_all(run, sets, "test.jsonl", rates, controls, base, size["ranks"], env=REPLICATE_ENV)
+            for m in [Method("SFT", ()), *methods]:
+                out[seed][m.label].setdefault("replicates", []).append(outcome(run, m, task)["correct"])
     return out
 
 
@@ -348,16 +359,27 @@ def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> 
         return []
     dev = {label: tuned["dev"][label][tuned["best_factor"][label]] for label in baselines}
     best = max(baselines, key=lambda label: (dev[label], label))
-    test = {label: hierarchical_bootstrap([[r["correct"]] for r in by["+ALLO"]], [[r["correct"]] for r in by[label]])
+    runs = lambda label: [[r["correct"], *r.get("replicates", [])] for r in by[label]]  # noqa: E731
+    test = {label: hierarchical_bootstrap(runs("+ALLO"), runs(label))
             for label in [*baselines, *(m.label for m in methods if m.variant)]}
     others = [label for label in test if label != best]
     adjusted = dict(zip(others, holm([test[label].p for label in others])))
+    replicates = 1 + len(by["+ALLO"][0].get("replicates", []))
     lines = [f"Primary contrast, ALLO − {best} (the best baseline on seed {TUNING_SEED}'s development split, "
-             f"{100 * dev[best]:.1f}%): {test[best]} (hierarchical bootstrap: seeds, then problems; one training "
-             "replicate per seed).", "", "Secondary contrasts (Holm-adjusted over these):", "",
+             f"{100 * dev[best]:.1f}%): {test[best]} (hierarchical bootstrap: seeds, then "
+             + (f"one of {replicates} training replicates, then " if replicates > 1 else "") + "problems; "
+             + (f"{replicates} training replicates per seed" if replicates > 1 else "one training replicate per seed")
+             + ").", "", "Secondary contrasts (Holm-adjusted over these):", "",
              "| ALLO − | difference [95%] | p | Holm p |", "|---|---|---|---|"]
     lines += [f"| {label} | {Paired.__str__(test[label])} | {test[label].p:.3g} | {adjusted[label]:.3g} |"
               for label in others]
+    if replicates > 1:
+        lines += ["", f"Spread across training replicates ({REPLICATE_ENV}): mean over seeds of |accuracy of the "
+                      "replicate − the first run|, in points:", "", "| method | spread |", "|---|---|"]
+        for label in by:
+            spread = [abs(statistics.mean(rep) - statistics.mean(r["correct"])) for r in by[label]
+                      for rep in r.get("replicates", [])]
+            lines.append(f"| {label} | {100 * statistics.mean(spread):.1f} |")
     return lines
 
 
@@ -375,6 +397,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="also ALLO with random masks, without the token reward and without the noise mask")
     p.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a check of the script)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--replicates", type=int, default=1, help="training runs per test seed (the second and later "
+                   "change only the numerics: ATEN_CPU_CAPABILITY=default); the intervals draw among them")
     p.add_argument("--task", default=demo.TASK, choices=list(demo.MISCONCEPTIONS),
                    help="the planted misconception (none: the null task, where ALLO should not beat DPO); a task "
                         "other than the default writes to runs/tiny/experiment/TASK")
@@ -384,6 +408,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     size = dict(demo.SIZES["quick" if args.quick else "full"])
     size["ranks"] = demo.ranks(size["ranks"])
     size["task"] = args.task
+    size["replicates"] = args.replicates
+    if args.replicates > 1 and demo.device() != "CPU":
+        p.error("--replicates: a replicate changes the numerics through torch's CPU dispatch level, which a GPU run "
+                "does not use")
     methods = chosen_methods(args.controls)
     t0 = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
