@@ -50,7 +50,7 @@ def fake_experiment(tmp_path: Path, monkeypatch) -> list[dict]:
         split = "test" if kv["task.eval"].endswith("test.jsonl") else "dev"
         calls.append({"command": command, "extra": extra, "seed": int(kv["seed"]), "split": split, "factor": factor,
                       "test_exists": (run / "data" / "test.jsonl").exists(), "sets": list(sets), "env": env,
-                      "run": run.name})
+                      "run": run.name, "eval_exists": Path(kv["task.eval"]).exists()})
         variants = {"locate": "without-locate"} if command == "ablate" else {}
         assert command == "run" or list(extra) == ["--without", "locate"], extra
         rows = {"ALLO without locate": run / "ablate" / "without-locate"} if variants else {
@@ -182,3 +182,19 @@ def test_training_replicates_enter_the_intervals(tmp_path, monkeypatch):
     assert "2 training replicates per seed" in text and "| +ALLO | 10.0 |" in text and "| +DPO | 0.0 |" in text
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["test"]["1"]["+ALLO"]["replicates"] == [[1] * 7 + [0] * 3]
+
+
+def test_the_test_tuned_upper_bound_is_apart_and_labelled(tmp_path, monkeypatch):
+    """--upper-bound: every grid point trained and scored on each test seed in directories of their own (the
+    development-tuned test runs untouched), each method's best there reported under an UPPER BOUND label; tuning
+    itself still never reads a test split."""
+    calls = fake_experiment(tmp_path, monkeypatch)
+    experiment.main(["--quick", "--seeds", "1", "--upper-bound"])
+    bound = [c for c in calls if c["run"].startswith("seed1-at")]
+    assert sorted({c["run"] for c in bound}) == sorted(f"seed1-at{g:.3g}" for g in experiment.GRID)
+    assert all(c["split"] == "test" and c["eval_exists"] for c in bound)
+    tuning = [c for c in calls if c["seed"] == experiment.TUNING_SEED]
+    assert all(c["split"] == "dev" and not c["test_exists"] for c in tuning)
+    text = (tmp_path / "table.md").read_text()
+    assert "UPPER BOUND, NOT A RESULT" in text and "| +DPO | ×" in text.split("UPPER BOUND")[1]
+    assert json.loads((tmp_path / "result.json").read_text())["upper_bound_tuned_on_test"]["+ALLO"]["accuracy"] == 80

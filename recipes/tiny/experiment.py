@@ -34,7 +34,12 @@ Methods, each trained from the seed's SFT model:
 operation; loses-twice, an error several tokens long; none, the null task, where ALLO should not beat DPO); a task
 other than the default runs in runs/tiny/experiment/TASK.
 
-Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick] [--task T] [--set KEY=VALUE ...]
+--replicates N trains each test seed N times, the later ones with only the numerics changed
+(ATEN_CPU_CAPABILITY=default), and the intervals draw among them. --upper-bound also tunes every method on the test
+split itself (every grid point on every test seed, in directories of their own), reported apart as an upper bound.
+
+Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick] [--task T] [--replicates N]
+                                         [--upper-bound] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -136,10 +141,10 @@ def out_dir(size: dict) -> Path:
 
 
 def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], controls: dict[float, list[Method]],
-            base: dict[str, float], ranks: int, env: Optional[dict] = None) -> None:
-    """One `allo run` (the pipeline methods at `rates`, evaluated on `split`), then one `allo ablate` per distinct
-    control factor (the controls at ALLO's sections × that factor)."""
-    common = sets + [f"task.eval={run / 'data' / split}"]
+            base: dict[str, float], ranks: int, env: Optional[dict] = None, data: Optional[Path] = None) -> None:
+    """One `allo run` (the pipeline methods at `rates`, evaluated on `split` of `data`'s data, default the run's),
+    then one `allo ablate` per distinct control factor (the controls at ALLO's sections × that factor)."""
+    common = sets + [f"task.eval={(data or run) / 'data' / split}"]
     demo.allo("run", common + rate_sets(rates), ranks=ranks, env=env)
     for factor, group in controls.items():
         own = {**rates, **{s: base[s] * factor for s in group[0].rates}}
@@ -276,6 +281,32 @@ def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], method
     return out
 
 
+def upper_bound(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], methods: list[Method]) -> dict:
+    """Every method tuned on the test split itself, for comparison only: each grid point (all methods at ×g
+    together) trained and scored on every test seed, in a directory of its own (seedN-atG), and each method's best
+    point by its accuracy over all test problems. If ALLO at its development-chosen rate beats a baseline's best
+    here, tuning noise cannot explain the gap."""
+    task = size.get("task", demo.TASK)
+    base = tuned["base_rates"]
+    scores: dict[str, dict[float, list[int]]] = {}
+    for g in GRID:
+        factor = {m.label: g for m in methods}
+        rates = scaled(methods, base, factor)
+        controls = [m for m in methods if m.variant]
+        for seed in seeds:
+            data, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods)
+            run = data.with_name(f"{data.name}-at{g:.3g}")
+            sets = [f"output_dir={run}" if s.startswith("output_dir=") else s for s in sets]
+            print(f"\n=== upper bound: grid point ×{g:.3g} on seed {seed}'s test split", flush=True)
+            run_all(run, sets, "test.jsonl", rates, {g: controls} if controls else {}, base, size["ranks"], data=data)
+            for m in [Method("SFT", ()), *methods]:
+                scores.setdefault(m.label, {}).setdefault(g, []).extend(outcome(run, m, task)["correct"])
+    best = {label: max(by_g, key=lambda g: (statistics.mean(by_g[g]), -abs(math.log(g)))) for label, by_g in
+            scores.items()}
+    return {label: {"factor": best[label], "accuracy": 100 * statistics.mean(scores[label][best[label]])}
+            for label in scores}
+
+
 def outcome(run: Path, m: Method, task: str) -> dict:
     """A model's per-problem results on the seed's test split, and what trained it (manifests)."""
     where, label = source(run, m)
@@ -309,7 +340,7 @@ def counts(rows: list[dict], key: str) -> str:
 
 
 def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: float, argv: list[str],
-          commit: str, task: str = "gives-away") -> str:
+          commit: str, task: str = "gives-away", bound: Optional[dict] = None) -> str:
     seeds = sorted(results)
     labels = ["SFT", *(m.label for m in methods)]
     by = {label: [results[s][label] for s in seeds] for label in labels}
@@ -330,6 +361,14 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
         lines.append(f"| {label} | {mean_se(accs)} | {vs[0]} | {vs[1]} | {pct(rows, True)} | {pct(rows, False)} | "
                      f"{rate} |")
     lines += ["", *contrasts(tuned, by, methods)]
+    if bound:
+        allo = 100 * statistics.mean(c for r in by["+ALLO"] for c in r["correct"])
+        lines += ["", "UPPER BOUND, NOT A RESULT: each method at its best grid point on the test split itself (all test "
+                      f"problems pooled), against ALLO at its development-chosen rate ({allo:.1f}%):", "",
+                  "| method | best factor on test | test accuracy % (upper bound) | ALLO (dev-tuned) − this |",
+                  "|---|---|---|---|"]
+        lines += [f"| {label} | ×{b['factor']:.3g} | {b['accuracy']:.1f} | {allo - b['accuracy']:+.1f} |"
+                  for label, b in bound.items()]
     lines += ["", "What trained each method (per training step, mean over seeds; every method starts from the same SFT "
                   "model): optimizer steps, distinct training examples, and compute as sequences through the model "
                   "(forward and backward passes, reference log-probs included):", "",
@@ -397,6 +436,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="also ALLO with random masks, without the token reward and without the noise mask")
     p.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a check of the script)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--upper-bound", action="store_true", help="also tune every method on the test split itself "
+                   "(every grid point on every test seed; reported apart, labelled as an upper bound)")
     p.add_argument("--replicates", type=int, default=1, help="training runs per test seed (the second and later "
                    "change only the numerics: ATEN_CPU_CAPABILITY=default); the intervals draw among them")
     p.add_argument("--task", default=demo.TASK, choices=list(demo.MISCONCEPTIONS),
@@ -418,11 +459,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                             text=True).stdout.strip() or "?"  # the code that runs, whatever is committed meanwhile
     tuned = tune(size, args.sets, methods)
     results = test(size, args.sets, tuned, args.seeds, methods)
-    out = table(tuned, results, methods, time.time() - t0, sys.argv[1:] if argv is None else argv, commit, args.task)
+    bound = upper_bound(size, args.sets, tuned, args.seeds, methods) if args.upper_bound else None
+    out = table(tuned, results, methods, time.time() - t0, sys.argv[1:] if argv is None else argv, commit, args.task,
+                bound)
     where = out_dir(size)
     where.mkdir(parents=True, exist_ok=True)
     (where / "table.md").write_text(out + "\n")
-    (where / "result.json").write_text(json.dumps({"tuning": tuned, "test": results, "task": args.task}, default=str))
+    (where / "result.json").write_text(json.dumps({"tuning": tuned, "test": results, "task": args.task,
+                                                   "upper_bound_tuned_on_test": bound}, default=str))
     print("\n" + out)
 
 
