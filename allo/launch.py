@@ -72,6 +72,20 @@ def cuda_problems() -> list[str]:
             "ALLO_PYTHON to such an environment's python (`make install-gpu` makes .venv-gpu), or submit with --cpu"]
 
 
+def packing_problems(recipe, steps: list[str]) -> list[str]:
+    """A GPU job's packed training steps need flash attention (`allo.data.tokenize.packing_problem`): said at
+    submit time rather than when the step starts on the node."""
+    from allo.data.tokenize import packing_problem
+    from allo.preflight import training_sections
+
+    out = []
+    for name, section, adapted in training_sections(recipe, steps):
+        why = adapted.stage_train(section).packing and packing_problem(adapted.model.attn_implementation, "cuda")
+        if why:
+            out.append(f"{name} ({recipe.train_key(section, 'packing')}): {why}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from allo.cli import _parser as allo_parser
     from allo.preflight import Problems, command_problems, steps_to_run, training_sections
@@ -117,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = []
     else:
         steps = []
+    if args.gpu:
+        problems += packing_problems(recipe, steps)
     for name in steps:
         try:
             (r,) = rows(recipe, world, [name])

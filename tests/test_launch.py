@@ -75,6 +75,22 @@ def test_a_gpu_job_refuses_a_cpu_torch(capsys, tmp_path, tiny_model, pairs_file)
         assert rc == 2 and "is a CPU build; a GPU job needs a CUDA build" in capsys.readouterr().err
 
 
+def test_a_gpu_job_with_packing_needs_flash_attention(capsys, tmp_path, tiny_model, pairs_file):
+    """Packing with sdpa on GPUs is refused when the job is submitted, naming the step and the key that set it;
+    the same job on the CPU, or with flash attention, is not refused for it."""
+    from conftest import write_recipe
+
+    recipe = str(write_recipe(tmp_path / "r.yaml", tiny_model, pairs_file, tmp_path / "out"))
+    base = [recipe, "--nodes", "1", "--gpus-per-node", "1", "--stage", "dpo"]
+    main([*base, "--gpu", "--", "--set", "dpo.train.packing=true"])
+    err = capsys.readouterr().err
+    assert "dpo (dpo.train.packing): train.packing with model.attn_implementation sdpa on a GPU" in err
+    assert main([*base, "--", "--set", "dpo.train.packing=true"]) == 0
+    main([*base, "--gpu", "--", "--set", "dpo.train.packing=true", "--set",
+          "model.attn_implementation=flash_attention_2"])
+    assert "train.packing with model.attn_implementation" not in capsys.readouterr().err
+
+
 def test_submit_prints_the_memory_plan_and_refuses_what_does_not_fit(tmp_path, tiny_model, pairs_file):
     """slurm/submit.sh --dry-run: the plan's verdict line; a plan that does not fit is refused (exit 2) unless
     --force; the --set overrides given for allo reach the plan. A GPU job needs a CUDA torch: on a CPU-only torch it
