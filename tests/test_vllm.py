@@ -127,8 +127,8 @@ def test_sampling_honours_n_temperature_top_p_and_max_new_tokens(model_dir):
     assert len(lengths) == 4 * len(PROMPTS) and max(lengths) == 6  # max_new_tokens bounds every sample
 
 
-def test_sample_step_and_eval_bench_run_through_vllm(model_dir, tmp_path, shared_dir):
-    """The pipeline's sample step in this process, and `allo eval bench` as a user runs it, both with vLLM."""
+def test_the_sample_step_runs_through_vllm(model_dir, tmp_path):
+    """The pipeline's sample step, in this process, with vLLM: one engine, released after the step."""
     from allo.config import load_recipe
     from allo.pipeline import Pipeline
 
@@ -156,6 +156,9 @@ def test_sample_step_and_eval_bench_run_through_vllm(model_dir, tmp_path, shared
     rows = [json.loads(x) for x in (tmp_path / "run" / "sample" / "samples.jsonl").read_text().splitlines()]
     assert made == [str(model_dir)] and len(rows) == 6 and g._ENGINE == {}  # released after the step
 
+
+def test_eval_bench_runs_through_vllm(model_dir, tmp_path, shared_dir):
+    """`allo eval bench` as a user runs it, on a slice of the real GSM8K test file, with vLLM."""
     data = shared_dir / "benchdata" / "gsm8k" / "test.jsonl"
     proc = subprocess.run([sys.executable, "-m", "allo", "eval", "bench", "--model", str(model_dir), "--benchmark",
                            f"gsm8k={data}", "--out", str(tmp_path / "eval"), "--limit", "3", "--max-new-tokens", "8"],
