@@ -198,3 +198,30 @@ def test_the_test_tuned_upper_bound_is_apart_and_labelled(tmp_path, monkeypatch)
     text = (tmp_path / "table.md").read_text()
     assert "UPPER BOUND, NOT A RESULT" in text and "| +DPO | ×" in text.split("UPPER BOUND")[1]
     assert json.loads((tmp_path / "result.json").read_text())["upper_bound_tuned_on_test"]["+ALLO"]["accuracy"] == 80
+
+
+def test_an_interrupted_tuning_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Each tuning point's scores are kept as they come: a rerun after a crash at the 7th `allo` call repeats none
+    of the six points already scored, and tunes to the same factors as an uninterrupted run."""
+    calls = fake_experiment(tmp_path / "whole", monkeypatch)
+    experiment.main(["--quick", "--seeds", "1"])
+    whole = json.loads((tmp_path / "whole" / "result.json").read_text())["tuning"]["best_factor"]
+    tuning_calls = sum(c["seed"] == experiment.TUNING_SEED for c in calls)
+
+    calls = fake_experiment(tmp_path / "cut", monkeypatch)
+    stub = experiment.demo.allo
+
+    def crashing(*a, **k):
+        if len(calls) == 6:
+            raise SystemExit("stage run failed (exit 1)")
+        stub(*a, **k)
+
+    monkeypatch.setattr(experiment.demo, "allo", crashing)
+    with pytest.raises(SystemExit):
+        experiment.main(["--quick", "--seeds", "1"])
+    monkeypatch.setattr(experiment.demo, "allo", stub)
+    before = len(calls)
+    experiment.main(["--quick", "--seeds", "1"])
+    again = [c for c in calls[before:] if c["seed"] == experiment.TUNING_SEED]
+    assert len(again) == tuning_calls - 6
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["tuning"]["best_factor"] == whole

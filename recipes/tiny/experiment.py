@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -173,7 +173,9 @@ def accuracy(run: Path, m: Method) -> float:
 class Tuning:
     """The tuning seed's run on its development split, and each method's development accuracy per grid factor.
     `state` is the factor of every pipeline method's rates in the run as it stands, so that trying one method's
-    point reruns only that method's steps (the pipeline skips the rest)."""
+    point reruns only that method's steps (the pipeline skips the rest). Every point's scores are kept in
+    RUN/tuning-scores.json as they come, so that an interrupted tuning resumes where it stopped (a file written for
+    other settings is set aside)."""
 
     def __init__(self, size: dict, user_sets: list[str], methods: list[Method]):
         self.run, self.sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods)
@@ -181,27 +183,51 @@ class Tuning:
         self.base, self.methods, self.ranks = base_rates(user_sets), methods, size["ranks"]
         self.dev: dict[str, dict[float, float]] = {m.label: {} for m in [Method("SFT", ()), *methods]}
         self.state: dict[str, float] = {}
+        self.saved = self.run / "tuning-scores.json"
+        self.context = {"sets": self.sets, "methods": [m.label for m in methods], "base": self.base}
+        old = json.loads(self.saved.read_text()) if self.saved.exists() else {}
+        self.scores: dict[str, dict[str, float]] = old.get("scores", {}) if old.get("context") == self.context else {}
+        if self.scores:
+            print(f"tuning: {len(self.scores)} points already scored ({self.saved}); resuming", flush=True)
+
+    def _scored(self, key: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """The scores of the point named `key`: kept from an earlier attempt, else run and kept (atomically)."""
+        if key not in self.scores:
+            self.scores[key] = run()
+            tmp = self.saved.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"context": self.context, "scores": self.scores}))
+            tmp.replace(self.saved)
+        return self.scores[key]
 
     def grid_point(self, g: float, methods: list[Method]) -> None:
         """Every method of `methods` at factor g: one `allo run` and one `allo ablate` for the controls."""
         self.state = {m.label: g for m in self.methods}
         controls = [m for m in methods if m.variant]
-        run_all(self.run, self.sets, "dev.jsonl", scaled(self.methods, self.base, self.state),
-                {g: controls} if controls else {}, self.base, self.ranks)
-        for m in methods:
-            self.dev[m.label][g] = accuracy(self.run, m)
-        self.dev["SFT"][g] = accuracy(self.run, Method("SFT", ()))
+
+        def run() -> dict[str, float]:
+            run_all(self.run, self.sets, "dev.jsonl", scaled(self.methods, self.base, self.state),
+                    {g: controls} if controls else {}, self.base, self.ranks)
+            return {m.label: accuracy(self.run, m) for m in [Method("SFT", ()), *methods]}
+
+        for label, score in self._scored(f"grid ×{g!r} {[m.label for m in methods]}", run).items():
+            self.dev[label][g] = score
 
     def point(self, m: Method, g: float) -> None:
         """One method at factor g, the others as the run stands."""
-        if m.variant:
-            own = {**scaled(self.methods, self.base, self.state), **{s: self.base[s] * g for s in m.rates}}
-            demo.allo("ablate", self.dev_sets + rate_sets(own), *ablate_flags([m]), ranks=self.ranks)
-        else:
+        if not m.variant:
             self.state[m.label] = g
-            demo.allo("run", self.dev_sets + rate_sets(scaled(self.methods, self.base, self.state)),
-                      ranks=self.ranks)
-        self.dev[m.label][g] = accuracy(self.run, m)
+
+        def run() -> dict[str, float]:
+            if m.variant:
+                own = {**scaled(self.methods, self.base, self.state), **{s: self.base[s] * g for s in m.rates}}
+                demo.allo("ablate", self.dev_sets + rate_sets(own), *ablate_flags([m]), ranks=self.ranks)
+            else:
+                demo.allo("run", self.dev_sets + rate_sets(scaled(self.methods, self.base, self.state)),
+                          ranks=self.ranks)
+            return {m.label: accuracy(self.run, m)}
+
+        key = f"{m.label} ×{g!r} with {sorted(self.state.items())}"
+        self.dev[m.label][g] = self._scored(key, run)[m.label]
 
     def settle(self, m: Method) -> float:
         """m's best factor, after extending its grid past an edge its best sits on (up to three points each way)."""
