@@ -34,12 +34,14 @@ Methods, each trained from the seed's SFT model:
 operation; loses-twice, an error several tokens long; none, the null task, where ALLO should not beat DPO); a task
 other than the default runs in runs/tiny/experiment/TASK.
 
---replicates N trains each test seed N times, the later ones with only the numerics changed
+--grid sqrt3 tunes over factors √3 apart (×1/3 to ×27, twice the points); --dev-problems N sizes the tuning seed's
+development split (one problem is 100/N points; the test seeds' problems do not change). An interrupted tuning
+resumes from RUN/tuning-scores.json. --replicates N trains each test seed N times, the later ones with only the numerics changed
 (ATEN_CPU_CAPABILITY=default), and the intervals draw among them. --upper-bound also tunes every method on the test
 split itself (every grid point on every test seed, in directories of their own), reported apart as an upper bound.
 
 Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick] [--task T] [--replicates N]
-                                         [--upper-bound] [--set KEY=VALUE ...]
+                                         [--grid sqrt3] [--dev-problems N] [--upper-bound] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ TUNING_SEED = 0
 REPLICATE_ENV = {"ATEN_CPU_CAPABILITY": "default"}
 GRID = (1 / 3, 1.0, 3.0, 10.0, 30.0)  # the same points for every method: factors on the recipe's learning rates
 BEYOND = (1 / 10, 1 / 30, 1 / 100, 100.0, 300.0, 1000.0)  # tried in turn while a method's best is an edge
+# --grid sqrt3: twice as fine, √3 apart from ×1/3 to ×27 (and on past an edge the same way)
+GRIDS = {"default": (GRID, BEYOND),
+         "sqrt3": (tuple(3 ** (k / 2) for k in range(-2, 7)), tuple(3 ** (k / 2) for k in (-3, -4, -5, 7, 8, 9)))}
 
 
 @dataclass(frozen=True)
@@ -178,9 +183,11 @@ class Tuning:
     other settings is set aside)."""
 
     def __init__(self, size: dict, user_sets: list[str], methods: list[Method]):
+        size = {**size, "dev": size.get("tuning_dev") or size["dev"]}  # the tuning seed's development split
         self.run, self.sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods)
         self.dev_sets = self.sets + [f"task.eval={self.run / 'data' / 'dev.jsonl'}"]  # what a single point runs
         self.base, self.methods, self.ranks = base_rates(user_sets), methods, size["ranks"]
+        self.grid, self.beyond = GRIDS[size.get("grid", "default")]
         self.dev: dict[str, dict[float, float]] = {m.label: {} for m in [Method("SFT", ()), *methods]}
         self.state: dict[str, float] = {}
         self.saved = self.run / "tuning-scores.json"
@@ -231,8 +238,8 @@ class Tuning:
 
     def settle(self, m: Method) -> float:
         """m's best factor, after extending its grid past an edge its best sits on (up to three points each way)."""
-        for _ in BEYOND:
-            g = beyond(self.dev[m.label])
+        for _ in self.beyond:
+            g = beyond(self.dev[m.label], self.beyond)
             if g is None:
                 break
             print(f"\n=== tuning {m.label}: its best is at the grid's edge, trying ×{g:.3g}", flush=True)
@@ -245,17 +252,17 @@ def tune(size: dict, user_sets: list[str], methods: list[Method]) -> dict:
     extension past an edge, then the methods tuned after another (NPO-DPO with NPO at its chosen rate)."""
     t = Tuning(size, user_sets, methods)
     first = [m for m in methods if not m.after]
-    for g in GRID:
+    for g in t.grid:
         print(f"\n=== tuning, grid point ×{g:.3g} (seed {TUNING_SEED}, development split)", flush=True)
         t.grid_point(g, first)
     best = {m.label: t.settle(m) for m in first}
     for m in (m for m in methods if m.after):
         t.state[m.after] = best[m.after]
-        for g in GRID:
+        for g in t.grid:
             print(f"\n=== tuning {m.label} after {m.after} at ×{best[m.after]:.3g}, grid point ×{g:.3g}", flush=True)
             t.point(m, g)
         best[m.label] = t.settle(m)
-    return {"dev": t.dev, "best_factor": best, "base_rates": t.base}
+    return {"dev": t.dev, "best_factor": best, "base_rates": t.base, "grid": list(t.grid)}
 
 
 def pick(scores: dict[float, float]) -> float:
@@ -272,13 +279,13 @@ def pick(scores: dict[float, float]) -> float:
     return max(tried, key=lambda g: (scores[g], smoothed(tried.index(g)), -abs(math.log(g)), g))
 
 
-def beyond(scores: dict[float, float]) -> Optional[float]:
-    """The next factor past the edge of the points tried when the best is that edge, else None."""
+def beyond(scores: dict[float, float], points: tuple[float, ...] = BEYOND) -> Optional[float]:
+    """The next factor of `points` past the edge of the points tried when the best is that edge, else None."""
     best, tried = pick(scores), sorted(scores)
     if best == tried[0]:
-        return next((g for g in sorted(BEYOND, reverse=True) if g < best), None)
+        return next((g for g in sorted(points, reverse=True) if g < best), None)
     if best == tried[-1]:
-        return next((g for g in sorted(BEYOND) if g > best), None)
+        return next((g for g in sorted(points) if g > best), None)
     return None
 
 
@@ -315,7 +322,7 @@ def upper_bound(size: dict, user_sets: list[str], tuned: dict, seeds: list[int],
     task = size.get("task", demo.TASK)
     base = tuned["base_rates"]
     scores: dict[str, dict[float, list[int]]] = {}
-    for g in GRID:
+    for g in tuned.get("grid", GRID):
         factor = {m.label: g for m in methods}
         rates = scaled(methods, base, factor)
         controls = [m for m in methods if m.variant]
@@ -403,7 +410,8 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
               f"{counts(by[m.label], 'passes') if 'passes' in by[m.label][0] else '–'} |" for m in methods]
     tried = sorted({g for scores in tuned["dev"].values() for g in scores})
     lines += ["", f"Development accuracy % on seed {TUNING_SEED} at each factor of the recipe's rates (the grid "
-                  f"×{', ×'.join(f'{g:.3g}' for g in GRID)} for every method; further points where a best was at "
+                  f"×{', ×'.join(f'{g:.3g}' for g in tuned.get('grid', GRID))} for every method; further points where "
+                  "a best was at "
                   f"an edge):", "", "| method | " + " | ".join(f"×{g:.3g}" for g in tried) + " |",
               "|---|" + "---|" * len(tried)]
     for label in labels:
@@ -462,6 +470,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="also ALLO with random masks, without the token reward and without the noise mask")
     p.add_argument("--quick", action="store_true", help="the demo's reduced sizes (a check of the script)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--grid", choices=list(GRIDS), default="default", help="the factors every method is tuned over: "
+                   "default ×1/3, 1, 3, 10, 30; sqrt3 √3 apart from ×1/3 to ×27")
+    p.add_argument("--dev-problems", type=int, help="problems in the tuning seed's development split (default: the "
+                   "sizes' 200; one problem is 100/N points)")
     p.add_argument("--upper-bound", action="store_true", help="also tune every method on the test split itself "
                    "(every grid point on every test seed; reported apart, labelled as an upper bound)")
     p.add_argument("--replicates", type=int, default=1, help="training runs per test seed (the second and later "
@@ -476,6 +488,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     size["ranks"] = demo.ranks(size["ranks"])
     size["task"] = args.task
     size["replicates"] = args.replicates
+    size["grid"], size["tuning_dev"] = args.grid, args.dev_problems
     if args.replicates > 1 and demo.device() != "CPU":
         p.error("--replicates: a replicate changes the numerics through torch's CPU dispatch level, which a GPU run "
                 "does not use")
