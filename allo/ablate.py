@@ -92,7 +92,9 @@ def link_reused(parent: Path, child: Path, recipe: Recipe) -> None:
 
     fingerprints = Fingerprints(recipe, parent)  # the variant's settings against the run's own manifests
     off = _downstream_of_redone()  # switched off in the variant: its own skip record, never the run's
-    reused = [n for n in REGISTRY if n not in REDONE and n not in off]
+    # a step the recipe skips and the run has no record of (the run predates the step): the variant's own record
+    unknown = {n for n, s in REGISTRY.items() if s.skip and s.skip(recipe) and not (parent / n).exists()}
+    reused = [n for n in REGISTRY if n not in REDONE and n not in off and n not in unknown]
     for name in reused:
         src = parent / name
         manifest = src / "manifest.json"

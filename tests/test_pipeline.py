@@ -185,3 +185,24 @@ def test_only_a_step_whose_inputs_were_never_made_says_which_step_makes_them(tmp
     err = capsys.readouterr().err
     assert f"{tmp_path / 'pairs' / 'wrong.jsonl'}: step reward-data reads it and step pairs" in err, err
     assert "Errno" not in err and "intact" not in err
+
+
+def test_an_ablation_over_a_run_that_predates_a_skipped_step(tmp_path):
+    """A run made before a step existed has no record of it: when the recipe skips that step (a matched baseline
+    left off), an ablation still reuses everything else and writes the step's own skip record, instead of refusing
+    the run as incomplete; a step the recipe does run and the run lacks is still refused."""
+    from allo.ablate import REDONE, _downstream_of_redone, link_reused
+    from allo.config import load_recipe
+    from allo.manifests import Fingerprints, write_manifest
+    from allo.steps import REGISTRY
+
+    recipe = load_recipe(None, [f"output_dir={tmp_path / 'run'}"])
+    parent, off = tmp_path / "run", set(_downstream_of_redone())
+    for name in REGISTRY:  # a finished run, without the steps it predates
+        if name in REDONE or name in off or name in ("rft-data", "rft", "rft-dpo"):
+            continue
+        write_manifest(parent / name, name, {"complete": True}, Fingerprints(recipe, parent).of(name))
+    link_reused(parent, tmp_path / "variant", recipe)
+    assert (tmp_path / "variant" / "sample").is_symlink() and not (tmp_path / "variant" / "rft").exists()
+    with pytest.raises(RuntimeError, match="step rft-data of the run is not complete"):
+        link_reused(parent, tmp_path / "variant2", load_recipe(None, [f"output_dir={parent}", "rft.enabled=true"]))
