@@ -37,8 +37,9 @@ demo: $(STAMP)
 
 # The demo as an experiment: ALLO against baselines matched in steps, data and signal, each tuned on seed 0's
 # development split, then tested once on seeds 1-8 with paired intervals (recipes/tiny/experiment.py; its wall time
-# is in the table it writes, runs/tiny/experiment/table.md, and in the README). EXPERIMENT_ARGS=--controls adds
-# the other controls.
+# is in the table it writes, runs/tiny/experiment/table.md, and in the README). EXPERIMENT_ARGS takes the script's
+# flags: --controls (the other controls), --task T (another planted error, or none), --replicates N, --grid sqrt3,
+# --dev-problems N, --upper-bound (`python recipes/tiny/experiment.py --help`).
 experiment: $(STAMP)
 	$(BIN)/python recipes/tiny/experiment.py $(EXPERIMENT_ARGS)
 
