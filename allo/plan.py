@@ -223,11 +223,10 @@ def model_states(s: Shape, z: Zero, hw: Hardware, mixed: bool = True, mask_ratio
     largest = min(part(1), 10 ** 9) if z.stage >= 1 else s.largest_layer
     terms["optimizer step temporaries"] = 2 * 4 * min(STEP_CHUNK, largest) + (
         8 * mask_ratio * largest if mask_ratio is not None and sparse else 0)
-    if z.offload_optimizer:  # gradients, fp32 copies, moments and masks live in CPU memory
+    if z.offload_optimizer:  # gradients, fp32 copies, moments and masks live in CPU memory (the gradient masker
+        # masks the offloaded fp32 gradients there with the optimizer's own masks)
         for k in [k for k in terms if k.startswith(("gradients", "fp32", "Adam", "neuron", "optimizer"))]:
             terms.pop(k)
-        if mask_ratio is not None and z.stage == 3:  # DeepSpeed hands local gradients back on the GPU
-            terms["neuron masks"] = part(1)
     if z.offload_params and z.stage == 3:
         terms.pop("weights")
     return {k: int(v) for k, v in terms.items()}
