@@ -52,7 +52,7 @@ class Hierarchical(Paired):
     p: float = 1.0  # two-sided bootstrap p-value of "no difference": 2 × the smaller tail of the resampled differences
 
     def __str__(self) -> str:
-        return f"{super().__str__()} p={self.p:.3g}"
+        return f"{super().__str__()} p={self.p:.2g}" if self.p else f"{super().__str__()} p=0 (no resample across 0)"
 
 
 def hierarchical_bootstrap(a: Sequence[Sequence[Sequence[int]]], b: Sequence[Sequence[Sequence[int]]], *,

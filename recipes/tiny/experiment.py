@@ -444,8 +444,10 @@ def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> 
              + (f"{replicates} training replicates per seed" if replicates > 1 else "one training replicate per seed")
              + ").", "", "Secondary contrasts (Holm-adjusted over these):", "",
              "| ALLO − | difference [95%] | p | Holm p |", "|---|---|---|---|"]
-    lines += [f"| {label} | {Paired.__str__(test[label])} | {test[label].p:.3g} | {adjusted[label]:.3g} |"
-              for label in others]
+    floor = 2 / 10000  # two-sided p from 10000 resamples: 0 means no resample fell on the other side of 0
+    shown = lambda p: f"{p:.2g}" if p else f"< {floor:.0e}"  # noqa: E731
+    lines += [f"| {label} | {Paired.__str__(test[label])} | {shown(test[label].p)} | "
+              f"{shown(adjusted[label]) if adjusted[label] else f'< {len(others) * floor:.0e}'} |" for label in others]
     if replicates > 1:
         lines += ["", f"Spread across training replicates ({REPLICATE_ENV}): mean over seeds of |accuracy of the "
                       "replicate − the first run|, in points:", "", "| method | spread |", "|---|---|"]
