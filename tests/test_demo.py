@@ -83,7 +83,8 @@ def test_manifests_skip_and_from_reruns(quick_run):
     assert rerun == set(STEPS[STEPS.index("simpo"):]), rerun  # simpo, the matched baselines (off: skips), eval
     torchrun(args + ["--set", "improve.beta=0.2"])  # a changed setting reruns its step and everything downstream
     changed = {s for s in STEPS if os.path.getmtime(run / s / "manifest.json") != after[s]}
-    assert changed == {"improve", "dpo-steps", "eval"}, changed  # dpo-steps, off here, records its skip again
+    # the step-matched baselines (off here) read improve's step count: each records its skip again
+    assert changed == {"improve", "dpo-steps", "dpo-pairs-rewrites", "eval"}, changed
 
 
 def test_ablate_controls_over_the_run(quick_run):
