@@ -160,8 +160,15 @@ def _matched() -> list[Step]:
     """The matched baselines of `make experiment`, each skipped unless its section is enabled: the DPO objective
     with ALLO's optimizer steps, after NPO, on the teacher's rewrites (alone, or with the sampled pairs for ALLO's
     steps), with an NLL term; SFT on the gold references (alone and followed by DPO)."""
-    def off(section: str) -> Callable[[Recipe], Optional[str]]:
-        return lambda r: None if getattr(r, section).enabled else f"{section}.enabled is false (a matched baseline)"
+    def off(*sections: str) -> Callable[[Recipe], Optional[str]]:
+        """Skipped unless one of `sections` is enabled (rft trains for rft_dpo too)."""
+        def skip(r: Recipe) -> Optional[str]:
+            if any(getattr(r, s).enabled for s in sections):
+                return None
+            if len(sections) == 1:
+                return f"{sections[0]}.enabled is false (a matched baseline)"
+            return f"{' and '.join(f'{s}.enabled' for s in sections)} are false (matched baselines)"
+        return skip
 
     return [
         Step("dpo-steps", "Matched baseline: DPO from the SFT model for as many optimizer steps as forget and improve "
@@ -201,13 +208,11 @@ def _matched() -> list[Step]:
         Step("rft-data", "The gold reference solutions of the sampled problems as SFT records (the data of rft).",
              inputs=("sample/samples.jsonl",), outputs=("sft.jsonl",), config=("data.limit",),
              run="allo.stages.matched:rft_data_step",
-             skip=lambda r: None if r.rft.enabled or r.rft_dpo.enabled else "rft.enabled and rft_dpo.enabled are "
-                                                                              "false (matched baselines)"),
+             skip=off("rft", "rft_dpo")),
         Step("rft", "Matched baseline: SFT from the SFT model on the sampled problems' gold references (fine-tuning "
                     "on the solutions the reward model and teacher see).",
              inputs=(SFT_MODEL, "rft-data/sft.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("rft",), label="+RFT",
-             skip=lambda r: None if r.rft.enabled or r.rft_dpo.enabled else "rft.enabled and rft_dpo.enabled are "
-                                                                              "false (matched baselines)",
+             skip=off("rft", "rft_dpo"),
              train=Training("sft", "rft", data="rft-data/sft.jsonl", init=SFT_MODEL)),
         Step("rft-dpo", "Matched baseline: DPO on the pairs from the RFT model (gold-reference SFT, then DPO).",
              inputs=("rft/model", "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo", "rft_dpo"),

@@ -177,7 +177,7 @@ def test_training_replicates_enter_the_intervals(tmp_path, monkeypatch):
     experiment.main(["--quick", "--seeds", "1", "2", "--replicates", "2"])
     replicas = [c for c in calls if c["env"]]
     assert {c["run"] for c in replicas} == {"seed1-r1", "seed2-r1"} and all(c["split"] == "test" for c in replicas)
-    assert all(c["env"] == {"ATEN_CPU_CAPABILITY": "default"} for c in replicas)
+    assert all(c["env"] == {"ATEN_CPU_CAPABILITY": "default"} and c["eval_exists"] for c in replicas)
     text = (tmp_path / "table.md").read_text()
     assert "2 training replicates per seed" in text and "| +ALLO | 10.0 |" in text and "| +DPO | 0.0 |" in text
     result = json.loads((tmp_path / "result.json").read_text())

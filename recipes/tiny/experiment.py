@@ -130,12 +130,15 @@ def scaled(methods: list[Method], base: dict[str, float], factor: dict[str, floa
 
 
 def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str], methods: list[Method],
-            replicate: int = 0) -> tuple[Path, list]:
-    """Seed's data (train, dev; test only when asked) and tokenizer; the run dir (a training replicate's of its
-    own: seedN-rR) and its base `--set`s (the matched baselines switched on)."""
-    run = out_dir(size) / (f"seed{seed}" + (f"-r{replicate}" if replicate else ""))
+            apart: str = "") -> tuple[Path, list]:
+    """Seed's data (train, dev; test only when asked) and tokenizer in seedN; the run dir and its base `--set`s (the
+    matched baselines switched on). With `apart` ("-r1": a training replicate, "-at3": a grid point of the upper
+    bound) the outputs go to seedN{apart}, the seed's data and tokenizer staying in seedN (run_all's `data`)."""
+    data = out_dir(size) / f"seed{seed}"
     template = load_recipe(demo.RECIPE, [*size["sets"], *user_sets]).data.template
-    sets = demo.prepare_seed(run, seed, size, template, with_test)
+    sets = demo.prepare_seed(data, seed, size, template, with_test)
+    run = data.with_name(data.name + apart)
+    sets = [f"output_dir={run}" if s.startswith("output_dir=") else s for s in sets]
     return run, sets + [f"{s}.enabled=true" for m in methods for s in m.enable] + list(user_sets)
 
 
@@ -306,11 +309,11 @@ def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], method
         run_all(run, sets, "test.jsonl", rates, controls, base, size["ranks"])
         out[seed] = {m.label: outcome(run, m, task) for m in [Method("SFT", ()), *methods]}
         for r in range(1, size.get("replicates", 1)):
-            run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, replicate=r)
+            again, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, apart=f"-r{r}")
             print(f"\n=== test, seed {seed}, training replicate {r} ({REPLICATE_ENV})", flush=True)
-            run_all(run, sets, "test.jsonl", rates, controls, base, size["ranks"], env=REPLICATE_ENV)
+            run_all(again, sets, "test.jsonl", rates, controls, base, size["ranks"], env=REPLICATE_ENV, data=run)
             for m in [Method("SFT", ()), *methods]:
-                out[seed][m.label].setdefault("replicates", []).append(outcome(run, m, task)["correct"])
+                out[seed][m.label].setdefault("replicates", []).append(outcome(again, m, task)["correct"])
     return out
 
 
@@ -327,11 +330,10 @@ def upper_bound(size: dict, user_sets: list[str], tuned: dict, seeds: list[int],
         rates = scaled(methods, base, factor)
         controls = [m for m in methods if m.variant]
         for seed in seeds:
-            data, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods)
-            run = data.with_name(f"{data.name}-at{g:.3g}")
-            sets = [f"output_dir={run}" if s.startswith("output_dir=") else s for s in sets]
+            run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, apart=f"-at{g:.3g}")
             print(f"\n=== upper bound: grid point ×{g:.3g} on seed {seed}'s test split", flush=True)
-            run_all(run, sets, "test.jsonl", rates, {g: controls} if controls else {}, base, size["ranks"], data=data)
+            run_all(run, sets, "test.jsonl", rates, {g: controls} if controls else {}, base, size["ranks"],
+                    data=out_dir(size) / f"seed{seed}")
             for m in [Method("SFT", ()), *methods]:
                 scores.setdefault(m.label, {}).setdefault(g, []).extend(outcome(run, m, task)["correct"])
     best = {label: max(by_g, key=lambda g: (statistics.mean(by_g[g]), -abs(math.log(g)))) for label, by_g in
