@@ -86,15 +86,16 @@ def _hf_greedy(model, tok, prompt: str, max_new: int) -> tuple[list[int], list[f
     return out.sequences[0, ids.shape[1]:].tolist(), gaps
 
 
-def _recording(llm) -> list:
-    """Record the engine's raw outputs (token ids) while allo's path calls it."""
+def _recording(llm, monkeypatch) -> list:
+    """Record the engine's raw outputs (token ids) while allo's path calls it; the engine outlives the test, so
+    its own generate comes back at the test's end (monkeypatch)."""
     seen: list = []
     generate = llm.generate
-    llm.generate = lambda *a, **k: seen.append(generate(*a, **k)) or seen[-1]
+    monkeypatch.setattr(llm, "generate", lambda *a, **k: seen.append(generate(*a, **k)) or seen[-1])
     return seen
 
 
-def test_greedy_equals_hf_generate_token_for_token(model_dir):
+def test_greedy_equals_hf_generate_token_for_token(model_dir, monkeypatch):
     model, tok = _hf(model_dir)
     max_new = 24
     expected = [_hf_greedy(model, tok, p, max_new) for p in PROMPTS]
@@ -103,7 +104,7 @@ def test_greedy_equals_hf_generate_token_for_token(model_dir):
     # here, because a tie would make the comparison meaningless rather than failing.
     assert min(gap for _, gaps in expected for gap in gaps) > 1e-3
     llm = g._engine(str(model_dir), CFG, 0)
-    seen = _recording(llm)
+    seen = _recording(llm, monkeypatch)
     texts = g.generate(str(model_dir), PROMPTS, g.Sampling(max_new_tokens=max_new), CFG)
     got = [list(out.outputs[0].token_ids) for out in seen[0]]
     assert got == [ids for ids, _ in expected]
@@ -111,9 +112,9 @@ def test_greedy_equals_hf_generate_token_for_token(model_dir):
     assert any(len(ids) == max_new for ids in got)  # continuations long enough to compare, not one EOS each
 
 
-def test_sampling_honours_n_temperature_top_p_and_max_new_tokens(model_dir):
+def test_sampling_honours_n_temperature_top_p_and_max_new_tokens(model_dir, monkeypatch):
     llm = g._engine(str(model_dir), CFG, 0)
-    seen = _recording(llm)
+    seen = _recording(llm, monkeypatch)
     greedy = g.generate(str(model_dir), PROMPTS, g.Sampling(max_new_tokens=6), CFG)
     hot = g.generate(str(model_dir), PROMPTS, g.Sampling(n=4, temperature=2.0, max_new_tokens=6), CFG)
     nucleus = g.generate(str(model_dir), PROMPTS, g.Sampling(n=4, temperature=2.0, top_p=1e-6, max_new_tokens=6),

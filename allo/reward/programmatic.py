@@ -2,8 +2,8 @@
 
 For checkable tasks the teacher needs no LLM: it re-does each "a op b = c." step of the wrong solution (or "a op b op
 c = d.", a step worked with an operation too many) with the right numbers, keeping every other character, so the
-rewrite differs from the wrong response only where the
-reasoning went wrong (docs/method.md §2). Responses whose steps do not parse are rewritten as the reference solution.
+rewrite differs from the wrong response only where the reasoning went wrong (docs/method.md §2). Responses whose
+steps do not parse are rewritten as the reference solution.
 `keep_probs_from_diff` turns a (wrong, rewrite) pair into per-token keep-probabilities (1 kept, 0 edited),
 the target a token reward model learns to predict.
 """
