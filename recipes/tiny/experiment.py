@@ -36,9 +36,10 @@ other than the default runs in runs/tiny/experiment/TASK.
 
 --grid sqrt3 tunes over factors √3 apart (×1/3 to ×27, twice the points); --dev-problems N sizes the tuning seed's
 development split (one problem is 100/N points; the test seeds' problems do not change). An interrupted tuning
-resumes from RUN/tuning-scores.json. --replicates N trains each test seed N times, the later ones with only the numerics changed
-(ATEN_CPU_CAPABILITY=default), and the intervals draw among them. --upper-bound also tunes every method on the test
-split itself (every grid point on every test seed, in directories of their own), reported apart as an upper bound.
+resumes from RUN/tuning-scores.json. --replicates N trains each test seed N times, the later ones with only the
+numerics changed (ATEN_CPU_CAPABILITY=default), and the intervals draw among them. --upper-bound also tunes every
+method on the test split itself (every grid point on every test seed, in directories of their own), reported apart
+as an upper bound.
 
 Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick] [--task T] [--replicates N]
                                          [--grid sqrt3] [--dev-problems N] [--upper-bound] [--set KEY=VALUE ...]
@@ -384,7 +385,8 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
              f"best rate on seed {TUNING_SEED}'s development split. Differences pool every test problem; [95% paired "
              f"bootstrap interval, problems resampled within each seed].", "",
              "| method | accuracy (mean ± SE over seeds) | − DPO | − ALLO | "
-             f"\"{demo.planted_phrase(task)}\" problems | other problems | chosen rate |", "|---|---|---|---|---|---|---|"]
+             f"\"{demo.planted_phrase(task)}\" problems | other problems | chosen rate |",
+             "|---|---|---|---|---|---|---|"]
     for label in labels:
         rows = by[label]
         accs = [100 * statistics.mean(r["correct"]) for r in rows]
@@ -398,7 +400,8 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
     lines += ["", *contrasts(tuned, by, methods)]
     if bound:
         allo = 100 * statistics.mean(c for r in by["+ALLO"] for c in r["correct"])
-        lines += ["", "UPPER BOUND, NOT A RESULT: each method at its best grid point on the test split itself (all test "
+        lines += ["", "UPPER BOUND, NOT A RESULT: each method at its best grid point on the test split itself (all "
+                      "test "
                       f"problems pooled), against ALLO at its development-chosen rate ({allo:.1f}%):", "",
                   "| method | best factor on test | test accuracy % (upper bound) | ALLO (dev-tuned) − this |",
                   "|---|---|---|---|"]
