@@ -422,3 +422,18 @@ def test_two_gpu_tests_skip_with_the_reason_where_fewer_are_seen(monkeypatch):
     assert [m.kwargs["reason"] for m in items[0].marks] == [
         "needs two CUDA GPUs (torch sees 1): run `make gpu-check` on a node with two"]
     assert items[1].marks == []  # a one-GPU test runs
+
+
+def test_an_engine_norm_on_the_gpu_skips_the_step_on_the_gpu():
+    """Under ZeRO-3 DeepSpeed's global norm (norm_source) lives on the GPU with the fp32 partition: the skip flag the
+    fused kernel gets stays there (fake CUDA refuses a CPU tensor as the kernel's found_inf), and a NaN norm leaves
+    every element where it was."""
+    start = torch.randn(46, generator=torch.Generator().manual_seed(1))
+    with fake_cuda():
+        flat = cuda(start)
+        flat.grad = cuda(torch.randn(46, generator=torch.Generator().manual_seed(2)))
+        opt = MaskedAdamW([flat], lr=0.1, weight_decay=0.1)
+        opt.attach_masks({id(flat): cuda(torch.rand(46, generator=torch.Generator().manual_seed(3)) < 0.3)})
+        opt.norm_source = lambda: cuda(torch.tensor(float("nan")))
+        opt.step()
+    assert torch.equal(real(flat), start)
