@@ -160,13 +160,15 @@ class MatchedConfig:
     objective settings, started or fed differently. Off unless enabled, so runs train only what they ask for."""
     enabled: bool = knob(False, "Train this baseline (and give it a row in the eval table); `allo --help` says "
                                 "what each one is.")
+    beta: Optional[float] = knob(None, "This baseline's own DPO β (null: the dpo section's), so that each baseline's "
+                                       "β is tuned apart; the SFT baseline (rft) has none.", gt=0)
     SPEC_TRAIN: ClassVar[dict] = DPOConfig.SPEC_TRAIN
     train: dict = _train()
 
 
 @dataclass
 class DPONLLConfig(MatchedConfig):
-    """The DPO+NLL matched baseline: the dpo section's objective with its own NLL weight."""
+    """The DPO+NLL matched baseline: the dpo section's objective with its own NLL weight (and β, if set)."""
     nll_weight: float = knob(1.0, "Weight of the chosen responses' length-normalised NLL added to the DPO loss "
                                   "(Pang et al. 2024 use 1).", ge=0)
 

@@ -652,7 +652,7 @@ def measured_mfu() -> Optional[tuple[float, float, str]]:
 def plan(recipe: Recipe, hw: Hardware, only: Optional[list[str]] = None,
          problems: Optional[int] = None) -> list[StepPlan]:
     """The plan of every step the recipe runs (or of the steps in `only`)."""
-    from allo.steps import REGISTRY, resolve
+    from allo.steps import REGISTRY
 
     unknown = [n for n in only or () if n not in REGISTRY]
     if unknown:
@@ -668,7 +668,7 @@ def plan(recipe: Recipe, hw: Hardware, only: Optional[list[str]] = None,
             if init not in shapes:
                 shapes[init] = shape_of(model_config(recipe, init))
             sh = shapes[init]
-            r = resolve(step.train.recipe)(recipe) if step.train.recipe else recipe  # the reward model's lengths
+            r = step.train.adapt(recipe)  # the reward model's lengths, a baseline's own β
             p = train_plan(r, step, sh, hw)
             p.tokens, records, p.tokens_source = step_tokens(r, step, problems)
             p.flops = train_flops(r, step, sh, p.tokens, records)

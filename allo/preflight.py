@@ -420,7 +420,7 @@ def check_batch(steps: Iterable[tuple[str, str, object]], world: int) -> None:
 def training_sections(recipe, steps: Iterable[str]) -> list[tuple[str, str, object]]:
     """(step, section, recipe as the step trains with it) of the training steps among `steps` that train (not
     skipped, not switched off, not taking another step's outputs)."""
-    from allo.steps import REGISTRY, repeats, resolve
+    from allo.steps import REGISTRY, repeats
 
     out = []
     for name in steps:
@@ -428,7 +428,7 @@ def training_sections(recipe, steps: Iterable[str]) -> list[tuple[str, str, obje
         t = step.train
         if t is None or (step.skip and step.skip(recipe)) or repeats(step, recipe):
             continue
-        adapted = resolve(t.recipe)(recipe) if t.recipe else recipe
+        adapted = t.adapt(recipe)
         if getattr(getattr(adapted, t.section), "enabled", True):
             out.append((name, t.section, adapted))
     return out

@@ -36,12 +36,17 @@ class Training:
     data: str                         # records: an input ("pairs/pairs.jsonl") or "recipe:KEY"
     init: str                         # starting weights: an input ("forget/model") or "recipe:KEY|FALLBACK"
     mask: Optional[str] = None        # neuron mask, an input ("locate/n1.safetensors")
-    recipe: Optional[str] = None      # "module:function" adapting the recipe (the reward model's data settings)
+    recipe: Optional[str] = None      # "module:function"(recipe, section) adapting the recipe (the reward model's
+                                      # data settings, a matched baseline's own β)
     after: Optional[str] = None       # "module:function" run on every rank after training (see runner.run_stage)
     same_as: Optional[str] = None     # a training step this one repeats when the recipe gives both the same
                                       # data, weights and settings: its outputs are taken instead of training again
     steps_of: tuple[str, ...] = ()    # train for as many optimizer steps as these steps took together (their
                                       # manifests' counts become train.max_steps): a step-matched baseline
+
+    def adapt(self, recipe: Recipe) -> Recipe:
+        """The recipe this step trains with: `recipe` through its adapter, if it has one."""
+        return resolve(self.recipe)(recipe, self.section) if self.recipe else recipe
 
 
 @dataclass(frozen=True)
@@ -170,23 +175,26 @@ def _matched() -> list[Step]:
             return f"{' and '.join(f'{s}.enabled' for s in sections)} are false (matched baselines)"
         return skip
 
+    def dpo(section: str, **where) -> Training:
+        """DPO with the dpo section's objective and the baseline's own β (and NLL weight)."""
+        return Training("dpo", section, recipe="allo.stages.matched:dpo_recipe", **where)
+
     return [
         Step("dpo-steps", "Matched baseline: DPO from the SFT model for as many optimizer steps as forget and improve "
                           "together (the pairs repeat as needed).",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl", "forget/model", "improve/model"), outputs=("model",),
              config=TRAIN_KEYS + ("dpo", "dpo_steps"), label="+DPO-steps", skip=off("dpo_steps"),
-             train=Training("dpo", "dpo_steps", data="pairs/pairs.jsonl", init=SFT_MODEL,
-                            steps_of=("forget", "improve"))),
+             train=dpo("dpo_steps", data="pairs/pairs.jsonl", init=SFT_MODEL, steps_of=("forget", "improve"))),
         Step("npo-dpo", "Matched baseline: DPO on the pairs from the NPO baseline's model (NPO then DPO, every "
                         "parameter, on ALLO's wrong responses and pairs).",
              inputs=("npo/model", "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo", "npo_dpo"),
              label="+NPO-DPO", skip=off("npo_dpo"),
-             train=Training("dpo", "npo_dpo", data="pairs/pairs.jsonl", init="npo/model")),
+             train=dpo("npo_dpo", data="pairs/pairs.jsonl", init="npo/model")),
         Step("dpo-rewrites", "Matched baseline: DPO from the SFT model on pairs whose chosen response is the "
                              "teacher's rewrite of the wrong one (the teacher's signal, without ALLO).",
              inputs=(SFT_MODEL, "reward-data/pairs.jsonl"), outputs=("model",),
              config=TRAIN_KEYS + ("dpo", "dpo_rewrites"), label="+DPO-rewrites", skip=off("dpo_rewrites"),
-             train=Training("dpo", "dpo_rewrites", data="reward-data/pairs.jsonl", init=SFT_MODEL)),
+             train=dpo("dpo_rewrites", data="reward-data/pairs.jsonl", init=SFT_MODEL)),
         Step("pairs-rewrites", "The sampled pairs and the teacher's rewrite pairs in one file (the data of "
                                "dpo-pairs-rewrites).",
              inputs=("pairs/pairs.jsonl", "reward-data/pairs.jsonl"), outputs=("pairs.jsonl",),
@@ -197,14 +205,13 @@ def _matched() -> list[Step]:
              inputs=(SFT_MODEL, "pairs-rewrites/pairs.jsonl", "forget/model", "improve/model"), outputs=("model",),
              config=TRAIN_KEYS + ("dpo", "dpo_pairs_rewrites"), label="+DPO-pairs-rewrites",
              skip=off("dpo_pairs_rewrites"),
-             train=Training("dpo", "dpo_pairs_rewrites", data="pairs-rewrites/pairs.jsonl", init=SFT_MODEL,
-                            steps_of=("forget", "improve"))),
+             train=dpo("dpo_pairs_rewrites", data="pairs-rewrites/pairs.jsonl", init=SFT_MODEL,
+                       steps_of=("forget", "improve"))),
         Step("dpo-nll", "Matched baseline: DPO+NLL from the SFT model on the pairs (the dpo section's objective with "
                         "dpo_nll.nll_weight × the chosen responses' NLL added).",
              inputs=(SFT_MODEL, "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo", "dpo_nll"),
              label="+DPO-NLL", skip=off("dpo_nll"),
-             train=Training("dpo", "dpo_nll", data="pairs/pairs.jsonl", init=SFT_MODEL,
-                            recipe="allo.stages.matched:dpo_nll_recipe")),
+             train=dpo("dpo_nll", data="pairs/pairs.jsonl", init=SFT_MODEL)),
         Step("rft-data", "The gold reference solutions of the sampled problems as SFT records (the data of rft).",
              inputs=("sample/samples.jsonl",), outputs=("sft.jsonl",), config=("data.limit",),
              run="allo.stages.matched:rft_data_step",
@@ -217,7 +224,7 @@ def _matched() -> list[Step]:
         Step("rft-dpo", "Matched baseline: DPO on the pairs from the RFT model (gold-reference SFT, then DPO).",
              inputs=("rft/model", "pairs/pairs.jsonl"), outputs=("model",), config=TRAIN_KEYS + ("dpo", "rft_dpo"),
              label="+RFT-DPO", skip=off("rft_dpo"),
-             train=Training("dpo", "rft_dpo", data="pairs/pairs.jsonl", init="rft/model")),
+             train=dpo("rft_dpo", data="pairs/pairs.jsonl", init="rft/model")),
     ]
 
 

@@ -127,3 +127,18 @@ def test_random_train_sections_validate_or_explain(values):
         assert "train." in str(e)
     else:
         assert r.train.lr > 0 and r.train.global_batch_size >= 1
+
+
+def test_matched_baseline_objective_takes_its_own_beta():
+    """A matched DPO baseline trains with the dpo section's objective, its own β where it sets one (so that each
+    baseline's β is tuned apart) and, for DPO+NLL, its own NLL weight; DPO's own section is never changed."""
+    from allo.stages.matched import dpo_recipe
+
+    r = load_recipe(None, ["dpo.beta=0.2", "dpo.label_smoothing=0.1", "dpo_steps.beta=0.05", "dpo_nll.nll_weight=0.5"])
+    steps = dpo_recipe(r, "dpo_steps").dpo
+    assert (steps.beta, steps.label_smoothing, steps.nll_weight) == (0.05, 0.1, 0.0)
+    assert dpo_recipe(r, "npo_dpo").dpo.beta == 0.2  # unset: the dpo section's
+    nll = dpo_recipe(r, "dpo_nll").dpo
+    assert (nll.beta, nll.nll_weight) == (0.2, 0.5) and r.dpo.nll_weight == 0.0
+    with pytest.raises(ValueError, match="dpo_steps.beta"):
+        load_recipe(None, ["dpo_steps.beta=0"])

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import ENV, ROOT, torchrun
@@ -178,7 +179,8 @@ def test_baselines_with_allo_information(quick_run):
     and DPO from it. Each manifest counts its compute."""
     run, _ = quick_run
     on = [x for s in ("dpo_pairs_rewrites", "dpo_nll", "rft", "rft_dpo") for x in ("--set", f"{s}.enabled=true")]
-    torchrun(["run", str(run / "recipe.yaml"), *on, "--set", "dpo_nll.nll_weight=0.5", "--only",
+    torchrun(["run", str(run / "recipe.yaml"), *on, "--set", "dpo_nll.nll_weight=0.5", "--set", "rft_dpo.beta=0.3",
+              "--only",
               "pairs-rewrites,dpo-pairs-rewrites,dpo-nll,rft-data,rft,rft-dpo"])
     manifest = lambda stage: json.loads((run / stage / "manifest.json").read_text())  # noqa: E731
     lines = lambda path: (run / path).read_text().splitlines()  # noqa: E731
@@ -186,7 +188,9 @@ def test_baselines_with_allo_information(quick_run):
         lines("reward-data/pairs.jsonl"))
     assert manifest("dpo-pairs-rewrites")["steps"] == manifest("forget")["steps"] + manifest("improve")["steps"]
     nll = [json.loads(x) for x in lines("dpo-nll/metrics.jsonl")]
-    assert all("nll/chosen" in r for r in nll) and "nll_weight: 0.5" in (run / "dpo-nll" / "config.yaml").read_text()
+    trained_with = lambda step: yaml.safe_load((run / step / "config.yaml").read_text())["dpo"]  # noqa: E731
+    assert all("nll/chosen" in r for r in nll) and trained_with("dpo-nll")["nll_weight"] == 0.5
+    assert trained_with("rft-dpo")["beta"] == 0.3 and trained_with("dpo-nll")["beta"] == 0.1  # own β, else dpo's
     problems = {json.loads(x)["prompt"]: json.loads(x)["reference"] for x in lines("data/problems.jsonl")}
     sampled = {json.loads(x)["prompt"] for x in lines("sample/samples.jsonl")}
     rft = [json.loads(x) for x in lines("rft-data/sft.jsonl")]

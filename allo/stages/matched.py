@@ -4,16 +4,21 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from allo.config import Recipe
+from allo.config import DPONLLConfig, Recipe
 from allo.io import read_jsonl, write_jsonl
 from allo.steps import Context
 
 log = logging.getLogger(__name__)
 
 
-def dpo_nll_recipe(recipe: Recipe) -> Recipe:
-    """DPO+NLL: the dpo section's objective with dpo_nll's NLL weight."""
-    return replace(recipe, dpo=replace(recipe.dpo, nll_weight=recipe.dpo_nll.nll_weight))
+def dpo_recipe(recipe: Recipe, section: str) -> Recipe:
+    """A matched DPO baseline's objective: the dpo section's, with the baseline's own β where it sets one and, for
+    DPO+NLL, its NLL weight (each baseline's knobs are then tuned apart from DPO's)."""
+    own = getattr(recipe, section)
+    dpo = recipe.dpo if own.beta is None else replace(recipe.dpo, beta=own.beta)
+    if isinstance(own, DPONLLConfig):
+        dpo = replace(dpo, nll_weight=own.nll_weight)
+    return replace(recipe, dpo=dpo)
 
 
 def pairs_rewrites_step(ctx: Context) -> dict:

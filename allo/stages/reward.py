@@ -17,9 +17,9 @@ from allo.steps import Context
 log = logging.getLogger(__name__)
 
 
-def reward_model_recipe(recipe: Recipe) -> Recipe:
-    """The reward model reads rewrite prompts as they are, with the reward section's lengths."""
-    rw = recipe.reward
+def reward_model_recipe(recipe: Recipe, section: str) -> Recipe:
+    """The reward model reads rewrite prompts as they are, with its section's (reward's) lengths."""
+    rw = getattr(recipe, section)
     return replace(recipe, data=replace(recipe.data, template="raw", max_length=rw.max_length,
                                         max_prompt_length=rw.max_prompt_length))
 

@@ -150,7 +150,7 @@ def train_step(ctx: Context, step: Step) -> Optional[dict]:
         return _take_outputs(ctx, source, step.name) if ctx.sync.rank == 0 else None
     from allo.preflight import check_training
 
-    recipe = resolve(t.recipe)(ctx.recipe) if t.recipe else ctx.recipe
+    recipe = t.adapt(ctx.recipe)
     if t.steps_of:
         recipe = _steps_matched(ctx, recipe, step)
     data, init, mask = ctx.path(t.data), ctx.path(t.init), ctx.path(t.mask) if t.mask else None
