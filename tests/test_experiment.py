@@ -17,12 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes" / "tiny"))
 import experiment  # noqa: E402
 
-# Development accuracy as a function of each method's grid factor: DPO peaks at ×100 (past the grid), ALLO likes
-# the smallest rate (past every extension), without-locate ×1/10, NPO-DPO ×10 but only when NPO sits at its own best
-# (×1); the rest ×1.
-DEV = {"+DPO": lambda f: -abs(math.log(f["dpo"] / 100)), "+ALLO": lambda f: 1 / f["improve"],
-       "ALLO without locate": lambda f: -abs(math.log(f["improve"] * 10)),
-       "+NPO-DPO": lambda f: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1)}
+# Development accuracy as a function of each method's grid factors f and settings kv: DPO peaks at ×100 (past the
+# grid) and at β 0.3 (its knob ×3), ALLO likes the smallest rate (past every extension) and forget's rate at 1/3 of
+# its share (its knob), without-locate ×1/10, NPO-DPO ×10 but only when NPO sits at its own best (×1); the rest ×1,
+# their knobs flat (a tie, kept at ×1).
+DEV = {"+DPO": lambda f, kv: -abs(math.log(f["dpo"] / 100)) + 0.5 * (kv["dpo.beta"] == "0.3"),
+       "+ALLO": lambda f, kv: 1 / f["improve"] + 0.5 * (f["forget"] / f["improve"] == pytest.approx(1 / 3)),
+       "ALLO without locate": lambda f, kv: -abs(math.log(f["improve"] * 10)),
+       "+NPO-DPO": lambda f, kv: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1)}
 TEST_ACC = {"SFT": 3, "+DPO": 5, "+NPO": 4, "+SimPO": 4, "+ALLO": 8, "+DPO-steps": 6, "+NPO-DPO": 5,
             "+DPO-rewrites": 6, "+DPO-pairs-rewrites": 6, "+DPO-NLL": 5, "+RFT": 4, "+RFT-DPO": 6,
             "ALLO without locate": 6}  # right answers of 10 test problems
@@ -49,6 +51,7 @@ def fake_experiment(tmp_path: Path, monkeypatch) -> list[dict]:
         factor = {s: float(kv[f"{s}.train.lr"]) / base[s] for s in base}
         split = "test" if kv["task.eval"].endswith("test.jsonl") else "dev"
         calls.append({"command": command, "extra": extra, "seed": int(kv["seed"]), "split": split, "factor": factor,
+                      "kv": kv,
                       "test_exists": (run / "data" / "test.jsonl").exists(), "sets": list(sets), "env": env,
                       "run": run.name, "eval_exists": Path(kv["task.eval"]).exists()})
         variants = {"locate": "without-locate"} if command == "ablate" else {}
@@ -57,7 +60,7 @@ def fake_experiment(tmp_path: Path, monkeypatch) -> list[dict]:
             label: run for label in ["SFT", *labels] if label != "ALLO without locate"}
         for label, where in rows.items():
             row = "+ALLO" if label == "ALLO without locate" else label
-            acc = 0.4 + 0.01 * DEV.get(label, lambda f: 0)(factor)
+            acc = 0.4 + 0.01 * DEV.get(label, lambda f, kv: 0)(factor, kv)
             if split == "test":
                 right = TEST_ACC[label] - (label == "+ALLO" and env is not None)
                 acc = right / 10
@@ -91,10 +94,10 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     after = [c for c in [c for c in tuning if c["command"] == "run"][len(experiment.GRID):]
              if c["factor"]["npo"] == pytest.approx(1.0)]  # past the shared grid, with NPO at its chosen ×1
     n = len(experiment.GRID)
-    assert len(after) == 2 * n  # NPO-DPO's grid after NPO's, then RFT-DPO's after RFT's
+    assert len(after) == 2 * n + 4  # NPO-DPO's grid after NPO's, RFT-DPO's after RFT's; then the knobs' points
     assert [c["factor"]["npo_dpo"] for c in after[:n]] == pytest.approx(experiment.GRID, rel=1e-3), "NPO-DPO's grid"
-    assert [c["factor"]["rft_dpo"] for c in after[n:]] == pytest.approx(experiment.GRID, rel=1e-3), "RFT-DPO's grid"
-    assert all(c["factor"]["rft"] == pytest.approx(1.0) for c in after[n:]), "RFT at its best"
+    assert [c["factor"]["rft_dpo"] for c in after[n:2 * n]] == pytest.approx(experiment.GRID, rel=1e-3), "RFT-DPO's grid"
+    assert all(c["factor"]["rft"] == pytest.approx(1.0) for c in after[n:2 * n]), "RFT at its best"
     result = json.loads((tmp_path / "result.json").read_text())
     tried = lambda method: sorted(round(float(g), 4) for g in result["tuning"]["dev"][method])  # noqa: E731
     assert tried("+DPO")[-2:] == [100.0, 300.0], "past the grid's top edge until the best is inside"
@@ -105,7 +108,8 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     assert best["ALLO without locate"] == pytest.approx(0.1) and best["+NPO-DPO"] == 10.0 and best["+NPO"] == 1.0
     run_test, ablate_test = testing[0], testing[1]
     assert run_test["factor"]["dpo"] == pytest.approx(100, rel=1e-3)
-    assert run_test["factor"]["forget"] == pytest.approx(0.01, rel=1e-3)
+    assert run_test["factor"]["forget"] == pytest.approx(0.01 / 3, rel=1e-3)  # and its knob: forget's share ×1/3
+    assert run_test["factor"]["improve"] == pytest.approx(0.01, rel=1e-3)
     assert ablate_test["factor"]["forget"] == pytest.approx(0.1, rel=1e-3), "a control at its own chosen rate"
     text = (tmp_path / "table.md").read_text()
     assert "| +ALLO | 80.0 ± 0.0 | +30.0 [" in text, text  # 8 vs 5 right of 10, on both seeds
@@ -137,6 +141,7 @@ def test_ties_follow_a_stated_rule_whatever_the_order_tried():
     for order in itertools.permutations(even):
         assert experiment.pick({g: even[g] for g in order}) == 3.0  # the same neighbours: the larger rate
     assert experiment.pick({0.1: 30.0, 1.0: 35.0, 10.0: 35.0, 30.0: 35.0}) == 10.0  # smoothing prefers the middle
+    assert experiment.pick({1.0: 0.4, 2.0: 0.4, 3.0: 0.4}) == 1.0  # (0.4+0.4+0.4)/3 > 0.4 in floats: a tie all the same
 
 
 def test_another_task_runs_apart_and_names_its_planted_step(tmp_path, monkeypatch):
@@ -241,3 +246,34 @@ def test_a_finer_grid_and_a_larger_development_split(tmp_path, monkeypatch):
     experiment.main(["--quick", "--seeds", "1"])
     assert (tmp_path / "plain" / "seed1" / "data" / "test.jsonl").read_text() == test_split
     assert "×0.577" in (tmp_path / "table.md").read_text()
+
+
+def test_each_method_tunes_a_second_knob_at_its_chosen_rate(tmp_path, monkeypatch):
+    """After the rates, every method's second knob (β, the NLL weight, RFT's epochs, ALLO's forget:improve ratio)
+    at its chosen rate, on the development split, two runs for all methods at once (each knob moves only its own
+    method's sections), then two for the methods tuned after another; a flat knob keeps ×1. The test runs use the
+    chosen knobs, and no baseline's β follows DPO's."""
+    calls = fake_experiment(tmp_path, monkeypatch)
+    experiment.main(["--quick", "--seeds", "1"])
+    tuning = [c for c in calls if c["seed"] == experiment.TUNING_SEED and c["command"] == "run"]
+    knob_runs = [c["kv"] for c in tuning if c["kv"]["dpo.beta"] != "0.1"][:2]
+    assert [kv["dpo.beta"] for kv in knob_runs] == ["0.0333", "0.3"]
+    for kv, k, epochs in zip(knob_runs, (1 / 3, 3), ("2", "3")):  # RFT's epochs: 2 and 3 besides its 1
+        assert kv["dpo_steps.beta"] == kv["npo.beta"] == f"{0.1 * k:.3g}" and kv["simpo.beta"] == f"{2 * k:.3g}"
+        assert kv["dpo_nll.nll_weight"] == f"{k:.3g}" and kv["rft.train.epochs"] == epochs
+        assert kv["dpo.train.lr"] == f"{100 * 6e-6:.3g}", "at DPO's chosen rate"
+        forget, improve = float(kv["forget.train.lr"]), float(kv["improve.train.lr"])
+        assert forget / improve == pytest.approx(5 * k, rel=1e-2), "ALLO's knob: forget's rate against improve's"
+    assert all(c["factor"]["forget"] == pytest.approx(0.1 * k, rel=1e-2)
+               for c, k in zip([c for c in calls if c["command"] == "ablate" and c["seed"] == 0][-2:], (1 / 3, 3)))
+    late = [c["kv"] for c in tuning[tuning.index(next(c for c in tuning if c["kv"]["dpo.beta"] == "0.3")) + 1:]]
+    assert [(kv["npo_dpo.beta"], kv["rft_dpo.beta"]) for kv in late] == [("0.0333", "0.0333"), ("0.3", "0.3")]
+    assert all(kv["dpo.beta"] == "0.3" and kv["rft.train.epochs"] == "1" for kv in late), "the first at their best"
+    result = json.loads((tmp_path / "result.json").read_text())["tuning"]
+    assert result["best_knob"]["+DPO"] == 3.0 and result["best_knob"]["+ALLO"] == pytest.approx(1 / 3)
+    assert {k for label, k in result["best_knob"].items() if label not in ("+DPO", "+ALLO")} == {1.0}
+    test_run = next(c["kv"] for c in calls if c["split"] == "test" and c["command"] == "run")
+    assert test_run["dpo.beta"] == "0.3" and test_run["dpo_steps.beta"] == "0.1" and test_run["rft_dpo.beta"] == "0.1"
+    text = (tmp_path / "table.md").read_text()
+    assert "| ×100 (dpo 0.0006); β ×3 (0.3) |" in text and "; forget:improve rate ratio ×0.333 |" in text
+    assert "| +RFT | epochs |  | 40.0 | 40.0 | 40.0 |" in text

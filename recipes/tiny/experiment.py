@@ -21,7 +21,11 @@ Methods, each trained from the seed's SFT model:
    method gets the same five grid points, its recipe learning rates × 1/3, 1, 3, 10 and 30 (ALLO and its controls:
    forget's and improve's together, at the recipe's ratio). A method whose best is an edge of the points tried
    gets the next point past it (×1/10, 1/30, 1/100 or ×100, 300, 1000) until its best is inside. NPO-DPO is tuned
-   after NPO, with NPO at its chosen rate. Ties are broken by `pick`'s stated rule.
+   after NPO, with NPO at its chosen rate. Then each method's second knob at its chosen rate, ×1/3 and ×3 of the
+   recipe's value besides ×1: β (NPO, SimPO and every DPO-family baseline, each its own), DPO+NLL's NLL weight,
+   RFT's epochs (2 and 3 besides 1) and ALLO's forget:improve rate ratio (forget's rate ×1/3 or ×3, improve's
+   kept; its controls too): all methods in two runs, the methods tuned after another in two more. Ties are broken by
+   `pick`'s stated rule.
 2. Test once per seed (default seeds 1..8): every method at its chosen rates; each model is evaluated once on the
    seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
    the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); one primary
@@ -54,6 +58,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -64,6 +69,7 @@ import demo  # noqa: E402
 
 from allo.config import load_recipe  # noqa: E402
 from allo.eval.stats import Paired, hierarchical_bootstrap, holm, paired_bootstrap  # noqa: E402
+from allo.steps import lookup  # noqa: E402
 
 OUT = ROOT / "runs" / "tiny" / "experiment"
 TUNING_SEED = 0
@@ -78,6 +84,29 @@ GRIDS = {"default": (GRID, BEYOND),
 
 
 @dataclass(frozen=True)
+class Knob:
+    """A method's second tuned setting, tried at its chosen rate: `keys` at the recipe's value × each factor, or
+    with `rate`, those sections' learning rates × each factor (ALLO's forget:improve ratio: forget's rate moves,
+    improve's stays)."""
+    name: str                                  # its column in the table
+    keys: tuple[str, ...]                      # recipe keys, or with `rate` the sections whose rate it scales
+    factors: tuple[float, ...] = (1 / 3, 3.0)  # tried besides ×1 (the value its rate was tuned at)
+    rate: bool = False
+    integer: bool = False                      # a count (epochs): the values are rounded
+
+    def value(self, base: float, k: float) -> str:
+        v = base * k
+        return str(round(v)) if self.integer else f"{v:.3g}"
+
+
+def beta(section: str) -> Knob:
+    return Knob("β", (f"{section}.beta",))
+
+
+RATIO = Knob("forget:improve rate ratio", ("forget",), rate=True)
+
+
+@dataclass(frozen=True)
 class Method:
     label: str                       # its row; a pipeline method's eval label
     rates: tuple[str, ...]           # recipe sections whose train.lr the grid scales
@@ -87,28 +116,35 @@ class Method:
     after: Optional[str] = None      # a method whose rates stay at their chosen values while this one is tuned
     control: bool = False            # only with --controls
     steps: tuple[str, ...] = ()      # the pipeline steps that train it (for its optimizer steps and examples)
+    knob: Optional[Knob] = None      # its second tuned setting
 
 
 ALLO_STEPS = ("warmup", "reward-train", "forget", "improve")
 METHODS = (
-    Method("+DPO", ("dpo",), steps=("dpo",)),
-    Method("+NPO", ("npo",), steps=("npo",)),
-    Method("+SimPO", ("simpo",), steps=("simpo",)),
-    Method("+ALLO", ("forget", "improve"), steps=ALLO_STEPS),
-    Method("+DPO-steps", ("dpo_steps",), enable=("dpo_steps",), steps=("dpo-steps",)),
-    Method("+NPO-DPO", ("npo_dpo",), enable=("npo_dpo",), after="+NPO", steps=("npo", "npo-dpo")),
-    Method("+DPO-rewrites", ("dpo_rewrites",), enable=("dpo_rewrites",), steps=("dpo-rewrites",)),
+    Method("+DPO", ("dpo",), steps=("dpo",), knob=beta("dpo")),
+    Method("+NPO", ("npo",), steps=("npo",), knob=beta("npo")),
+    Method("+SimPO", ("simpo",), steps=("simpo",), knob=beta("simpo")),
+    Method("+ALLO", ("forget", "improve"), steps=ALLO_STEPS, knob=RATIO),
+    Method("+DPO-steps", ("dpo_steps",), enable=("dpo_steps",), steps=("dpo-steps",), knob=beta("dpo_steps")),
+    Method("+NPO-DPO", ("npo_dpo",), enable=("npo_dpo",), after="+NPO", steps=("npo", "npo-dpo"),
+           knob=beta("npo_dpo")),
+    Method("+DPO-rewrites", ("dpo_rewrites",), enable=("dpo_rewrites",), steps=("dpo-rewrites",),
+           knob=beta("dpo_rewrites")),
     Method("+DPO-pairs-rewrites", ("dpo_pairs_rewrites",), enable=("dpo_pairs_rewrites",),
-           steps=("dpo-pairs-rewrites",)),
-    Method("+DPO-NLL", ("dpo_nll",), enable=("dpo_nll",), steps=("dpo-nll",)),
-    Method("+RFT", ("rft",), enable=("rft",), steps=("rft",)),
-    Method("+RFT-DPO", ("rft_dpo",), enable=("rft_dpo",), after="+RFT", steps=("rft", "rft-dpo")),
-    Method("ALLO without locate", ("forget", "improve"), variant="without-locate", steps=ALLO_STEPS),
-    Method("ALLO, random masks", ("forget", "improve"), variant="mask-random", control=True, steps=ALLO_STEPS),
+           steps=("dpo-pairs-rewrites",), knob=beta("dpo_pairs_rewrites")),
+    Method("+DPO-NLL", ("dpo_nll",), enable=("dpo_nll",), steps=("dpo-nll",),
+           knob=Knob("NLL weight", ("dpo_nll.nll_weight",))),
+    Method("+RFT", ("rft",), enable=("rft",), steps=("rft",),
+           knob=Knob("epochs", ("rft.train.epochs",), factors=(2.0, 3.0), integer=True)),
+    Method("+RFT-DPO", ("rft_dpo",), enable=("rft_dpo",), after="+RFT", steps=("rft", "rft-dpo"),
+           knob=beta("rft_dpo")),
+    Method("ALLO without locate", ("forget", "improve"), variant="without-locate", steps=ALLO_STEPS, knob=RATIO),
+    Method("ALLO, random masks", ("forget", "improve"), variant="mask-random", control=True, steps=ALLO_STEPS,
+           knob=RATIO),
     Method("ALLO without token reward", ("forget", "improve"), variant="without-token-reward", control=True,
-           steps=ALLO_STEPS),
+           steps=ALLO_STEPS, knob=RATIO),
     Method("ALLO without noise mask", ("forget", "improve"), variant="without-noise-mask", control=True,
-           steps=ALLO_STEPS),
+           steps=ALLO_STEPS, knob=RATIO),
 )
 
 
@@ -121,13 +157,38 @@ def base_rates(user_sets: list[str]) -> dict[str, float]:
     return {s: recipe.stage_train(s).lr for m in METHODS for s in m.rates}
 
 
+def base_knobs(user_sets: list[str]) -> dict[str, float]:
+    """The recipe's value of every knob key (a matched baseline's unset β is the dpo section's, which it trains
+    with)."""
+    recipe = load_recipe(demo.RECIPE, user_sets)
+    keys = {key for m in METHODS if m.knob and not m.knob.rate for key in m.knob.keys}
+    return {key: lookup(recipe, key) if lookup(recipe, key) is not None else recipe.dpo.beta for key in sorted(keys)}
+
+
 def rate_sets(rates: dict[str, float]) -> list[str]:
     return [f"{section}.train.lr={lr:.3g}" for section, lr in rates.items()]
 
 
-def scaled(methods: list[Method], base: dict[str, float], factor: dict[str, float]) -> dict[str, float]:
-    """Pipeline rates: each method's sections at base × its factor (the controls' sections are ALLO's)."""
-    return {s: base[s] * factor[m.label] for m in methods if not m.variant for s in m.rates}
+def own_rates(m: Method, base: dict[str, float], g: float, k: float = 1.0) -> dict[str, float]:
+    """m's sections' rates at base × g, those its rate knob moves × k too."""
+    moved = m.knob.keys if m.knob and m.knob.rate else ()
+    return {s: base[s] * g * (k if s in moved else 1.0) for s in m.rates}
+
+
+def scaled(methods: list[Method], base: dict[str, float], factor: dict[str, float],
+           knob: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Pipeline rates: each method's sections at base × its factor (× its rate knob's factor; the controls'
+    sections are ALLO's)."""
+    knob = knob or {}
+    return {s: r for m in methods if not m.variant
+            for s, r in own_rates(m, base, factor[m.label], knob.get(m.label, 1.0)).items()}
+
+
+def knob_sets(methods: list[Method], bases: dict[str, float], knob: dict[str, float]) -> list[str]:
+    """Every pipeline method's knob keys at the recipe's value × its factor (×1 unless given): set even at ×1, so
+    that no baseline's β follows another section's."""
+    return [f"{key}={m.knob.value(bases[key], knob.get(m.label, 1.0))}" for m in methods
+            if m.knob and not m.knob.rate and not m.variant for key in m.knob.keys]
 
 
 def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str], methods: list[Method],
@@ -149,14 +210,16 @@ def out_dir(size: dict) -> Path:
     return OUT if task == demo.TASK else OUT / task
 
 
-def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], controls: dict[float, list[Method]],
-            base: dict[str, float], ranks: int, env: Optional[dict] = None, data: Optional[Path] = None) -> None:
-    """One `allo run` (the pipeline methods at `rates`, evaluated on `split` of `data`'s data, default the run's),
-    then one `allo ablate` per distinct control factor (the controls at ALLO's sections × that factor)."""
-    common = sets + [f"task.eval={(data or run) / 'data' / split}"]
+def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], knobs: list[str],
+            controls: dict[tuple[float, float], list[Method]], base: dict[str, float], ranks: int,
+            env: Optional[dict] = None, data: Optional[Path] = None) -> None:
+    """One `allo run` (the pipeline methods at `rates` and `knobs`, evaluated on `split` of `data`'s data, default
+    the run's), then one `allo ablate` per distinct control setting (the controls at ALLO's sections × that rate
+    factor, forget's × that knob factor)."""
+    common = sets + knobs + [f"task.eval={(data or run) / 'data' / split}"]
     demo.allo("run", common + rate_sets(rates), ranks=ranks, env=env)
-    for factor, group in controls.items():
-        own = {**rates, **{s: base[s] * factor for s in group[0].rates}}
+    for (g, k), group in controls.items():
+        own = {**rates, **own_rates(group[0], base, g, k)}
         demo.allo("ablate", common + rate_sets(own), *ablate_flags(group), ranks=ranks, env=env)
 
 
@@ -180,22 +243,26 @@ def accuracy(run: Path, m: Method) -> float:
 
 
 class Tuning:
-    """The tuning seed's run on its development split, and each method's development accuracy per grid factor.
-    `state` is the factor of every pipeline method's rates in the run as it stands, so that trying one method's
-    point reruns only that method's steps (the pipeline skips the rest). Every point's scores are kept in
-    RUN/tuning-scores.json as they come, so that an interrupted tuning resumes where it stopped (a file written for
-    other settings is set aside)."""
+    """The tuning seed's run on its development split, and each method's development accuracy per grid factor
+    (`dev`) and, at its chosen factor, per knob factor (`knob_dev`). `state` and `knob` are the factors of every
+    pipeline method in the run as it stands, so that trying one method's point reruns only that method's steps
+    (the pipeline skips the rest). Every point's scores are kept in RUN/tuning-scores.json as they come, so that an
+    interrupted tuning resumes where it stopped (a file written for other settings is set aside)."""
 
     def __init__(self, size: dict, user_sets: list[str], methods: list[Method]):
         size = {**size, "dev": size.get("tuning_dev") or size["dev"]}  # the tuning seed's development split
         self.run, self.sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods)
         self.dev_sets = self.sets + [f"task.eval={self.run / 'data' / 'dev.jsonl'}"]  # what a single point runs
         self.base, self.methods, self.ranks = base_rates(user_sets), methods, size["ranks"]
+        self.knob_base = base_knobs(user_sets)
         self.grid, self.beyond = GRIDS[size.get("grid", "default")]
         self.dev: dict[str, dict[float, float]] = {m.label: {} for m in [Method("SFT", ()), *methods]}
+        self.knob_dev: dict[str, dict[float, float]] = {m.label: {} for m in methods if m.knob}
         self.state: dict[str, float] = {}
+        self.knob: dict[str, float] = {}
         self.saved = self.run / "tuning-scores.json"
-        self.context = {"sets": self.sets, "methods": [m.label for m in methods], "base": self.base}
+        self.context = {"sets": self.sets, "methods": [m.label for m in methods], "base": self.base,
+                        "knobs": self.knob_base}
         old = json.loads(self.saved.read_text()) if self.saved.exists() else {}
         self.scores: dict[str, dict[str, float]] = old.get("scores", {}) if old.get("context") == self.context else {}
         if self.scores:
@@ -210,14 +277,18 @@ class Tuning:
             tmp.replace(self.saved)
         return self.scores[key]
 
+    def _run_all(self, controls: dict[tuple[float, float], list[Method]]) -> None:
+        """The pipeline methods as the run stands, and `controls`, on the development split."""
+        run_all(self.run, self.sets, "dev.jsonl", scaled(self.methods, self.base, self.state, self.knob),
+                knob_sets(self.methods, self.knob_base, self.knob), controls, self.base, self.ranks)
+
     def grid_point(self, g: float, methods: list[Method]) -> None:
         """Every method of `methods` at factor g: one `allo run` and one `allo ablate` for the controls."""
         self.state = {m.label: g for m in self.methods}
         controls = [m for m in methods if m.variant]
 
         def run() -> dict[str, float]:
-            run_all(self.run, self.sets, "dev.jsonl", scaled(self.methods, self.base, self.state),
-                    {g: controls} if controls else {}, self.base, self.ranks)
+            self._run_all({(g, 1.0): controls} if controls else {})
             return {m.label: accuracy(self.run, m) for m in [Method("SFT", ()), *methods]}
 
         for label, score in self._scored(f"grid ×{g!r} {[m.label for m in methods]}", run).items():
@@ -230,15 +301,34 @@ class Tuning:
 
         def run() -> dict[str, float]:
             if m.variant:
-                own = {**scaled(self.methods, self.base, self.state), **{s: self.base[s] * g for s in m.rates}}
-                demo.allo("ablate", self.dev_sets + rate_sets(own), *ablate_flags([m]), ranks=self.ranks)
+                own = {**scaled(self.methods, self.base, self.state, self.knob), **own_rates(m, self.base, g)}
+                demo.allo("ablate", self.dev_sets + knob_sets(self.methods, self.knob_base, self.knob)
+                          + rate_sets(own), *ablate_flags([m]), ranks=self.ranks)
             else:
-                demo.allo("run", self.dev_sets + rate_sets(scaled(self.methods, self.base, self.state)),
-                          ranks=self.ranks)
+                self._run_all({})
             return {m.label: accuracy(self.run, m)}
 
         key = f"{m.label} ×{g!r} with {sorted(self.state.items())}"
         self.dev[m.label][g] = self._scored(key, run)[m.label]
+
+    def knob_point(self, i: int, methods: list[Method], best: dict[str, float]) -> None:
+        """Every method of `methods` at its chosen factor and its knob's i-th factor, in one run (each method's
+        knob moves only its own sections)."""
+        self.state = {**self.state, **{m.label: best[m.label] for m in self.methods if not m.variant}}
+        turned = {m.label: m.knob.factors[i] for m in methods if m.knob}
+        self.knob = {**self.knob, **{label: k for label, k in turned.items()}}
+        controls: dict[tuple[float, float], list[Method]] = {}
+        for m in methods:
+            if m.variant and m.knob:
+                controls.setdefault((best[m.label], turned[m.label]), []).append(m)
+
+        def run() -> dict[str, float]:
+            self._run_all(controls)
+            return {label: accuracy(self.run, next(m for m in methods if m.label == label)) for label in turned}
+
+        key = f"knob {i} of {sorted(turned)} with {sorted(self.state.items())} {sorted(self.knob.items())}"
+        for label, score in self._scored(key, run).items():
+            self.knob_dev[label][turned[label]] = score
 
     def settle(self, m: Method) -> float:
         """m's best factor, after extending its grid past an edge its best sits on (up to three points each way)."""
@@ -250,10 +340,25 @@ class Tuning:
             self.point(m, g)
         return pick(self.dev[m.label])
 
+    def knobs(self, methods: list[Method], best: dict[str, float]) -> dict[str, float]:
+        """The knob factor each of `methods` is best at, its rate at `best` (×1: the rate tuning's own score)."""
+        with_knob = [m for m in methods if m.knob]
+        for m in with_knob:
+            self.knob_dev[m.label][1.0] = self.dev[m.label][best[m.label]]
+        for i in range(max((len(m.knob.factors) for m in with_knob), default=0)):
+            at = [m for m in with_knob if i < len(m.knob.factors)]
+            print(f"\n=== tuning the second knob, point {i + 1} (" + ", ".join(
+                f"{m.label} {m.knob.name} ×{m.knob.factors[i]:.3g}" for m in at) + ")", flush=True)
+            self.knob_point(i, at, best)
+        chosen = {m.label: pick(self.knob_dev[m.label]) for m in with_knob}
+        self.knob.update(chosen)
+        return chosen
+
 
 def tune(size: dict, user_sets: list[str], methods: list[Method]) -> dict:
     """Each method's best factor on the tuning seed's development split: the shared grid, then each method's
-    extension past an edge, then the methods tuned after another (NPO-DPO with NPO at its chosen rate)."""
+    extension past an edge, then the methods tuned after another (NPO-DPO with NPO at its chosen rate); then each
+    method's second knob at its chosen rate (the methods tuned after another with that one at its chosen knob)."""
     t = Tuning(size, user_sets, methods)
     first = [m for m in methods if not m.after]
     for g in t.grid:
@@ -266,7 +371,10 @@ def tune(size: dict, user_sets: list[str], methods: list[Method]) -> dict:
             print(f"\n=== tuning {m.label} after {m.after} at ×{best[m.after]:.3g}, grid point ×{g:.3g}", flush=True)
             t.point(m, g)
         best[m.label] = t.settle(m)
-    return {"dev": t.dev, "best_factor": best, "base_rates": t.base, "grid": list(t.grid)}
+    knob = t.knobs(first, best)
+    knob.update(t.knobs([m for m in methods if m.after], best))
+    return {"dev": t.dev, "best_factor": best, "base_rates": t.base, "grid": list(t.grid), "knob_dev": t.knob_dev,
+            "best_knob": knob, "base_knobs": t.knob_base}
 
 
 def pick(scores: dict[float, float]) -> float:
@@ -276,8 +384,8 @@ def pick(scores: dict[float, float]) -> float:
     tie never tunes a method into leaving its starting model untouched."""
     tried = sorted(scores)
 
-    def smoothed(i: int) -> float:
-        near = [scores[tried[j]] for j in (i - 1, i, i + 1) if 0 <= j < len(tried)]
+    def smoothed(i: int) -> Fraction:  # exact: a float mean of equal scores can differ in its last bit with n
+        near = [Fraction(scores[tried[j]]) for j in (i - 1, i, i + 1) if 0 <= j < len(tried)]
         return sum(near) / len(near)
 
     return max(tried, key=lambda g: (scores[g], smoothed(tried.index(g)), -abs(math.log(g)), g))
@@ -296,44 +404,49 @@ def beyond(scores: dict[float, float], points: tuple[float, ...] = BEYOND) -> Op
 def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], methods: list[Method]) -> dict:
     """Each seed's test split, once, every method at its chosen rates: per method the per-problem correctness,
     "gives away" flags and its optimizer steps and examples."""
-    base, best = tuned["base_rates"], tuned["best_factor"]
-    rates = scaled(methods, base, best)
-    controls: dict[float, list[Method]] = {}
+    base, best, knob = tuned["base_rates"], tuned["best_factor"], tuned["best_knob"]
+    rates, knobs = scaled(methods, base, best, knob), knob_sets(methods, tuned["base_knobs"], knob)
+    controls: dict[tuple[float, float], list[Method]] = {}
     for m in methods:
         if m.variant:
-            controls.setdefault(best[m.label], []).append(m)
+            controls.setdefault((best[m.label], knob.get(m.label, 1.0)), []).append(m)
     out = {}
     task = size.get("task", demo.TASK)
     for seed in seeds:
         run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods)
         print(f"\n=== test, seed {seed}", flush=True)
-        run_all(run, sets, "test.jsonl", rates, controls, base, size["ranks"])
+        run_all(run, sets, "test.jsonl", rates, knobs, controls, base, size["ranks"])
         out[seed] = {m.label: outcome(run, m, task) for m in [Method("SFT", ()), *methods]}
         for r in range(1, size.get("replicates", 1)):
             again, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, apart=f"-r{r}")
             print(f"\n=== test, seed {seed}, training replicate {r} ({REPLICATE_ENV})", flush=True)
-            run_all(again, sets, "test.jsonl", rates, controls, base, size["ranks"], env=REPLICATE_ENV, data=run)
+            run_all(again, sets, "test.jsonl", rates, knobs, controls, base, size["ranks"], env=REPLICATE_ENV,
+                    data=run)
             for m in [Method("SFT", ()), *methods]:
                 out[seed][m.label].setdefault("replicates", []).append(outcome(again, m, task)["correct"])
     return out
 
 
 def upper_bound(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], methods: list[Method]) -> dict:
-    """Every method tuned on the test split itself, for comparison only: each grid point (all methods at ×g
-    together) trained and scored on every test seed, in a directory of its own (seedN-atG), and each method's best
-    point by its accuracy over all test problems. If ALLO at its development-chosen rate beats a baseline's best
-    here, tuning noise cannot explain the gap."""
+    """Every method's rate tuned on the test split itself, for comparison only: each grid point (all methods at ×g
+    together, at their development-chosen knobs) trained and scored on every test seed, in a directory of its own
+    (seedN-atG), and each method's best point by its accuracy over all test problems. If ALLO at its
+    development-chosen rate beats a baseline's best here, tuning noise cannot explain the gap."""
     task = size.get("task", demo.TASK)
-    base = tuned["base_rates"]
+    base, knob = tuned["base_rates"], tuned["best_knob"]
+    knobs = knob_sets(methods, tuned["base_knobs"], knob)
     scores: dict[str, dict[float, list[int]]] = {}
     for g in tuned.get("grid", GRID):
         factor = {m.label: g for m in methods}
-        rates = scaled(methods, base, factor)
-        controls = [m for m in methods if m.variant]
+        rates = scaled(methods, base, factor, knob)
+        controls: dict[tuple[float, float], list[Method]] = {}
+        for m in methods:
+            if m.variant:
+                controls.setdefault((g, knob.get(m.label, 1.0)), []).append(m)
         for seed in seeds:
             run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, apart=f"-at{g:.3g}")
             print(f"\n=== upper bound: grid point ×{g:.3g} on seed {seed}'s test split", flush=True)
-            run_all(run, sets, "test.jsonl", rates, {g: controls} if controls else {}, base, size["ranks"],
+            run_all(run, sets, "test.jsonl", rates, knobs, controls, base, size["ranks"],
                     data=out_dir(size) / f"seed{seed}")
             for m in [Method("SFT", ()), *methods]:
                 scores.setdefault(m.label, {}).setdefault(g, []).extend(outcome(run, m, task)["correct"])
@@ -385,7 +498,7 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
              f"best rate on seed {TUNING_SEED}'s development split. Differences pool every test problem; [95% paired "
              f"bootstrap interval, problems resampled within each seed].", "",
              "| method | accuracy (mean ± SE over seeds) | − DPO | − ALLO | "
-             f"\"{demo.planted_phrase(task)}\" problems | other problems | chosen rate |",
+             f"\"{demo.planted_phrase(task)}\" problems | other problems | chosen rate; knob |",
              "|---|---|---|---|---|---|---|"]
     for label in labels:
         rows = by[label]
@@ -422,6 +535,14 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
     for label in labels:
         dev = tuned["dev"][label]
         lines.append(f"| {label} | " + " | ".join(f"{100 * dev[g]:.1f}" if g in dev else "" for g in tried) + " |")
+    lines += ["", f"Development accuracy % on seed {TUNING_SEED} at each factor of the method's second knob, at its "
+                  "chosen rate (×1 is the rate tuning's own score; ALLO's knob scales forget's rate, improve's "
+                  "staying):", "", "| method | knob | ×1/3 | ×1 | ×2 | ×3 |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        if m.knob:
+            dev = tuned["knob_dev"][m.label]
+            lines.append(f"| {m.label} | {m.knob.name} | " + " | ".join(
+                f"{100 * dev[k]:.1f}" if k in dev else "" for k in (1 / 3, 1.0, 2.0, 3.0)) + " |")
     lines += ["", f"{time.strftime('%Y-%m-%d')}, commit {commit}, wall time {wall / 60:.0f} min on "
                   f"{demo.device()} (`python recipes/tiny/experiment.py {' '.join(argv)}`)".replace(" `)", "`)")]
     return "\n".join(lines)
@@ -429,13 +550,13 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
 
 def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> list[str]:
     """One primary contrast, ALLO against the best baseline (the baseline with the highest development accuracy at
-    its chosen rate: chosen without the test split), and the rest of ALLO's contrasts as secondary, Holm-adjusted.
+    its chosen rate and knob: chosen without the test split), and the rest of ALLO's contrasts as secondary, Holm-adjusted.
     Intervals and p-values from the hierarchical bootstrap (seeds, then problems within a seed), which counts each
     seed's training as a draw, not a fixed model; one training replicate per seed here."""
     baselines = [m.label for m in methods if not m.variant and m.label != "+ALLO"]
     if "+ALLO" not in by or not baselines:
         return []
-    dev = {label: tuned["dev"][label][tuned["best_factor"][label]] for label in baselines}
+    dev = {label: chosen_dev(tuned, label) for label in baselines}
     best = max(baselines, key=lambda label: (dev[label], label))
     runs = lambda label: [[r["correct"], *r.get("replicates", [])] for r in by[label]]  # noqa: E731
     test = {label: hierarchical_bootstrap(runs("+ALLO"), runs(label))
@@ -463,10 +584,21 @@ def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> 
     return lines
 
 
+def chosen_dev(tuned: dict, label: str) -> float:
+    """A method's development accuracy at its chosen rate and knob."""
+    at = tuned["dev"][label][tuned["best_factor"][label]]
+    return tuned["knob_dev"][label][tuned["best_knob"][label]] if label in tuned["best_knob"] else at
+
+
 def rate_text(tuned: dict, m: Method) -> str:
-    g = tuned["best_factor"][m.label]
-    rates = ", ".join(f"{s} {tuned['base_rates'][s] * g:.2g}" for s in m.rates)
-    return f"×{g:.3g} ({rates})"
+    """"×1 (dpo 6e-06); β ×3 (0.3)": the chosen rate factor and rates, then the chosen knob."""
+    g, k = tuned["best_factor"][m.label], tuned["best_knob"].get(m.label, 1.0)
+    rates = ", ".join(f"{s} {r:.2g}" for s, r in own_rates(m, tuned["base_rates"], g, k).items())
+    if not m.knob:
+        return f"×{g:.3g} ({rates})"
+    values = "" if m.knob.rate else " (" + ", ".join(m.knob.value(tuned["base_knobs"][key], k)
+                                                     for key in m.knob.keys) + ")"
+    return f"×{g:.3g} ({rates}); {m.knob.name} ×{k:.3g}{values}"
 
 
 def main(argv: Optional[list[str]] = None) -> None:
