@@ -26,8 +26,8 @@ Methods, each trained from the seed's SFT model:
    RFT's epochs (2 and 3 besides 1) and ALLO's forget:improve rate ratio (forget's rate ×1/3 or ×3, improve's
    kept; its controls too): all methods in two runs, the methods tuned after another in two more. Ties are broken by
    `pick`'s stated rule.
-2. Test once per seed (default seeds 1..8): every method at its chosen rates; each model is evaluated once on the
-   seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
+2. Test once per seed (default seeds 1..8): every method at its chosen rates and knob; each model is evaluated
+   once on the seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
    the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); one primary
    contrast, ALLO against the baseline best on the development split, and ALLO's other contrasts as secondary
    (Holm-adjusted), from a hierarchical bootstrap (seeds, then problems); accuracy on the problems with a step the
@@ -316,7 +316,7 @@ class Tuning:
         knob moves only its own sections)."""
         self.state = {**self.state, **{m.label: best[m.label] for m in self.methods if not m.variant}}
         turned = {m.label: m.knob.factors[i] for m in methods if m.knob}
-        self.knob = {**self.knob, **{label: k for label, k in turned.items()}}
+        self.knob = {**self.knob, **turned}
         controls: dict[tuple[float, float], list[Method]] = {}
         for m in methods:
             if m.variant and m.knob:
