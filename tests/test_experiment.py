@@ -96,7 +96,7 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     n = len(experiment.GRID)
     assert len(after) == 2 * n + 4  # NPO-DPO's grid after NPO's, RFT-DPO's after RFT's; then the knobs' points
     assert [c["factor"]["npo_dpo"] for c in after[:n]] == pytest.approx(experiment.GRID, rel=1e-3), "NPO-DPO's grid"
-    assert [c["factor"]["rft_dpo"] for c in after[n:2 * n]] == pytest.approx(experiment.GRID, rel=1e-3), "RFT-DPO's grid"
+    assert [c["factor"]["rft_dpo"] for c in after[n:2 * n]] == pytest.approx(experiment.GRID, rel=1e-3), "RFT-DPO's"
     assert all(c["factor"]["rft"] == pytest.approx(1.0) for c in after[n:2 * n]), "RFT at its best"
     result = json.loads((tmp_path / "result.json").read_text())
     tried = lambda method: sorted(round(float(g), 4) for g in result["tuning"]["dev"][method])  # noqa: E731

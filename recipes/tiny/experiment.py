@@ -27,11 +27,12 @@ Methods, each trained from the seed's SFT model:
    kept; its controls too): all methods in two runs, the methods tuned after another in two more. Ties are broken by
    `pick`'s stated rule.
 2. Test once per seed (default seeds 1..8): every method at its chosen rates and knob; each model is evaluated
-   once on the seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and against ALLO
-   the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed); one primary
-   contrast, ALLO against the baseline best on the development split, and ALLO's other contrasts as secondary
-   (Holm-adjusted), from a hierarchical bootstrap (seeds, then problems); accuracy on the problems with a step the
-   planted misconception acts on ("gives away") and on the rest; optimizer steps and training examples per method.
+   once on the seed's test split. Reported: mean ± standard error over seeds; for every method against DPO and
+   against ALLO the pooled difference with a 95% paired bootstrap interval (problems resampled within each seed);
+   one primary contrast, ALLO against the baseline best on the development split, and ALLO's other contrasts as
+   secondary (Holm-adjusted), from a hierarchical bootstrap (seeds, then problems); accuracy on the problems with a
+   step the planted misconception acts on ("gives away") and on the rest; optimizer steps, training examples and
+   sequence passes per method.
    Writes runs/tiny/experiment/table.md (with the date, commit and wall time) and result.json.
 
 --task picks the planted misconception (allo/tasks/arith.py: gives-away, the default; buys-minus, the other
@@ -550,7 +551,8 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
 
 def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> list[str]:
     """One primary contrast, ALLO against the best baseline (the baseline with the highest development accuracy at
-    its chosen rate and knob: chosen without the test split), and the rest of ALLO's contrasts as secondary, Holm-adjusted.
+    its chosen rate and knob: chosen without the test split), and the rest of ALLO's contrasts as secondary,
+    Holm-adjusted.
     Intervals and p-values from the hierarchical bootstrap (seeds, then problems within a seed), which counts each
     seed's training as a draw, not a fixed model; one training replicate per seed here."""
     baselines = [m.label for m in methods if not m.variant and m.label != "+ALLO"]
