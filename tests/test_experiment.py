@@ -234,18 +234,47 @@ def test_an_interrupted_tuning_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 def test_a_finer_grid_and_a_larger_development_split(tmp_path, monkeypatch):
     """--grid sqrt3 tunes every method over points √3 apart; --dev-problems sizes the tuning seed's development
-    split only (the test seeds' problems stay as they were)."""
+    split only (the test seeds' problems stay as they were), in a directory of its own, so that neither split's
+    runs or scores stand in for the other's."""
     calls = fake_experiment(tmp_path, monkeypatch)
+    experiment.main(["--quick", "--seeds", "1"])
+    plain = len([c for c in calls if c["seed"] == experiment.TUNING_SEED])
+    dev = (tmp_path / "seed0" / "data" / "dev.jsonl").read_text()
+    test_split = (tmp_path / "seed1" / "data" / "test.jsonl").read_text()
+    calls.clear()
     experiment.main(["--quick", "--seeds", "1", "--grid", "sqrt3", "--dev-problems", "50"])
-    first = [c for c in calls if c["seed"] == experiment.TUNING_SEED and c["command"] == "run"][:9]
+    tuning = [c for c in calls if c["seed"] == experiment.TUNING_SEED]
+    assert {c["run"] for c in tuning} == {"seed0-dev50"} and len(tuning) > plain, "tuned anew, none resumed"
+    first = [c for c in tuning if c["command"] == "run"][:9]
     # the rates reach `allo` with 3 significant digits: within 0.5% of the factor
     assert [c["factor"]["dpo"] for c in first] == pytest.approx([3 ** (k / 2) for k in range(-2, 7)], rel=5e-3)
-    assert len((tmp_path / "seed0" / "data" / "dev.jsonl").read_text().splitlines()) == 50
-    test_split = (tmp_path / "seed1" / "data" / "test.jsonl").read_text()
-    calls = fake_experiment(tmp_path / "plain", monkeypatch)
-    experiment.main(["--quick", "--seeds", "1"])
-    assert (tmp_path / "plain" / "seed1" / "data" / "test.jsonl").read_text() == test_split
+    assert len((tmp_path / "seed0-dev50" / "data" / "dev.jsonl").read_text().splitlines()) == 50
+    assert (tmp_path / "seed0" / "data" / "dev.jsonl").read_text() == dev, "the usual tuning seed untouched"
+    assert (tmp_path / "seed1" / "data" / "test.jsonl").read_text() == test_split
     assert "×0.577" in (tmp_path / "table.md").read_text()
+
+
+def test_a_changed_development_split_sets_old_scores_aside(tmp_path, monkeypatch):
+    """The tuning resumes only scores of the same development split: were the split's problems to change (another
+    generator, another size in the same directory), every point is tuned again."""
+    calls = fake_experiment(tmp_path, monkeypatch)
+    experiment.main(["--quick", "--seeds", "1"])
+    first = len([c for c in calls if c["seed"] == experiment.TUNING_SEED])
+    calls.clear()
+    experiment.main(["--quick", "--seeds", "1"])
+    assert not [c for c in calls if c["seed"] == experiment.TUNING_SEED], "the same split: every score resumed"
+    real = experiment.demo.prepare_seed
+
+    def other_split(run, seed, size, template, with_test=True):
+        sets = real(run, seed, size, template, with_test)
+        dev = run / "data" / "dev.jsonl"
+        dev.write_text("".join(dev.read_text().splitlines(keepends=True)[1:]))  # one problem fewer
+        return sets
+
+    monkeypatch.setattr(experiment.demo, "prepare_seed", other_split)
+    calls.clear()
+    experiment.main(["--quick", "--seeds", "1"])
+    assert len([c for c in calls if c["seed"] == experiment.TUNING_SEED]) == first
 
 
 def test_each_method_tunes_a_second_knob_at_its_chosen_rate(tmp_path, monkeypatch):

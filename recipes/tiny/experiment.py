@@ -52,6 +52,7 @@ Usage: python recipes/tiny/experiment.py [--seeds 1 2 ...] [--controls] [--quick
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -193,11 +194,13 @@ def knob_sets(methods: list[Method], bases: dict[str, float], knob: dict[str, fl
 
 
 def prepare(seed: int, size: dict, with_test: bool, user_sets: list[str], methods: list[Method],
-            apart: str = "") -> tuple[Path, list]:
-    """Seed's data (train, dev; test only when asked) and tokenizer in seedN; the run dir and its base `--set`s (the
-    matched baselines switched on). With `apart` ("-r1": a training replicate, "-at3": a grid point of the upper
-    bound) the outputs go to seedN{apart}, the seed's data and tokenizer staying in seedN (run_all's `data`)."""
-    data = out_dir(size) / f"seed{seed}"
+            apart: str = "", tag: str = "") -> tuple[Path, list]:
+    """Seed's data (train, dev; test only when asked) and tokenizer in seedN{tag}; the run dir and its base `--set`s
+    (the matched baselines switched on). With `apart` ("-r1": a training replicate, "-at3": a grid point of the
+    upper bound) the outputs go to seedN{apart}, the seed's data and tokenizer staying in seedN (run_all's `data`).
+    `tag` keeps a seed whose data differ from its usual ones apart altogether (the tuning seed with --dev-problems:
+    seed0-devN)."""
+    data = out_dir(size) / f"seed{seed}{tag}"
     template = load_recipe(demo.RECIPE, [*size["sets"], *user_sets]).data.template
     sets = demo.prepare_seed(data, seed, size, template, with_test)
     run = data.with_name(data.name + apart)
@@ -251,8 +254,10 @@ class Tuning:
     interrupted tuning resumes where it stopped (a file written for other settings is set aside)."""
 
     def __init__(self, size: dict, user_sets: list[str], methods: list[Method]):
+        tag = f"-dev{size['tuning_dev']}" if size.get("tuning_dev") else ""  # its own directory: other data
         size = {**size, "dev": size.get("tuning_dev") or size["dev"]}  # the tuning seed's development split
-        self.run, self.sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods)
+        self.run, self.sets = prepare(TUNING_SEED, size, with_test=False, user_sets=user_sets, methods=methods,
+                                      tag=tag)
         self.dev_sets = self.sets + [f"task.eval={self.run / 'data' / 'dev.jsonl'}"]  # what a single point runs
         self.base, self.methods, self.ranks = base_rates(user_sets), methods, size["ranks"]
         self.knob_base = base_knobs(user_sets)
@@ -263,7 +268,8 @@ class Tuning:
         self.knob: dict[str, float] = {}
         self.saved = self.run / "tuning-scores.json"
         self.context = {"sets": self.sets, "methods": [m.label for m in methods], "base": self.base,
-                        "knobs": self.knob_base}
+                        "knobs": self.knob_base,  # and the development split itself (scores of another are stale)
+                        "dev": hashlib.sha256((self.run / "data" / "dev.jsonl").read_bytes()).hexdigest()}
         old = json.loads(self.saved.read_text()) if self.saved.exists() else {}
         self.scores: dict[str, dict[str, float]] = old.get("scores", {}) if old.get("context") == self.context else {}
         if self.scores:
