@@ -19,12 +19,14 @@ import experiment  # noqa: E402
 
 # Development accuracy as a function of each method's grid factors f and settings kv: DPO peaks at ×100 (past the
 # grid) and at β 0.3 (its knob ×3), ALLO likes the smallest rate (past every extension) and forget's rate at 1/3 of
-# its share (its knob), without-locate ×1/10, NPO-DPO ×10 but only when NPO sits at its own best (×1); the rest ×1,
-# their knobs flat (a tie, kept at ×1).
+# its share (its knob), without-locate ×1/10, NPO-DPO ×10 but only when NPO sits at its own best (×1), RFT at 3
+# epochs (its knob), RFT-DPO at β 0.1 after RFT at 3 epochs; the rest ×1, their knobs flat (a tie, kept at ×1).
 DEV = {"+DPO": lambda f, kv: -abs(math.log(f["dpo"] / 100)) + 0.5 * (kv["dpo.beta"] == "0.3"),
        "+ALLO": lambda f, kv: 1 / f["improve"] + 0.5 * (f["forget"] / f["improve"] == pytest.approx(1 / 3)),
        "ALLO without locate": lambda f, kv: -abs(math.log(f["improve"] * 10)),
-       "+NPO-DPO": lambda f, kv: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1)}
+       "+NPO-DPO": lambda f, kv: -abs(f["npo_dpo"] - 10) - 100 * abs(f["npo"] - 1),
+       "+RFT": lambda f, kv: 0.5 * (kv["rft.train.epochs"] == "3"),
+       "+RFT-DPO": lambda f, kv: 0.5 * (kv["rft.train.epochs"] == "3" and kv["rft_dpo.beta"] == "0.1")}
 TEST_ACC = {"SFT": 3, "+DPO": 5, "+NPO": 4, "+SimPO": 4, "+ALLO": 8, "+DPO-steps": 6, "+NPO-DPO": 5,
             "+DPO-rewrites": 6, "+DPO-pairs-rewrites": 6, "+DPO-NLL": 5, "+RFT": 4, "+RFT-DPO": 6,
             "ALLO without locate": 6}  # right answers of 10 test problems
@@ -94,7 +96,7 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
     after = [c for c in [c for c in tuning if c["command"] == "run"][len(experiment.GRID):]
              if c["factor"]["npo"] == pytest.approx(1.0)]  # past the shared grid, with NPO at its chosen ×1
     n = len(experiment.GRID)
-    assert len(after) == 2 * n + 4  # NPO-DPO's grid after NPO's, RFT-DPO's after RFT's; then the knobs' points
+    assert len(after) == 2 * n + 5  # NPO-DPO's grid after NPO's, RFT-DPO's after RFT's; then the knobs' points
     assert [c["factor"]["npo_dpo"] for c in after[:n]] == pytest.approx(experiment.GRID, rel=1e-3), "NPO-DPO's grid"
     assert [c["factor"]["rft_dpo"] for c in after[n:2 * n]] == pytest.approx(experiment.GRID, rel=1e-3), "RFT-DPO's"
     assert all(c["factor"]["rft"] == pytest.approx(1.0) for c in after[n:2 * n]), "RFT at its best"
@@ -296,13 +298,17 @@ def test_each_method_tunes_a_second_knob_at_its_chosen_rate(tmp_path, monkeypatc
     assert all(c["factor"]["forget"] == pytest.approx(0.1 * k, rel=1e-2)
                for c, k in zip([c for c in calls if c["command"] == "ablate" and c["seed"] == 0][-2:], (1 / 3, 3)))
     late = [c["kv"] for c in tuning[tuning.index(next(c for c in tuning if c["kv"]["dpo.beta"] == "0.3")) + 1:]]
-    assert [(kv["npo_dpo.beta"], kv["rft_dpo.beta"]) for kv in late] == [("0.0333", "0.0333"), ("0.3", "0.3")]
-    assert all(kv["dpo.beta"] == "0.3" and kv["rft.train.epochs"] == "1" for kv in late), "the first at their best"
+    # RFT's knob moved (3 epochs), so RFT-DPO's ×1 is trained again after it, NPO-DPO's is the rate tuning's
+    assert [(kv["npo_dpo.beta"], kv["rft_dpo.beta"]) for kv in late] == [("0.0333", "0.0333"), ("0.3", "0.3"),
+                                                                         ("0.3", "0.1")]
+    assert all(kv["dpo.beta"] == "0.3" and kv["rft.train.epochs"] == "3" for kv in late), "the first at their best"
     result = json.loads((tmp_path / "result.json").read_text())["tuning"]
     assert result["best_knob"]["+DPO"] == 3.0 and result["best_knob"]["+ALLO"] == pytest.approx(1 / 3)
-    assert {k for label, k in result["best_knob"].items() if label not in ("+DPO", "+ALLO")} == {1.0}
+    assert result["best_knob"]["+RFT"] == 3.0 and result["best_knob"]["+RFT-DPO"] == 1.0  # its fresh ×1
+    assert result["knob_dev"]["+RFT-DPO"]["1.0"] == pytest.approx(0.405)
+    assert {k for label, k in result["best_knob"].items() if label not in ("+DPO", "+ALLO", "+RFT")} == {1.0}
     test_run = next(c["kv"] for c in calls if c["split"] == "test" and c["command"] == "run")
     assert test_run["dpo.beta"] == "0.3" and test_run["dpo_steps.beta"] == "0.1" and test_run["rft_dpo.beta"] == "0.1"
     text = (tmp_path / "table.md").read_text()
     assert "| ×100 (dpo 0.0006); β ×3 (0.3) |" in text and "; forget:improve rate ratio ×0.333 |" in text
-    assert "| +RFT | epochs |  | 40.0 | 40.0 | 40.0 |" in text
+    assert "| +RFT | epochs |  | 40.0 | 40.0 | 40.5 |" in text and "| ×1 (rft 0.0003); epochs ×3 (3) |" in text

@@ -318,22 +318,21 @@ class Tuning:
         key = f"{m.label} ×{g!r} with {sorted(self.state.items())}"
         self.dev[m.label][g] = self._scored(key, run)[m.label]
 
-    def knob_point(self, i: int, methods: list[Method], best: dict[str, float]) -> None:
-        """Every method of `methods` at its chosen factor and its knob's i-th factor, in one run (each method's
-        knob moves only its own sections)."""
+    def knob_point(self, turned: dict[str, float], methods: list[Method], best: dict[str, float]) -> None:
+        """Every method of `methods` at its chosen factor and its knob at `turned`'s factor, in one run (each
+        method's knob moves only its own sections)."""
         self.state = {**self.state, **{m.label: best[m.label] for m in self.methods if not m.variant}}
-        turned = {m.label: m.knob.factors[i] for m in methods if m.knob}
         self.knob = {**self.knob, **turned}
         controls: dict[tuple[float, float], list[Method]] = {}
         for m in methods:
-            if m.variant and m.knob:
+            if m.variant:
                 controls.setdefault((best[m.label], turned[m.label]), []).append(m)
 
         def run() -> dict[str, float]:
             self._run_all(controls)
-            return {label: accuracy(self.run, next(m for m in methods if m.label == label)) for label in turned}
+            return {m.label: accuracy(self.run, m) for m in methods}
 
-        key = f"knob {i} of {sorted(turned)} with {sorted(self.state.items())} {sorted(self.knob.items())}"
+        key = f"knob {sorted(turned.items())} with {sorted(self.state.items())} {sorted(self.knob.items())}"
         for label, score in self._scored(key, run).items():
             self.knob_dev[label][turned[label]] = score
 
@@ -348,16 +347,23 @@ class Tuning:
         return pick(self.dev[m.label])
 
     def knobs(self, methods: list[Method], best: dict[str, float]) -> dict[str, float]:
-        """The knob factor each of `methods` is best at, its rate at `best` (×1: the rate tuning's own score)."""
-        with_knob = [m for m in methods if m.knob]
-        for m in with_knob:
-            self.knob_dev[m.label][1.0] = self.dev[m.label][best[m.label]]
-        for i in range(max((len(m.knob.factors) for m in with_knob), default=0)):
-            at = [m for m in with_knob if i < len(m.knob.factors)]
+        """The knob factor each of `methods` is best at, its rate at `best`. ×1 is the rate tuning's own score,
+        except for a method tuned after one whose knob has moved since (RFT-DPO after RFT at 2 epochs): that one's
+        ×1 is trained again beside its other points."""
+        tries: dict[str, list[float]] = {}
+        for m in (m for m in methods if m.knob):
+            tries[m.label] = list(m.knob.factors)
+            if m.after and self.knob.get(m.after, 1.0) != 1.0:
+                tries[m.label].append(1.0)
+            else:
+                self.knob_dev[m.label][1.0] = self.dev[m.label][best[m.label]]
+        for i in range(max(map(len, tries.values()), default=0)):
+            at = [m for m in methods if i < len(tries.get(m.label, []))]
+            turned = {m.label: tries[m.label][i] for m in at}
             print(f"\n=== tuning the second knob, point {i + 1} (" + ", ".join(
-                f"{m.label} {m.knob.name} ×{m.knob.factors[i]:.3g}" for m in at) + ")", flush=True)
-            self.knob_point(i, at, best)
-        chosen = {m.label: pick(self.knob_dev[m.label]) for m in with_knob}
+                f"{m.label} {m.knob.name} ×{turned[m.label]:.3g}" for m in at) + ")", flush=True)
+            self.knob_point(turned, at, best)
+        chosen = {label: pick(self.knob_dev[label]) for label in tries}
         self.knob.update(chosen)
         return chosen
 
