@@ -163,8 +163,8 @@ def base_knobs(user_sets: list[str]) -> dict[str, float]:
     """The recipe's value of every knob key (a matched baseline's unset β is the dpo section's, which it trains
     with)."""
     recipe = load_recipe(demo.RECIPE, user_sets)
-    keys = {key for m in METHODS if m.knob and not m.knob.rate for key in m.knob.keys}
-    return {key: lookup(recipe, key) if lookup(recipe, key) is not None else recipe.dpo.beta for key in sorted(keys)}
+    values = {key: lookup(recipe, key) for m in METHODS if m.knob and not m.knob.rate for key in m.knob.keys}
+    return {key: recipe.dpo.beta if v is None else v for key, v in sorted(values.items())}
 
 
 def rate_sets(rates: dict[str, float]) -> list[str]:
@@ -212,6 +212,16 @@ def out_dir(size: dict) -> Path:
     """runs/tiny/experiment, or runs/tiny/experiment/TASK for a task other than the default."""
     task = size.get("task", demo.TASK)
     return OUT if task == demo.TASK else OUT / task
+
+
+def control_groups(methods: list[Method], factor: dict[str, float],
+                   knob: dict[str, float]) -> dict[tuple[float, float], list[Method]]:
+    """The controls among `methods` grouped by their (rate factor, knob factor): one `allo ablate` per group."""
+    groups: dict[tuple[float, float], list[Method]] = {}
+    for m in methods:
+        if m.variant:
+            groups.setdefault((factor[m.label], knob.get(m.label, 1.0)), []).append(m)
+    return groups
 
 
 def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], knobs: list[str],
@@ -323,10 +333,7 @@ class Tuning:
         method's knob moves only its own sections)."""
         self.state = {**self.state, **{m.label: best[m.label] for m in self.methods if not m.variant}}
         self.knob = {**self.knob, **turned}
-        controls: dict[tuple[float, float], list[Method]] = {}
-        for m in methods:
-            if m.variant:
-                controls.setdefault((best[m.label], turned[m.label]), []).append(m)
+        controls = control_groups(methods, best, turned)
 
         def run() -> dict[str, float]:
             self._run_all(controls)
@@ -419,10 +426,7 @@ def test(size: dict, user_sets: list[str], tuned: dict, seeds: list[int], method
     "gives away" flags and its optimizer steps and examples."""
     base, best, knob = tuned["base_rates"], tuned["best_factor"], tuned["best_knob"]
     rates, knobs = scaled(methods, base, best, knob), knob_sets(methods, tuned["base_knobs"], knob)
-    controls: dict[tuple[float, float], list[Method]] = {}
-    for m in methods:
-        if m.variant:
-            controls.setdefault((best[m.label], knob.get(m.label, 1.0)), []).append(m)
+    controls = control_groups(methods, best, knob)
     out = {}
     task = size.get("task", demo.TASK)
     for seed in seeds:
@@ -452,10 +456,7 @@ def upper_bound(size: dict, user_sets: list[str], tuned: dict, seeds: list[int],
     for g in tuned.get("grid", GRID):
         factor = {m.label: g for m in methods}
         rates = scaled(methods, base, factor, knob)
-        controls: dict[tuple[float, float], list[Method]] = {}
-        for m in methods:
-            if m.variant:
-                controls.setdefault((g, knob.get(m.label, 1.0)), []).append(m)
+        controls = control_groups(methods, factor, knob)
         for seed in seeds:
             run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, apart=f"-at{g:.3g}")
             print(f"\n=== upper bound: grid point ×{g:.3g} on seed {seed}'s test split", flush=True)
@@ -527,8 +528,7 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
     if bound:
         allo = 100 * statistics.mean(c for r in by["+ALLO"] for c in r["correct"])
         lines += ["", "UPPER BOUND, NOT A RESULT: each method at its best grid point on the test split itself (all "
-                      "test "
-                      f"problems pooled), against ALLO at its development-chosen rate ({allo:.1f}%):", "",
+                      f"test problems pooled), against ALLO at its development-chosen rate ({allo:.1f}%):", "",
                   "| method | best factor on test | test accuracy % (upper bound) | ALLO (dev-tuned) − this |",
                   "|---|---|---|---|"]
         lines += [f"| {label} | ×{b['factor']:.3g} | {b['accuracy']:.1f} | {allo - b['accuracy']:+.1f} |"
@@ -549,8 +549,9 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
         dev = tuned["dev"][label]
         lines.append(f"| {label} | " + " | ".join(f"{100 * dev[g]:.1f}" if g in dev else "" for g in tried) + " |")
     lines += ["", f"Development accuracy % on seed {TUNING_SEED} at each factor of the method's second knob, at its "
-                  "chosen rate (×1 is the rate tuning's own score; ALLO's knob scales forget's rate, improve's "
-                  "staying):", "", "| method | knob | ×1/3 | ×1 | ×2 | ×3 |", "|---|---|---|---|---|---|"]
+                  "chosen rate (×1 is the rate tuning's own score, retrained for a method tuned after one whose knob "
+                  "moved; ALLO's knob scales forget's rate, improve's staying):", "",
+              "| method | knob | ×1/3 | ×1 | ×2 | ×3 |", "|---|---|---|---|---|---|"]
     for m in methods:
         if m.knob:
             dev = tuned["knob_dev"][m.label]
@@ -564,9 +565,8 @@ def table(tuned: dict, results: dict[int, dict], methods: list[Method], wall: fl
 def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> list[str]:
     """One primary contrast, ALLO against the best baseline (the baseline with the highest development accuracy at
     its chosen rate and knob: chosen without the test split), and the rest of ALLO's contrasts as secondary,
-    Holm-adjusted.
-    Intervals and p-values from the hierarchical bootstrap (seeds, then problems within a seed), which counts each
-    seed's training as a draw, not a fixed model; one training replicate per seed here."""
+    Holm-adjusted. Intervals and p-values from the hierarchical bootstrap (seeds, then problems within a seed), which
+    counts each seed's training as a draw, not a fixed model."""
     baselines = [m.label for m in methods if not m.variant and m.label != "+ALLO"]
     if "+ALLO" not in by or not baselines:
         return []
@@ -600,8 +600,9 @@ def contrasts(tuned: dict, by: dict[str, list[dict]], methods: list[Method]) -> 
 
 def chosen_dev(tuned: dict, label: str) -> float:
     """A method's development accuracy at its chosen rate and knob."""
-    at = tuned["dev"][label][tuned["best_factor"][label]]
-    return tuned["knob_dev"][label][tuned["best_knob"][label]] if label in tuned["best_knob"] else at
+    if label in tuned["best_knob"]:
+        return tuned["knob_dev"][label][tuned["best_knob"][label]]
+    return tuned["dev"][label][tuned["best_factor"][label]]
 
 
 def rate_text(tuned: dict, m: Method) -> str:
