@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterable, Optional
@@ -135,3 +136,31 @@ def _stat(path) -> Optional[list]:
     # them) give the same list
     return [[str(f.relative_to(p)) if p.is_dir() else p.name, f.stat().st_size, f.stat().st_mtime_ns]
             for f in files] or [str(path), "missing"]
+
+
+def reuse_steps(recipe: Recipe, parent: Path, child: Path) -> list[str]:
+    """Copy into `child` (the recipe's run) the steps of the finished run in `parent` that `recipe` would not
+    rerun there: complete in `parent` with the fingerprint `recipe` gives them, reading only steps whose outputs
+    `child` shares with `parent`. The copies keep their manifests (output ids included), so `allo run` in `child`
+    skips them and their readers' fingerprints hold. A step current in `child` already is kept, its own outputs
+    or not. A copy, not a link: should `allo run` judge a step otherwise, it retrains it in `child`, never in
+    `parent`. Each copy lands whole (a temporary directory renamed), so an interrupted copy leaves no complete
+    manifest over missing files. Returns the steps copied, in pipeline order."""
+    theirs, ours = Fingerprints(recipe, parent), Fingerprints(recipe, child)
+    shared: list[str] = []  # steps whose outputs in `child` are `parent`'s
+    copied: list[str] = []
+    for name in STEPS:
+        if ours.current(name):
+            if ours.output_id(name) == theirs.output_id(name):
+                shared.append(name)
+            continue
+        if not theirs.current(name) or not all(u in shared for u in theirs.upstream(name) if u != name):
+            continue
+        tmp = child / f".{name}.copying"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(parent / name, tmp, symlinks=True)
+        shutil.rmtree(child / name, ignore_errors=True)
+        tmp.rename(child / name)
+        shared.append(name)
+        copied.append(name)
+    return copied

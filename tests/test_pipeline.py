@@ -206,3 +206,30 @@ def test_an_ablation_over_a_run_that_predates_a_skipped_step(tmp_path):
     assert (tmp_path / "variant" / "sample").is_symlink() and not (tmp_path / "variant" / "rft").exists()
     with pytest.raises(RuntimeError, match="step rft-data of the run is not complete"):
         link_reused(parent, tmp_path / "variant2", load_recipe(None, [f"output_dir={parent}", "rft.enabled=true"]))
+
+
+def test_reuse_steps_copies_what_a_run_would_not_redo_and_keeps_its_own(tmp_path):
+    """A run at another improve rate starts from copies of a finished run's steps: every step that rate cannot
+    reach, with its manifest (so `allo run` skips it and its readers' fingerprints hold), and nothing it reaches.
+    Asked again it copies nothing; a step the new run already made itself is kept, with what reads it; the
+    finished run is left as it was."""
+    from allo.manifests import Fingerprints, read_manifest, reuse_steps, write_manifest
+    from allo.steps import STEPS
+
+    parent, child = tmp_path / "run", tmp_path / "run-at3"
+    _complete_all(load_recipe("recipes/tiny/recipe.yaml", [f"output_dir={parent}"]))
+    before = {n: read_manifest(parent / n) for n in STEPS}
+    recipe = load_recipe("recipes/tiny/recipe.yaml", [f"output_dir={child}", "improve.train.lr=1.0e-3"])
+    reached = _downstream({"improve"})
+    assert reuse_steps(recipe, parent, child) == [n for n in STEPS if n not in reached]
+    assert all(read_manifest(child / n) == before[n] for n in STEPS if n not in reached)
+    assert set(Fingerprints(recipe).to_run()) == reached
+    assert reuse_steps(recipe, parent, child) == []
+    assert {n: read_manifest(parent / n) for n in STEPS} == before
+
+    own = tmp_path / "own-sft"  # a run that trained its own SFT model (same settings, other outputs)
+    write_manifest(own / "sft", "sft", {}, Fingerprints(recipe, own).of("sft"))
+    mine = read_manifest(own / "sft")["output_id"]
+    copied = reuse_steps(recipe, parent, own)
+    assert read_manifest(own / "sft")["output_id"] == mine and "sft" not in copied
+    assert not set(copied) & _downstream({"sft"})

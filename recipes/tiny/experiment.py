@@ -71,6 +71,7 @@ import demo  # noqa: E402
 
 from allo.config import load_recipe  # noqa: E402
 from allo.eval.stats import Paired, hierarchical_bootstrap, holm, paired_bootstrap  # noqa: E402
+from allo.manifests import reuse_steps  # noqa: E402
 from allo.steps import lookup  # noqa: E402
 
 OUT = ROOT / "runs" / "tiny" / "experiment"
@@ -230,11 +231,16 @@ def run_all(run: Path, sets: list[str], split: str, rates: dict[str, float], kno
     """One `allo run` (the pipeline methods at `rates` and `knobs`, evaluated on `split` of `data`'s data, default
     the run's), then one `allo ablate` per distinct control setting (the controls at ALLO's sections × that rate
     factor, forget's × that knob factor)."""
-    common = sets + knobs + [f"task.eval={(data or run) / 'data' / split}"]
+    common = eval_sets(sets, knobs, (data or run) / "data" / split)
     demo.allo("run", common + rate_sets(rates), ranks=ranks, env=env)
     for (g, k), group in controls.items():
         own = {**rates, **own_rates(group[0], base, g, k)}
         demo.allo("ablate", common + rate_sets(own), *ablate_flags(group), ranks=ranks, env=env)
+
+
+def eval_sets(sets: list[str], knobs: list[str], split: Path) -> list[str]:
+    """A run's `--set`s (all but the rates) evaluating on the `split` file."""
+    return sets + knobs + [f"task.eval={split}"]
 
 
 def ablate_flags(group: list[Method]) -> list[str]:
@@ -448,7 +454,9 @@ def upper_bound(size: dict, user_sets: list[str], tuned: dict, seeds: list[int],
     """Every method's rate tuned on the test split itself, for comparison only: each grid point (all methods at ×g
     together, at their development-chosen knobs) trained and scored on every test seed, in a directory of its own
     (seedN-atG), and each method's best point by its accuracy over all test problems. If ALLO at its
-    development-chosen rate beats a baseline's best here, tuning noise cannot explain the gap."""
+    development-chosen rate beats a baseline's best here, tuning noise cannot explain the gap. A point starts from
+    copies of the seed's test-run steps it leaves as they are (SFT, samples, warm-up, reward model; a method whose
+    chosen rate is ×g): the same outputs `allo run` would make again, by their fingerprints."""
     task = size.get("task", demo.TASK)
     base, knob = tuned["base_rates"], tuned["best_knob"]
     knobs = knob_sets(methods, tuned["base_knobs"], knob)
@@ -460,8 +468,12 @@ def upper_bound(size: dict, user_sets: list[str], tuned: dict, seeds: list[int],
         for seed in seeds:
             run, sets = prepare(seed, size, with_test=True, user_sets=user_sets, methods=methods, apart=f"-at{g:.3g}")
             print(f"\n=== upper bound: grid point ×{g:.3g} on seed {seed}'s test split", flush=True)
-            run_all(run, sets, "test.jsonl", rates, knobs, controls, base, size["ranks"],
-                    data=out_dir(size) / f"seed{seed}")
+            parent = out_dir(size) / f"seed{seed}"  # the seed's test run: its steps this point leaves as they are
+            recipe = load_recipe(demo.RECIPE, eval_sets(sets, knobs, parent / "data" / "test.jsonl") + rate_sets(rates))
+            copied = reuse_steps(recipe, parent, run)
+            if copied:
+                print(f"taken from {parent}: {', '.join(copied)}", flush=True)
+            run_all(run, sets, "test.jsonl", rates, knobs, controls, base, size["ranks"], data=parent)
             for m in [Method("SFT", ()), *methods]:
                 scores.setdefault(m.label, {}).setdefault(g, []).extend(outcome(run, m, task)["correct"])
     best = {label: max(by_g, key=lambda g: (statistics.mean(by_g[g]), -abs(math.log(g)))) for label, by_g in
