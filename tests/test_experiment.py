@@ -179,14 +179,16 @@ def test_sequence_passes_count_the_compute_of_a_stage():
 def test_training_replicates_enter_the_intervals(tmp_path, monkeypatch):
     """--replicates 2: each test seed trains a second time in its own directory with only the numerics changed
     (ATEN_CPU_CAPABILITY=default), the hierarchical interval draws among the replicates, and the table gives the
-    spread between them (here ALLO's replicate gets one of 10 problems fewer: 10 points)."""
+    accuracy over a seed's replicates and the spread between them (here ALLO's replicate gets one of 10 problems
+    fewer: 80% then 70%, 75% over the two, a spread of 10 points)."""
     calls = fake_experiment(tmp_path, monkeypatch)
     experiment.main(["--quick", "--seeds", "1", "2", "--replicates", "2"])
     replicas = [c for c in calls if c["env"]]
     assert {c["run"] for c in replicas} == {"seed1-r1", "seed2-r1"} and all(c["split"] == "test" for c in replicas)
     assert all(c["env"] == {"ATEN_CPU_CAPABILITY": "default"} and c["eval_exists"] for c in replicas)
     text = (tmp_path / "table.md").read_text()
-    assert "2 training replicates per seed" in text and "| +ALLO | 10.0 |" in text and "| +DPO | 0.0 |" in text
+    assert "2 training replicates per seed" in text and "| +ALLO | 75.0 ± 0.0 | 10.0 |" in text
+    assert "| +DPO | 50.0 ± 0.0 | 0.0 |" in text  # TEST_ACC: 5 of 10 both times
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["test"]["1"]["+ALLO"]["replicates"] == [[1] * 7 + [0] * 3]
 
